@@ -1,0 +1,73 @@
+//! How a caller's key becomes a storage key that is safe on every backend.
+//!
+//! A caller's key is any UTF-8 text of 1 to [`MAX_KEY_LEN`] bytes: spaces, newlines and braces
+//! included. Short keys without braces are stored as they are, so they stay readable in
+//! `redis-cli`. A key with `{` or `}` (which would break a Redis Cluster hash tag), a key longer
+//! than [`MAX_PLAIN_KEY_LEN`] bytes, or one starting with `~` is stored as `~` and the first 32
+//! hex digits of its SHA-256: readable keys and hashed keys can never collide, since a plain key
+//! never starts with `~`.
+
+use std::borrow::Cow;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::policy::Policy;
+
+/// The longest key accepted, in bytes (64 KiB).
+pub const MAX_KEY_LEN: usize = 64 * 1024;
+
+/// Keys up to this many bytes (without braces, not starting with `~`) are stored verbatim.
+pub const MAX_PLAIN_KEY_LEN: usize = 200;
+
+/// The storage form of a caller's key, as described in the [module docs](self).
+///
+/// ```
+/// use statehouse_core::key::encode_key;
+/// assert_eq!(encode_key("user:42").unwrap(), "user:42");
+/// assert!(encode_key("a{b}").unwrap().starts_with('~'));
+/// assert!(encode_key("").is_err());
+/// ```
+pub fn encode_key(key: &str) -> Result<Cow<'_, str>> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey {
+            reason: "a key must not be empty".into(),
+        });
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::InvalidKey {
+            reason: format!(
+                "a key is at most {MAX_KEY_LEN} bytes; this one has {}",
+                key.len()
+            ),
+        });
+    }
+    if key.len() > MAX_PLAIN_KEY_LEN || key.starts_with('~') || key.contains(['{', '}']) {
+        let digest = Sha256::digest(key.as_bytes());
+        return Ok(Cow::Owned(format!("~{}", hex::encode(&digest[..16]))));
+    }
+    Ok(Cow::Borrowed(key))
+}
+
+/// Checks a key prefix (such as `sh:rl:`): printable ASCII without braces or spaces, at most
+/// 64 bytes.
+pub fn validate_prefix(prefix: &str) -> Result<()> {
+    if prefix.len() > 64
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+    {
+        return Err(Error::InvalidInput(format!(
+            "key prefix {prefix:?} must be at most 64 printable ASCII characters without braces \
+             or spaces"
+        )));
+    }
+    Ok(())
+}
+
+/// The part of a storage key that tells policies on one key apart: the algorithm and the period
+/// in microseconds (`gcra:60000000`). The limit is left out on purpose, so raising or lowering a
+/// limit keeps the counted state.
+pub fn policy_suffix(policy: &Policy) -> String {
+    format!("{}:{}", policy.algorithm().name(), policy.period_micros())
+}

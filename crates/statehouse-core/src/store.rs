@@ -1,0 +1,116 @@
+//! The store traits every backend implements.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::decision::Verdict;
+use crate::error::{Error, Result};
+use crate::key::encode_key;
+use crate::policy::Policy;
+
+/// Whether a check consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Consume the cost if (every limit) admits the request.
+    Consume,
+    /// Answer what a consuming check would, and change nothing.
+    Peek,
+}
+
+/// One limit to check: a key, its policy and the request's cost.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitCheck<'a> {
+    /// The caller's key (a user id, an IP address, a route...).
+    pub key: &'a str,
+    /// The policy to enforce on it.
+    pub policy: &'a Policy,
+    /// Units of cost this request takes (1 for a plain request).
+    pub cost: u64,
+}
+
+impl<'a> LimitCheck<'a> {
+    /// A check of `cost` units on `key` under `policy`.
+    pub fn new(key: &'a str, policy: &'a Policy, cost: u64) -> Self {
+        LimitCheck { key, policy, cost }
+    }
+}
+
+/// A check whose input has been validated, with its key in storage form.
+#[derive(Debug, Clone)]
+pub struct PreparedCheck<'a> {
+    /// The storage form of the key ([`encode_key`]).
+    pub key: std::borrow::Cow<'a, str>,
+    /// The policy.
+    pub policy: &'a Policy,
+    /// The cost (at least 1 and at most the policy's capacity).
+    pub cost: u64,
+}
+
+/// Validates a batch of checks: every key encodable, every cost admissible, and no two checks on
+/// the same key with the same algorithm and period (they would share one stored state).
+///
+/// ```
+/// use std::time::Duration;
+/// use statehouse_core::{prepare_checks, LimitCheck, Policy};
+/// let per_sec = Policy::gcra(10, Duration::from_secs(1))?;
+/// let checks = [LimitCheck::new("ip:1", &per_sec, 1), LimitCheck::new("ip:1", &per_sec, 1)];
+/// assert!(prepare_checks(&checks).is_err());
+/// # Ok::<(), statehouse_core::Error>(())
+/// ```
+pub fn prepare_checks<'a>(checks: &[LimitCheck<'a>]) -> Result<Vec<PreparedCheck<'a>>> {
+    let mut seen = HashSet::with_capacity(checks.len());
+    let mut out = Vec::with_capacity(checks.len());
+    for check in checks {
+        check.policy.check_cost(check.cost)?;
+        let key = encode_key(check.key)?;
+        if checks.len() > 1
+            && !seen.insert((
+                key.clone(),
+                check.policy.algorithm(),
+                check.policy.period_micros(),
+            ))
+        {
+            return Err(Error::InvalidInput(format!(
+                "two checks in one batch share key {:?} with {} per {:?}; they would share one \
+                 state (use different periods or merge them)",
+                check.key,
+                check.policy.algorithm(),
+                check.policy.period()
+            )));
+        }
+        out.push(PreparedCheck {
+            key,
+            policy: check.policy,
+            cost: check.cost,
+        });
+    }
+    Ok(out)
+}
+
+/// A store of rate-limit state: the embedded store, Redis, Redis Cluster.
+///
+/// Every implementation makes exactly the decisions of
+/// [`algorithm::decide`](crate::algorithm::decide), and passes the one conformance suite in
+/// `statehouse-testkit`.
+#[async_trait]
+pub trait RateLimitStore: Send + Sync + fmt::Debug + 'static {
+    /// Decides every check together: if all admit, all are consumed (in [`Mode::Consume`]);
+    /// if any denies, none is. Returns one decision per check, in order.
+    async fn check(&self, checks: &[LimitCheck<'_>], mode: Mode) -> Result<Verdict>;
+
+    /// Forgets the state of `key` under `policy`, as if it had never been seen.
+    async fn reset(&self, key: &str, policy: &Policy) -> Result<()>;
+}
+
+#[async_trait]
+impl<S: RateLimitStore + ?Sized> RateLimitStore for std::sync::Arc<S> {
+    async fn check(&self, checks: &[LimitCheck<'_>], mode: Mode) -> Result<Verdict> {
+        (**self).check(checks, mode).await
+    }
+
+    async fn reset(&self, key: &str, policy: &Policy) -> Result<()> {
+        (**self).reset(key, policy).await
+    }
+}
