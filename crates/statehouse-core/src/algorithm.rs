@@ -15,10 +15,10 @@
 
 use std::collections::VecDeque;
 
+use crate::Timestamp;
 use crate::decision::Decision;
 use crate::policy::{Algorithm, Policy};
 use crate::store::Mode;
-use crate::Timestamp;
 
 /// The state one key holds for one policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -409,7 +409,13 @@ mod tests {
     const T0: u64 = 1_700_000_000_000_000;
 
     fn run(p: &Policy, state: &mut Option<State>, now: u64, cost: u64) -> Decision {
-        let s = decide(p, state.take(), Timestamp::from_micros(now), cost, Mode::Consume);
+        let s = decide(
+            p,
+            state.take(),
+            Timestamp::from_micros(now),
+            cost,
+            Mode::Consume,
+        );
         *state = s.state;
         s.decision
     }
@@ -469,7 +475,10 @@ mod tests {
 
     #[test]
     fn token_bucket_refills_whole_tokens() {
-        let p = Policy::token_bucket(10, secs(1)).unwrap().with_burst(5).unwrap();
+        let p = Policy::token_bucket(10, secs(1))
+            .unwrap()
+            .with_burst(5)
+            .unwrap();
         let mut st = None;
         assert!(run(&p, &mut st, T0, 5).allowed);
         let d = run(&p, &mut st, T0, 1);

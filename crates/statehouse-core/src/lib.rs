@@ -27,7 +27,5 @@ mod store;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use decision::{Decision, Verdict};
 pub use error::{BoxError, Error, Result};
-pub use policy::{
-    Algorithm, MAX_LIMIT, MAX_PERIOD, MAX_SLIDING_LOG_LIMIT, Policy, replica_count,
-};
+pub use policy::{Algorithm, MAX_LIMIT, MAX_PERIOD, MAX_SLIDING_LOG_LIMIT, Policy, replica_count};
 pub use store::{LimitCheck, Mode, PreparedCheck, RateLimitStore, prepare_checks};

@@ -1,1 +1,67 @@
-//! placeholder
+//! # statehouse-redis
+//!
+//! The [Statehouse](https://example.invalid/statehouse) rate-limit store on Redis and Redis
+//! Cluster: a [`RateLimitStore`](statehouse_core::RateLimitStore) that makes exactly the
+//! decisions of [`statehouse_core::algorithm::decide`], shared by every replica of a fleet.
+//!
+//! * **One atomic step per request.** A request's limits are decided by one Lua script
+//!   (`EVALSHA`, loaded on `NOSCRIPT`) that reads every state, decides every limit, and writes
+//!   only if all admit: a denied request consumes nothing, and no read-then-write ever crosses a
+//!   round trip.
+//! * **One clock.** By default the script reads Redis `TIME`, so replicas with skewed clocks
+//!   still agree; [`TimeSource::Caller`] passes the caller's clock instead (tests, managed Redis
+//!   that refuses `TIME`).
+//! * **No key without a TTL.** Every write sets an expiry at the moment the state stops
+//!   mattering (plus [`RedisStoreBuilder::skew_allowance`]).
+//! * **Redis Cluster.** Storage keys are hash-tagged by the caller's key
+//!   (`sh:rl:{user:1}:gcra:60000000`), so all limits on one key share a slot. Batches across
+//!   slots are consumed in order and refunded on denial; see [`RedisStore`].
+//! * **Outages are errors, quickly.** Every call has a deadline ([`RedisStoreBuilder::call_timeout`]);
+//!   connection failures and timeouts return errors for which
+//!   [`Error::is_unavailable`](statehouse_core::Error::is_unavailable) is true, so the caller's
+//!   degraded mode can take over, and the connection is re-established in the background.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use statehouse_core::{LimitCheck, Mode, Policy, RateLimitStore};
+//! use statehouse_redis::{RedisStore, RedisTopology};
+//!
+//! # async fn example() -> Result<(), statehouse_core::Error> {
+//! let store = RedisStore::builder(RedisTopology::Standalone("redis://127.0.0.1:6379".into()))
+//!     .prefix("api:rl:")
+//!     .call_timeout(Duration::from_millis(200))
+//!     .connect()
+//!     .await?;
+//!
+//! // 100 requests per minute per user, and 1000 per minute for the whole tenant: both or neither.
+//! let per_user = Policy::gcra(100, Duration::from_secs(60))?;
+//! let per_tenant = Policy::sliding_counter(1000, Duration::from_secs(60))?;
+//! let verdict = store
+//!     .check(
+//!         &[
+//!             LimitCheck::new("user:42", &per_user, 1),
+//!             LimitCheck::new("tenant:7", &per_tenant, 1),
+//!         ],
+//!         Mode::Consume,
+//!     )
+//!     .await?;
+//! if let Some(decision) = verdict.most_restrictive() {
+//!     println!("allowed: {}, remaining: {}", decision.allowed, decision.remaining);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod builder;
+mod connection;
+mod error;
+mod hash_slot;
+mod limiter_script;
+mod store;
+
+pub use builder::{
+    DEFAULT_CALL_TIMEOUT, DEFAULT_CALLER_SKEW_ALLOWANCE, DEFAULT_PREFIX, RedisStoreBuilder,
+    RedisTopology, TimeSource,
+};
+pub use hash_slot::{SLOT_COUNT, hash_slot};
+pub use store::RedisStore;

@@ -84,9 +84,9 @@ impl RedisCluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("failed to run {}: {e}", cli.display())))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            io::Error::new(e.kind(), format!("failed to run {}: {e}", cli.display()))
+        })?;
         let deadline = Instant::now() + CREATE_TIMEOUT;
         let status = loop {
             if let Some(status) = child.try_wait()? {
@@ -157,8 +157,9 @@ impl RedisCluster {
             let mut last_info = String::new();
             let mut all_ok = true;
             for node in &self.nodes {
-                let info = raw_command_timeout(node.port(), &["CLUSTER", "INFO"], Duration::from_secs(2))
-                    .unwrap_or_else(|e| format!("(CLUSTER INFO failed: {e})"));
+                let info =
+                    raw_command_timeout(node.port(), &["CLUSTER", "INFO"], Duration::from_secs(2))
+                        .unwrap_or_else(|e| format!("(CLUSTER INFO failed: {e})"));
                 let has = |needle: &str| info.lines().any(|l| l.trim() == needle);
                 if !(has("cluster_state:ok") && has(&want_slots) && has(&want_known)) {
                     all_ok = false;

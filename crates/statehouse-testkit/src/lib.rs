@@ -31,6 +31,7 @@
 //! ```
 
 mod cluster;
+pub mod ratelimit_suite;
 mod resp;
 mod server;
 

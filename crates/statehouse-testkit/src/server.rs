@@ -33,13 +33,23 @@ const LOG_TAIL_LINES: usize = 25;
 /// polls every 0.2 s: when redis-server exits, the wrapper exits too; when the
 /// test process is gone (it no longer exists, or the wrapper got re-parented
 /// because it died, which also covers a zombie test process), it SIGKILLs
-/// redis-server, reaps it and removes the server's temp dir.
+/// redis-server, reaps it and removes the server's temp dir. If the watchdog
+/// itself gets SIGHUP/SIGINT/SIGTERM, it takes redis-server down with it.
 const WRAPPER: &str = r#"
 testpid=$1
 dir=$2
 shift 2
 "$@" </dev/null >>"$dir/redis.log" 2>&1 &
 child=$!
+stop_child() {
+    kill -9 "$child" 2>/dev/null
+    # `wait` may return early when a signal arrives; loop until reaped.
+    while kill -0 "$child" 2>/dev/null; do
+        wait "$child" 2>/dev/null
+        sleep 0.01
+    done
+}
+trap 'stop_child; exit 1' HUP INT TERM
 echo "$child"
 exec >/dev/null
 owner_alive() {
@@ -52,8 +62,7 @@ owner_alive() {
 }
 while kill -0 "$child" 2>/dev/null; do
     if ! owner_alive; then
-        kill -9 "$child" 2>/dev/null
-        wait "$child" 2>/dev/null
+        stop_child
         rm -rf "$dir"
         exit 0
     fi
@@ -167,17 +176,11 @@ impl RedisServer {
             return;
         };
         let wrapper_alive = matches!(running.wrapper.try_wait(), Ok(None));
-        if wrapper_alive || pid_alive(running.pid) {
+        if server_alive(running.pid, self.port, wrapper_alive) {
             // Kill redis-server first so that the watchdog (its parent) reaps
             // it and then exits on its own; killing the watchdog first would
             // orphan redis-server.
-            let _ = Command::new("sh")
-                .args(["-c", "kill -9 \"$1\" 2>/dev/null", "sh"])
-                .arg(running.pid.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            sigkill(running.pid);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -192,9 +195,15 @@ impl RedisServer {
             }
         }
         // The watchdog reaps redis-server before exiting; in the odd case it
-        // was killed from outside, give the kernel a moment to finish it off.
+        // was killed from outside (or the kill above could not be spawned),
+        // try again and give the kernel a moment to finish it off.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while pid_alive(running.pid) && Instant::now() < deadline {
+        let mut retried = false;
+        while server_alive(running.pid, self.port, false) && Instant::now() < deadline {
+            if !retried {
+                sigkill(running.pid);
+                retried = true;
+            }
             thread::sleep(Duration::from_millis(5));
         }
     }
@@ -222,7 +231,8 @@ impl RedisServer {
         let Some(running) = self.proc.as_mut() else {
             return false;
         };
-        matches!(running.wrapper.try_wait(), Ok(None)) && pid_alive(running.pid)
+        let wrapper_alive = matches!(running.wrapper.try_wait(), Ok(None));
+        server_alive(running.pid, self.port, wrapper_alive)
     }
 
     /// The server's temp dir.
@@ -313,13 +323,13 @@ impl RedisServer {
     fn wait_ready(&mut self, pid: u32) -> io::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(running) = self.proc.as_mut() {
-                if let Some(status) = running.wrapper.try_wait()? {
-                    return Err(io::Error::other(format!(
-                        "redis-server on port {} exited during startup (watchdog {status})",
-                        self.port
-                    )));
-                }
+            if let Some(running) = self.proc.as_mut()
+                && let Some(status) = running.wrapper.try_wait()?
+            {
+                return Err(io::Error::other(format!(
+                    "redis-server on port {} exited during startup (watchdog {status})",
+                    self.port
+                )));
             }
             if !pid_alive(pid) {
                 return Err(io::Error::other(format!(
@@ -381,30 +391,77 @@ impl Drop for RedisServer {
     }
 }
 
-/// Whether `pid` exists and is not a zombie. Without `/proc`, assumes yes.
+/// Sends SIGKILL to `pid` (via the shell's `kill` builtin; std has no way
+/// to signal an arbitrary pid without `unsafe`).
+fn sigkill(pid: u32) {
+    for _ in 0..3 {
+        let status = Command::new("sh")
+            .args(["-c", "kill -9 \"$1\" 2>/dev/null; exit 0", "sh"])
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if status.is_ok() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether our redis-server (`pid`, listening on `port`) is running.
+///
+/// While the watchdog is alive, `pid` is its unreaped child, so the pid cannot
+/// have been reused. Once the watchdog is gone (normally after reaping
+/// redis-server; or it was killed from outside, orphaning redis-server), the
+/// pid could in theory belong to another process, so the command line must
+/// also mention the port (redis-server sets its title to `... 127.0.0.1:PORT`).
+/// Without `/proc`, this falls back to the watchdog's status.
+fn server_alive(pid: u32, port: u16, wrapper_alive: bool) -> bool {
+    if !Path::new("/proc/self/stat").exists() {
+        return wrapper_alive;
+    }
+    if !pid_alive(pid) {
+        return false;
+    }
+    wrapper_alive
+        || std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            let port = port.to_string();
+            cmdline
+                .split(|&b| b == 0 || b == b' ' || b == b':')
+                .any(|part| part == port.as_bytes())
+        })
+}
+
+/// Whether process `pid` still has a live thread. Without `/proc`, assumes
+/// yes.
+///
+/// Looking only at the main thread is not enough: on SIGKILL the main thread
+/// of a multi-threaded redis-server can turn zombie while other threads are
+/// still exiting and keep the listening socket open for a moment.
 fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            // Format: "pid (comm) state ..."; comm may contain spaces/parens.
+    if !Path::new("/proc/self/stat").exists() {
+        return true;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // Format: "tid (comm) state ..."; comm may contain spaces/parens.
             let state = stat
                 .rfind(')')
                 .and_then(|i| stat[i + 1..].split_whitespace().next());
             !matches!(state, Some("Z" | "X" | "x") | None)
-        }
-        // No such process -- unless there is no /proc at all, in which case
-        // we cannot tell and assume it is alive.
-        Err(_) => !Path::new("/proc/self/stat").exists(),
-    }
+        })
+    })
 }
 
 /// Creates a fresh per-server temp dir.
 fn make_temp_dir() -> io::Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "statehouse-redis-{}-{n}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("statehouse-redis-{}-{n}", std::process::id()));
     // A leftover from an earlier process that had the same pid.
     if dir.exists() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -445,7 +502,12 @@ pub(crate) fn resolve_binary(env: &str, default: &str, apt_package: &str) -> io:
     let name = overridden
         .clone()
         .unwrap_or_else(|| OsString::from(default));
-    find_binary(&name, default, apt_package, overridden.is_some().then_some(env))
+    find_binary(
+        &name,
+        default,
+        apt_package,
+        overridden.is_some().then_some(env),
+    )
 }
 
 /// Looks `name` up (as a path if it contains a `/`, else on `PATH`).
@@ -456,7 +518,8 @@ pub(crate) fn find_binary(
     from_env: Option<&str>,
 ) -> io::Result<PathBuf> {
     let path = Path::new(name);
-    if path.components().count() > 1 || path.is_absolute() {
+    let is_path = path.components().count() > 1 || path.is_absolute();
+    if is_path {
         if path.is_file() {
             return Ok(path.to_path_buf());
         }
@@ -469,13 +532,15 @@ pub(crate) fn find_binary(
         }
     }
     let msg = match from_env {
-        Some(env) => format!(
+        Some(env) if is_path => format!(
             "{what} not found at {} (set by {env}); install it (apt-get install -y {apt_package}) or fix {env}",
             path.display()
         ),
-        None => format!(
-            "{what} not found on PATH; install it (apt-get install -y {apt_package})"
+        Some(env) => format!(
+            "{what} not found on PATH (looked for {:?}, set by {env}); install it (apt-get install -y {apt_package}) or fix {env}",
+            path.display()
         ),
+        None => format!("{what} not found on PATH; install it (apt-get install -y {apt_package})"),
     };
     Err(io::Error::new(io::ErrorKind::NotFound, msg))
 }
@@ -525,6 +590,27 @@ mod tests {
             let p = free_port(Mode::ClusterNode).expect("free port");
             assert!(p <= MAX_CLUSTER_PORT);
         }
+    }
+
+    #[test]
+    fn watchdog_sigterm_takes_server_down() {
+        let mut server = RedisServer::start().expect("start");
+        let port = server.port();
+        let wrapper_pid = server.proc.as_ref().expect("running").wrapper.id();
+        let status = Command::new("sh")
+            .args(["-c", "kill -TERM \"$1\"", "sh"])
+            .arg(wrapper_pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.is_running() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!server.is_running());
+        assert!(std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err());
+        server.restart().expect("restart");
+        assert_eq!(crate::raw_command(port, &["PING"]).expect("PING"), "PONG");
     }
 
     #[test]

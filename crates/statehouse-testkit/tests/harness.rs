@@ -187,7 +187,10 @@ fn assert_cluster_ok(ports: &[u16]) {
     for &port in ports {
         let info = raw_command(port, &["CLUSTER", "INFO"]).expect("CLUSTER INFO");
         assert!(info.contains("cluster_state:ok"), "{port}: {info}");
-        assert!(info.contains("cluster_slots_assigned:16384"), "{port}: {info}");
+        assert!(
+            info.contains("cluster_slots_assigned:16384"),
+            "{port}: {info}"
+        );
     }
 }
 
@@ -233,7 +236,11 @@ fn shared_cluster_routes_keys() {
         .iter()
         .map(|&p| raw_command(p, &["SET", &key, "v"]).expect("SET"))
         .collect();
-    assert_eq!(replies.iter().filter(|r| *r == "OK").count(), 1, "{replies:?}");
+    assert_eq!(
+        replies.iter().filter(|r| *r == "OK").count(),
+        1,
+        "{replies:?}"
+    );
     assert_eq!(
         replies
             .iter()
@@ -246,35 +253,57 @@ fn shared_cluster_routes_keys() {
 
 /// Runs one of the `child_*` helpers below in a subprocess (this same test
 /// binary) and returns it with the port it printed.
-fn spawn_child(helper: &str) -> (std::process::Child, u16) {
+fn spawn_child(helper: &str) -> (ChildGuard, u16) {
     let exe = std::env::current_exe().expect("current exe");
-    let mut child = Command::new(exe)
-        .args(["--exact", helper, "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child test process");
-    let stdout = child.stdout.take().expect("stdout");
+    let mut child = ChildGuard(
+        Command::new(exe)
+            .args([
+                "--exact",
+                helper,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn child test process"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
     let mut port = None;
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line.expect("read child stdout");
-        if let Some(p) = line.strip_prefix("STATEHOUSE_CHILD_PORT=") {
+        // libtest prints "test NAME ... " on the same line before the output.
+        if let Some((_, p)) = line.split_once("STATEHOUSE_CHILD_PORT=") {
             port = Some(p.trim().parse::<u16>().expect("port"));
             break;
         }
     }
+    // Keep draining so the child does not fail writing to a closed pipe.
+    thread::spawn(move || lines.for_each(drop));
     let port = port.expect("child printed its port");
     (child, port)
+}
+
+/// Kills and reaps the child process if the test panics before it does.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
 fn server_dies_when_test_process_is_killed() {
     let (mut child, port) = spawn_child("child_starts_server_and_hangs");
     assert_eq!(raw_command(port, &["PING"]).expect("PING"), "PONG");
-    child.kill().expect("SIGKILL child"); // no destructors run
-    child.wait().expect("reap child");
+    child.0.kill().expect("SIGKILL child"); // no destructors run
+    child.0.wait().expect("reap child");
     assert!(
         wait_until_refused(port, Duration::from_secs(5)),
         "redis-server on {port} survived its SIGKILLed test process"
@@ -284,7 +313,7 @@ fn server_dies_when_test_process_is_killed() {
 #[test]
 fn shared_server_dies_when_test_process_exits() {
     let (mut child, port) = spawn_child("child_uses_shared_server_and_exits");
-    let status = child.wait().expect("reap child");
+    let status = child.0.wait().expect("reap child");
     assert!(status.success());
     assert!(
         wait_until_refused(port, Duration::from_secs(5)),

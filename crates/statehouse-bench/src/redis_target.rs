@@ -1,0 +1,232 @@
+//! The Redis server the Redis runs and `redis-benchmark` share, and `redis-benchmark` itself:
+//! the Redis ceiling of this machine.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use statehouse_testkit::RedisServer;
+
+use crate::cpu::parse_info_cpu;
+
+/// The minimal fixed-window script `redis-benchmark` runs: the least a Redis rate limiter can
+/// do per decision in one atomic script call.
+pub const CEILING_SCRIPT: &str = "local c = redis.call('INCR', KEYS[1]) \
+     if c == 1 then redis.call('PEXPIRE', KEYS[1], 60000) end return c";
+
+/// Where the Redis runs go.
+#[derive(Debug)]
+pub struct RedisTarget {
+    url: String,
+    /// The private server, killed on drop; `None` for `--redis-url`.
+    private: Option<RedisServer>,
+    /// Whether an external server may be flushed.
+    flush_external: bool,
+}
+
+impl RedisTarget {
+    /// Starts a private, hermetic `redis-server` on a free loopback port.
+    pub fn start_private() -> anyhow::Result<RedisTarget> {
+        let server = RedisServer::start().context("starting a private redis-server")?;
+        Ok(RedisTarget {
+            url: server.url(),
+            private: Some(server),
+            flush_external: false,
+        })
+    }
+
+    /// An external server, flushed between runs only if `flush` is true.
+    pub fn external(url: String, flush: bool) -> anyhow::Result<RedisTarget> {
+        let target = RedisTarget {
+            url,
+            private: None,
+            flush_external: flush,
+        };
+        target
+            .command(&["PING"])
+            .context("reaching the --redis-url server with redis-cli")?;
+        Ok(target)
+    }
+
+    /// The connection URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether this is the private server (and so flushed between runs).
+    pub fn is_private(&self) -> bool {
+        self.private.is_some()
+    }
+
+    /// Sends one command: over a raw RESP socket to the private server, with `redis-cli -u` to
+    /// an external one. Returns the reply as text.
+    pub fn command(&self, args: &[&str]) -> anyhow::Result<String> {
+        let reply = match &self.private {
+            Some(server) => statehouse_testkit::raw_command(server.port(), args)
+                .with_context(|| format!("sending {} to the private server", args[0]))?,
+            None => {
+                let out = Command::new("redis-cli")
+                    .arg("-u")
+                    .arg(&self.url)
+                    .args(args)
+                    .output()
+                    .context("running redis-cli (install redis-tools)")?;
+                ensure!(
+                    out.status.success(),
+                    "redis-cli {} failed: {}",
+                    args[0],
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            }
+        };
+        if reply.starts_with("ERR") {
+            bail!("{} answered {reply}", args[0]);
+        }
+        Ok(reply)
+    }
+
+    /// Empties the server before a run: always the private one, an external one only with
+    /// `--flush`. Returns whether it flushed. The script cache survives `FLUSHALL`.
+    pub fn flush(&self) -> anyhow::Result<bool> {
+        if self.private.is_none() && !self.flush_external {
+            return Ok(false);
+        }
+        self.command(&["FLUSHALL"])?;
+        Ok(true)
+    }
+
+    /// The server's CPU time so far (`INFO cpu`), `None` if it cannot be read.
+    pub fn server_cpu(&self) -> Option<Duration> {
+        parse_info_cpu(&self.command(&["INFO", "cpu"]).ok()?)
+    }
+
+    /// `redis_version` from `INFO server`.
+    pub fn version(&self) -> String {
+        self.command(&["INFO", "server"])
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.trim().strip_prefix("redis_version:").map(str::to_owned))
+            })
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+}
+
+/// One `redis-benchmark` run.
+#[derive(Debug, Clone, Copy)]
+pub struct CeilingRun {
+    /// Requests (script calls, each one decision) per second, as redis-benchmark reports it.
+    pub per_second: f64,
+    /// The server's CPU time over the run, if it could be read.
+    pub server_cpu: Option<Duration>,
+    /// Requests sent.
+    pub requests: u64,
+}
+
+impl CeilingRun {
+    /// Server CPU microseconds per request, if known.
+    pub fn server_micros_per_decision(&self) -> Option<f64> {
+        self.server_cpu
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / self.requests as f64)
+    }
+}
+
+/// How `redis-benchmark` is run.
+#[derive(Debug, Clone, Copy)]
+pub struct CeilingShape {
+    /// Requests in all (`-n`).
+    pub requests: u64,
+    /// Connections (`-c`).
+    pub clients: usize,
+    /// Requests pipelined per connection (`-P`).
+    pub pipeline: usize,
+    /// Key space (`-r`): keys `rl:000000000000` to `rl:{keys-1}`.
+    pub keys: usize,
+}
+
+/// Runs `redis-benchmark` with [`CEILING_SCRIPT`] by `EVALSHA` (as the Statehouse store calls
+/// its script: the script is loaded once, then only its SHA travels) on uniformly random keys.
+pub fn redis_benchmark(target: &RedisTarget, shape: CeilingShape) -> anyhow::Result<CeilingRun> {
+    let sha = target.command(&["SCRIPT", "LOAD", CEILING_SCRIPT])?;
+    ensure!(sha.len() == 40, "SCRIPT LOAD answered {sha:?}");
+    target.flush()?;
+    let before = target.server_cpu();
+    let out = Command::new("redis-benchmark")
+        .arg("-u")
+        .arg(target.url())
+        .args(["-n", &shape.requests.to_string()])
+        .args(["-c", &shape.clients.to_string()])
+        .args(["-P", &shape.pipeline.to_string()])
+        .args(["-r", &shape.keys.to_string()])
+        .arg("--csv")
+        .args(["EVALSHA", &sha, "1", "rl:__rand_int__"])
+        .output()
+        .context("running redis-benchmark (install redis-tools)")?;
+    let after = target.server_cpu();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "redis-benchmark failed ({}): {}{}",
+        out.status,
+        stdout.trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let per_second = parse_csv_rps(&stdout).with_context(|| {
+        format!("reading requests per second from redis-benchmark's output {stdout:?}")
+    })?;
+    Ok(CeilingRun {
+        per_second,
+        server_cpu: after.zip(before).map(|(b, a)| b.saturating_sub(a)),
+        requests: shape.requests,
+    })
+}
+
+/// The `rps` column of `redis-benchmark --csv` output: a header row naming the columns, then
+/// one row for the command. Fields are double-quoted (the test name holds the command line,
+/// which may hold commas and quotes, doubled).
+fn parse_csv_rps(csv: &str) -> Option<f64> {
+    let mut rows = csv.lines().filter(|l| !l.trim().is_empty()).map(csv_fields);
+    let header = rows.next()?;
+    let column = header.iter().position(|h| h == "rps")?;
+    let row = rows.next()?;
+    row.get(column)?.parse().ok()
+}
+
+fn csv_fields(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = line.trim_end().chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => fields.push(std::mem::take(&mut field)),
+            (c, _) => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_rps_from_redis_benchmark_csv() {
+        let csv = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\"\n\
+                   \"EVALSHA abc 1 rl:__rand_int__, with \"\"quotes\"\"\",\"191216.83\",\"21.038\",\"1.064\"\n";
+        assert_eq!(parse_csv_rps(csv), Some(191_216.83));
+    }
+
+    #[test]
+    fn refuses_output_without_an_rps_column() {
+        assert_eq!(parse_csv_rps("\"test\",\"x\"\n\"a\",\"1\"\n"), None);
+        assert_eq!(parse_csv_rps(""), None);
+    }
+}

@@ -1,0 +1,113 @@
+//! The connection a store sends its scripts over.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, RedisResult, ScriptInvocation, Value};
+
+/// After this many calls in a row missed their deadline, the standalone connection is replaced.
+const REPLACE_AFTER_TIMEOUTS: u32 = 3;
+
+/// A standalone or cluster connection. Both are cheap handles to shared, multiplexed
+/// connections: cloning one per call is how redis-rs expects them to be used, and concurrent
+/// calls are pipelined on the same socket.
+pub(crate) enum Connection {
+    /// One multiplexed connection that reconnects by itself.
+    Standalone(Box<StandaloneConnection>),
+    /// redis-rs's slot-aware cluster connection: it follows MOVED/ASK, refreshes the slot map
+    /// and reconnects to nodes by itself.
+    Cluster(ClusterConnection),
+}
+
+/// A [`ConnectionManager`], replaced when calls keep missing their deadline.
+///
+/// The manager reconnects when the socket reports an error (reset, refused, closed). A socket
+/// that silently stops answering (a partitioned network, a server that moved to another
+/// address) reports nothing until the kernel gives up, which takes minutes; each call merely
+/// times out. After [`REPLACE_AFTER_TIMEOUTS`] timeouts in a row the manager is swapped for a
+/// fresh one, which connects anew on the next call.
+pub(crate) struct StandaloneConnection {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// A std `Mutex`: held only to clone or swap the handle, never across an `.await`.
+    manager: Mutex<ConnectionManager>,
+    consecutive_timeouts: AtomicU32,
+}
+
+impl StandaloneConnection {
+    pub(crate) fn new(
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        manager: ConnectionManager,
+    ) -> Self {
+        StandaloneConnection {
+            client,
+            config,
+            manager: Mutex::new(manager),
+            consecutive_timeouts: AtomicU32::new(0),
+        }
+    }
+
+    fn manager(&self) -> ConnectionManager {
+        self.manager
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Connection {
+    /// Runs a script invocation.
+    pub(crate) async fn invoke(&self, inv: &ScriptInvocation<'_>) -> RedisResult<Value> {
+        match self {
+            Connection::Standalone(conn) => inv.invoke_async(&mut conn.manager()).await,
+            Connection::Cluster(conn) => inv.invoke_async(&mut conn.clone()).await,
+        }
+    }
+
+    /// Runs a plain command.
+    pub(crate) async fn exec(&self, cmd: &Cmd) -> RedisResult<()> {
+        match self {
+            Connection::Standalone(conn) => cmd.exec_async(&mut conn.manager()).await,
+            Connection::Cluster(conn) => cmd.exec_async(&mut conn.clone()).await,
+        }
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Connection::Cluster(_))
+    }
+
+    /// Records that a call got an answer (even an error reply) in time.
+    pub(crate) fn answered(&self) {
+        if let Connection::Standalone(conn) = self {
+            conn.consecutive_timeouts.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that a call missed its deadline; replaces a standalone connection that keeps
+    /// missing them.
+    pub(crate) fn timed_out(&self) {
+        let Connection::Standalone(conn) = self else {
+            return;
+        };
+        let timeouts = conn.consecutive_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        if timeouts < REPLACE_AFTER_TIMEOUTS {
+            return;
+        }
+        conn.consecutive_timeouts.store(0, Ordering::Relaxed);
+        match ConnectionManager::new_lazy_with_config(conn.client.clone(), conn.config.clone()) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    timeouts,
+                    "statehouse-redis: Redis stopped answering; replacing the connection"
+                );
+                *conn.manager.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "statehouse-redis: could not replace the connection");
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! RedisStore when Redis goes away and comes back. Each test runs its own server, since it
+//! kills it.
+
+mod common;
+
+use std::time::Duration;
+
+use statehouse_core::{LimitCheck, Mode, Policy, RateLimitStore};
+use statehouse_redis::{RedisStore, RedisTopology};
+use statehouse_testkit::{RedisServer, raw_command};
+use tokio::time::Instant;
+
+use common::store_prefix;
+
+const CALL_TIMEOUT: Duration = Duration::from_millis(300);
+/// Slack for a loaded CI machine: the bound being tested is "about the call timeout", not
+/// "many seconds".
+const MARGIN: Duration = Duration::from_millis(700);
+
+async fn store_on(server: &RedisServer) -> RedisStore {
+    RedisStore::builder(RedisTopology::Standalone(server.url()))
+        .prefix(&store_prefix("outage"))
+        .call_timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_redis_is_unavailable_within_the_call_timeout_and_recovers() {
+    let mut server = tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
+        .await
+        .expect("start task");
+    let store = store_on(&server).await;
+    let policy = Policy::gcra(1_000, Duration::from_secs(60)).expect("policy");
+    let check = [LimitCheck::new("user:1", &policy, 1)];
+    assert!(
+        store
+            .check(&check, Mode::Consume)
+            .await
+            .expect("check")
+            .allowed()
+    );
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.kill();
+        server
+    })
+    .await
+    .expect("kill task");
+
+    // Several calls in a row: the first sees the connection drop, later ones the reconnect
+    // attempts; every one fails as unavailable, within the deadline.
+    for attempt in 0..5 {
+        let started = Instant::now();
+        let err = store
+            .check(&check, Mode::Consume)
+            .await
+            .expect_err("Redis is down");
+        let took = started.elapsed();
+        assert!(err.is_unavailable(), "attempt {attempt}: {err:?}");
+        assert!(
+            took < CALL_TIMEOUT + MARGIN,
+            "attempt {attempt} took {took:?}"
+        );
+        let err = store
+            .reset("user:1", &policy)
+            .await
+            .expect_err("Redis is down");
+        assert!(err.is_unavailable(), "{err:?}");
+    }
+
+    let mut server = server;
+    let _server = tokio::task::spawn_blocking(move || {
+        server.restart().expect("restart");
+        server
+    })
+    .await
+    .expect("restart task");
+
+    // The connection manager reconnects by itself; the restarted server has an empty script
+    // cache, which EVALSHA's NOSCRIPT fallback handles.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.check(&check, Mode::Consume).await {
+            Ok(verdict) => {
+                assert!(verdict.allowed());
+                break;
+            }
+            Err(err) => {
+                assert!(err.is_unavailable(), "{err:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "no recovery after restart: {err:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_times_out_then_recovers() {
+    let server = tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
+        .await
+        .expect("start task");
+    let store = store_on(&server).await;
+    let policy = Policy::fixed_window(1_000, Duration::from_secs(60)).expect("policy");
+    let check = [LimitCheck::new("user:1", &policy, 1)];
+    assert!(
+        store
+            .check(&check, Mode::Consume)
+            .await
+            .expect("check")
+            .allowed()
+    );
+
+    // The connection stays up but nothing answers: a partition, a stalled server.
+    let pause = Duration::from_millis(2_000);
+    let reply = raw_command(
+        server.port(),
+        &["CLIENT", "PAUSE", &pause.as_millis().to_string(), "ALL"],
+    )
+    .expect("CLIENT PAUSE");
+    assert_eq!(reply, "OK");
+    let paused_at = Instant::now();
+    let mut timeouts = 0;
+    while paused_at.elapsed() + CALL_TIMEOUT + MARGIN < pause {
+        let started = Instant::now();
+        let err = store
+            .check(&check, Mode::Consume)
+            .await
+            .expect_err("Redis is paused");
+        assert!(err.is_unavailable(), "{err:?}");
+        assert!(
+            started.elapsed() < CALL_TIMEOUT + MARGIN,
+            "{:?}",
+            started.elapsed()
+        );
+        timeouts += 1;
+    }
+    assert!(timeouts >= 1);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.check(&check, Mode::Consume).await {
+            Ok(verdict) => {
+                assert!(verdict.allowed());
+                break;
+            }
+            Err(err) => {
+                assert!(err.is_unavailable(), "{err:?}");
+                assert!(Instant::now() < deadline, "no recovery: {err:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_unavailable_within_the_call_timeout() {
+    let mut server = tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
+        .await
+        .expect("start task");
+    let url = server.url();
+    tokio::task::spawn_blocking(move || server.kill())
+        .await
+        .expect("kill task");
+    for topology in [
+        RedisTopology::Standalone(url.clone()),
+        RedisTopology::Cluster(vec![url.clone()]),
+    ] {
+        let started = Instant::now();
+        let err = RedisStore::builder(topology.clone())
+            .call_timeout(CALL_TIMEOUT)
+            .connect()
+            .await
+            .expect_err("nothing listens");
+        assert!(err.is_unavailable(), "{topology:?}: {err:?}");
+        assert!(started.elapsed() < CALL_TIMEOUT + MARGIN, "{topology:?}");
+    }
+}

@@ -1,0 +1,115 @@
+//! Store factories shared by the cross-backend test files: the embedded store, Redis standalone
+//! and Redis Cluster, each following a `ManualClock`.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use statehouse::{
+    Clock, EmbeddedStore, ManualClock, RateLimitStore, RedisStore, RedisTopology, TimeSource,
+};
+use statehouse_testkit::ratelimit_suite::StoreFactory;
+use statehouse_testkit::{shared_cluster, shared_standalone, unique_prefix};
+
+/// Embedded stores; a "replica" is the same store (one process).
+pub struct Embedded;
+
+#[async_trait]
+impl StoreFactory for Embedded {
+    async fn make(&self, clock: &ManualClock) -> Arc<dyn RateLimitStore> {
+        let clock: Arc<dyn Clock> = Arc::new(clock.clone());
+        Arc::new(
+            EmbeddedStore::builder()
+                .clock(clock)
+                .build()
+                .expect("embedded store"),
+        )
+    }
+
+    async fn another_replica(
+        &self,
+        store: &Arc<dyn RateLimitStore>,
+        _clock: &ManualClock,
+    ) -> Arc<dyn RateLimitStore> {
+        store.clone()
+    }
+}
+
+/// Which Redis deployment a factory targets.
+#[derive(Clone, Copy, Debug)]
+pub enum Deployment {
+    /// The shared standalone test server.
+    Standalone,
+    /// The shared 3-master test cluster.
+    Cluster,
+}
+
+impl Deployment {
+    pub fn topology(self) -> RedisTopology {
+        match self {
+            Deployment::Standalone => RedisTopology::Standalone(shared_standalone().url()),
+            Deployment::Cluster => RedisTopology::Cluster(shared_cluster().urls()),
+        }
+    }
+}
+
+/// Redis stores with the caller's (manual) clock, each under a fresh key prefix; a replica is
+/// a new connection with the same prefix.
+pub struct Redis {
+    pub deployment: Deployment,
+    made: Mutex<Vec<(Arc<dyn RateLimitStore>, String)>>,
+}
+
+impl Redis {
+    pub fn new(deployment: Deployment) -> Self {
+        Redis {
+            deployment,
+            made: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub async fn connect(&self, prefix: &str, clock: &ManualClock) -> RedisStore {
+        let clock: Arc<dyn Clock> = Arc::new(clock.clone());
+        RedisStore::builder(self.deployment.topology())
+            .prefix(prefix)
+            .time_source(TimeSource::Caller(clock))
+            // Test steps take real time while the manual clock may stand still: keep keys
+            // well past their logical expiry.
+            .skew_allowance(Duration::from_secs(120))
+            .call_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connect to the test redis")
+    }
+}
+
+#[async_trait]
+impl StoreFactory for Redis {
+    async fn make(&self, clock: &ManualClock) -> Arc<dyn RateLimitStore> {
+        let prefix = format!("{}:", unique_prefix("conformance"));
+        let store: Arc<dyn RateLimitStore> = Arc::new(self.connect(&prefix, clock).await);
+        self.made
+            .lock()
+            .expect("lock")
+            .push((store.clone(), prefix));
+        store
+    }
+
+    async fn another_replica(
+        &self,
+        store: &Arc<dyn RateLimitStore>,
+        clock: &ManualClock,
+    ) -> Arc<dyn RateLimitStore> {
+        let prefix = self
+            .made
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|(s, _)| Arc::ptr_eq(s, store))
+            .map(|(_, p)| p.clone())
+            .expect("a store made by this factory");
+        Arc::new(self.connect(&prefix, clock).await)
+    }
+}

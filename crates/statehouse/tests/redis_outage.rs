@@ -1,0 +1,222 @@
+//! A real Redis outage: a private redis-server is killed while replicas are checking, then
+//! restarted. For every degraded policy: no panic, every decision is either the store's or the
+//! policy's, each within the deadline plus a generous margin; once the breaker is open a
+//! decision costs well under a millisecond; and after the restart the limiter recovers on its
+//! own (the breaker's `open_for` elapses on a `ManualClock`).
+//!
+//! Times here are bounds, not benchmarks: the margins are wide so that a loaded CI machine
+//! passes, while a limiter that waited for the client library's own timeouts (seconds) fails.
+
+#![cfg(all(feature = "redis", feature = "embedded"))]
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use statehouse::{
+    BreakerState, CircuitBreakerConfig, Decision, DegradedPolicy, ManualClock, Policy, RateLimiter,
+    RedisStore, RedisTopology, Result,
+};
+use statehouse_testkit::{RedisServer, unique_prefix};
+
+const DEADLINE: Duration = Duration::from_millis(100);
+/// Scheduling slack on top of the deadline for one decision.
+const MARGIN: Duration = Duration::from_millis(400);
+const OPEN_FOR: Duration = Duration::from_secs(1);
+const REPLICAS: u32 = 2;
+const LIMIT: u64 = 20;
+
+fn policy() -> Policy {
+    // A burst of the whole limit and one refill an hour: no refill or window boundary can
+    // change the counts during the test.
+    Policy::gcra(LIMIT, Duration::from_secs(3600))
+        .and_then(|p| p.with_burst(LIMIT))
+        .expect("valid policy")
+}
+
+/// Whether `result` is what `degraded` prescribes for a degraded decision (or a store decision).
+fn follows(degraded: DegradedPolicy, result: &Result<Decision>) -> bool {
+    match (degraded, result) {
+        (_, Ok(d)) if !d.degraded => true,
+        (DegradedPolicy::FailOpen, Ok(d)) => d.allowed && d.remaining == LIMIT,
+        (DegradedPolicy::FailClosed, Ok(d)) => !d.allowed && d.retry_after == Some(OPEN_FOR),
+        (DegradedPolicy::LocalFallback { .. }, Ok(d)) => d.limit == LIMIT / u64::from(REPLICAS),
+        (DegradedPolicy::ReturnError, Err(e)) => e.is_unavailable(),
+        _ => false,
+    }
+}
+
+/// One decision and how long it took.
+async fn timed_check(limiter: &RateLimiter, key: &str) -> (Result<Decision>, Duration) {
+    let start = Instant::now();
+    let result = limiter.check(key, &policy()).await;
+    (result, start.elapsed())
+}
+
+async fn kill(server: RedisServer) -> RedisServer {
+    tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.kill();
+        server
+    })
+    .await
+    .expect("kill task")
+}
+
+async fn restart(server: RedisServer) -> RedisServer {
+    tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.restart().expect("redis-server restarts");
+        server
+    })
+    .await
+    .expect("restart task")
+}
+
+async fn outage_scenario(degraded: DegradedPolicy) {
+    let server = RedisServer::start().expect("redis-server starts (is it installed?)");
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(RedisTopology::Standalone(server.url()))
+        .prefix(&format!("{}:", unique_prefix("outage")))
+        // The limiter's deadline is the tighter one; the store's own bounds what it retries.
+        .call_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .expect("connect");
+    let limiter = RateLimiter::builder(store)
+        .on_store_failure(degraded)
+        .deadline(DEADLINE)
+        .circuit_breaker(CircuitBreakerConfig {
+            failure_threshold: 3,
+            open_for: OPEN_FOR,
+        })
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .expect("valid limiter");
+
+    // Healthy: the store decides.
+    for _ in 0..3 {
+        let (result, _) = timed_check(&limiter, "warmup").await;
+        let d = result.expect("store decides");
+        assert!(d.allowed && !d.degraded, "{degraded:?}: {d:?}");
+    }
+
+    // Two replicas' worth of traffic keeps checking while the server is killed under it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for replica in 0..2 {
+        let (limiter, stop) = (limiter.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let key = format!("load-{replica}");
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                seen.push(timed_check(&limiter, &key).await);
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let server = kill(server).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut during = Vec::new();
+    for task in load {
+        during.extend(task.await.expect("no panic in the load tasks"));
+    }
+    assert!(!during.is_empty());
+    for (result, took) in &during {
+        assert!(follows(degraded, result), "{degraded:?}: {result:?}");
+        assert!(
+            *took <= DEADLINE + MARGIN,
+            "{degraded:?}: a decision took {took:?}"
+        );
+    }
+    let degraded_seen = during
+        .iter()
+        .filter(|(r, _)| r.as_ref().map_or(true, |d| d.degraded))
+        .count();
+    assert!(degraded_seen > 0, "{degraded:?}: the outage was never seen");
+    let stats = limiter.stats();
+    assert_eq!(stats.breaker_state, BreakerState::Open, "{stats:?}");
+    assert_eq!(stats.breaker_opened, 1, "{stats:?}");
+
+    // Breaker open: the store is not called, and a decision is cheap.
+    let failures = limiter.stats().store_failures;
+    let mut times = Vec::new();
+    for i in 0..200 {
+        let (result, took) = timed_check(&limiter, &format!("open-{}", i % 5)).await;
+        assert!(follows(degraded, &result), "{degraded:?}: {result:?}");
+        assert!(result.as_ref().map_or(true, |d| d.degraded));
+        times.push(took);
+    }
+    assert_eq!(limiter.stats().store_failures, failures, "store not called");
+    let under_1ms = times
+        .iter()
+        .filter(|t| **t < Duration::from_millis(1))
+        .count();
+    // Each decision should take microseconds; allow a few scheduler hiccups, never a deadline.
+    assert!(
+        under_1ms >= 195,
+        "{degraded:?}: only {under_1ms}/200 under 1 ms"
+    );
+    let slowest = times.iter().max().copied().unwrap_or_default();
+    assert!(
+        slowest < DEADLINE,
+        "{degraded:?}: slowest open-breaker decision {slowest:?}"
+    );
+
+    // The local fallback admits one replica's share on a key, exactly.
+    if let DegradedPolicy::LocalFallback { replicas } = degraded {
+        let mut admitted = 0;
+        for _ in 0..LIMIT {
+            let (result, _) = timed_check(&limiter, "fallback-share").await;
+            if result.expect("fallback decides").allowed {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, LIMIT / u64::from(replicas.get()));
+    }
+
+    // Redis comes back: within a bounded number of probes the store decides again.
+    let server = restart(server).await;
+    let mut recovered = false;
+    for _ in 0..100 {
+        clock.advance(OPEN_FOR);
+        let (result, took) = timed_check(&limiter, "after").await;
+        assert!(
+            took <= DEADLINE + MARGIN,
+            "{degraded:?}: a probe took {took:?}"
+        );
+        if matches!(&result, Ok(d) if !d.degraded) {
+            recovered = true;
+            break;
+        }
+        // Give the client time to reconnect (real time: a socket, not time logic).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "{degraded:?}: never recovered after the restart");
+    let stats = limiter.stats();
+    assert_eq!(stats.breaker_state, BreakerState::Closed, "{stats:?}");
+    for _ in 0..3 {
+        let (result, _) = timed_check(&limiter, "after").await;
+        assert!(!result.expect("store decides").degraded);
+    }
+    drop(server);
+}
+
+// One test running the policies one after another, rather than four tests in parallel, so the
+// sub-millisecond bound is measured without three other scenarios competing for two cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_redis_mid_run_follows_each_degraded_policy_and_recovers() {
+    for degraded in [
+        DegradedPolicy::FailOpen,
+        DegradedPolicy::FailClosed,
+        DegradedPolicy::LocalFallback {
+            replicas: NonZeroU32::new(REPLICAS).expect("non-zero"),
+        },
+        DegradedPolicy::ReturnError,
+    ] {
+        outage_scenario(degraded).await;
+    }
+}
