@@ -70,6 +70,24 @@ impl Throughput {
         self.admitted as f64 / self.decisions as f64
     }
 
+    /// Adds another window's counts to this one, as if the two were one window. A CPU time
+    /// stays known only if it is known for every window merged.
+    pub fn merge(&mut self, other: Throughput) {
+        let first = self.elapsed.is_zero();
+        let add = |a: Option<Duration>, b: Option<Duration>| match (first, a, b) {
+            (true, _, b) => b,
+            (false, Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self.client_cpu = add(self.client_cpu, other.client_cpu);
+        self.server_cpu = add(self.server_cpu, other.server_cpu);
+        self.decisions += other.decisions;
+        self.admitted += other.admitted;
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+        self.elapsed += other.elapsed;
+    }
+
     /// CPU microseconds per decision of `cpu`, if known.
     pub fn micros_per_decision(&self, cpu: Option<Duration>) -> Option<f64> {
         let cpu = cpu?;

@@ -23,8 +23,12 @@ OPTIONS:
     --flush            FLUSHALL the --redis-url server before each run (destructive)
     --connections N    RedisStore instances (one multiplexed connection each) shared
                        round-robin by the tasks (default 1)
+    --rounds N         the two headline pairs (governor / embedded GCRA, redis-benchmark /
+                       Redis GCRA) alternate N times, --seconds/N each, so that a noisy
+                       neighbour weighs on both sides of a ratio alike (default 5)
     --algorithms LIST  comma-separated subset, e.g. gcra,fixed_window (default: all six)
-    --no-redis         skip every Redis measurement (embedded and governor only)
+    --no-redis         skip every Redis measurement
+    --no-embedded      skip every in-process measurement (embedded store, governor)
     -h, --help         print this help
 ";
 
@@ -47,8 +51,12 @@ pub struct Options {
     pub connections: usize,
     /// Which algorithms to run, in `Algorithm::ALL` order.
     pub algorithms: Vec<Algorithm>,
+    /// How many times each headline pair alternates.
+    pub rounds: u32,
     /// Whether to run the Redis measurements at all.
     pub redis: bool,
+    /// Whether to run the in-process measurements at all.
+    pub embedded: bool,
 }
 
 impl Default for Options {
@@ -62,7 +70,9 @@ impl Default for Options {
             flush_external: false,
             connections: 1,
             algorithms: Algorithm::ALL.to_vec(),
+            rounds: 5,
             redis: true,
+            embedded: true,
         }
     }
 }
@@ -103,7 +113,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Command> 
             "--flush" => options.flush_external = true,
             "--connections" => options.connections = positive(&flag, &value()?)?,
             "--algorithms" => options.algorithms = algorithms(&value()?)?,
+            "--rounds" => options.rounds = positive(&flag, &value()?)?,
             "--no-redis" => options.redis = false,
+            "--no-embedded" => options.embedded = false,
             other => bail!("unknown argument {other:?}; see --help"),
         }
     }

@@ -113,22 +113,38 @@ impl RedisTarget {
     }
 }
 
-/// One `redis-benchmark` run.
-#[derive(Debug, Clone, Copy)]
+/// One `redis-benchmark` run, or several merged.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct CeilingRun {
-    /// Requests (script calls, each one decision) per second, as redis-benchmark reports it.
-    pub per_second: f64,
-    /// The server's CPU time over the run, if it could be read.
-    pub server_cpu: Option<Duration>,
     /// Requests sent.
     pub requests: u64,
+    /// Time they took, as redis-benchmark's rate implies (`requests / rps`).
+    pub elapsed: Duration,
+    /// The server's CPU time over the run, if it could be read.
+    pub server_cpu: Option<Duration>,
 }
 
 impl CeilingRun {
+    /// Requests (script calls, each one decision) per second.
+    pub fn per_second(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
     /// Server CPU microseconds per request, if known.
     pub fn server_micros_per_decision(&self) -> Option<f64> {
         self.server_cpu
             .map(|cpu| cpu.as_secs_f64() * 1e6 / self.requests as f64)
+    }
+
+    /// Adds another run, as if the two were one.
+    pub fn merge(&mut self, other: CeilingRun) {
+        self.server_cpu = match (self.requests, self.server_cpu, other.server_cpu) {
+            (0, _, b) => b,
+            (_, Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self.requests += other.requests;
+        self.elapsed += other.elapsed;
     }
 }
 
@@ -141,15 +157,47 @@ pub struct CeilingShape {
     pub clients: usize,
     /// Requests pipelined per connection (`-P`).
     pub pipeline: usize,
-    /// Key space (`-r`): keys `rl:000000000000` to `rl:{keys-1}`.
+    /// Key space (`-r`): `__rand_int__` in the key becomes `000000000000` to `{keys-1}`.
     pub keys: usize,
 }
 
-/// Runs `redis-benchmark` with [`CEILING_SCRIPT`] by `EVALSHA` (as the Statehouse store calls
-/// its script: the script is loaded once, then only its SHA travels) on uniformly random keys.
-pub fn redis_benchmark(target: &RedisTarget, shape: CeilingShape) -> anyhow::Result<CeilingRun> {
-    let sha = target.command(&["SCRIPT", "LOAD", CEILING_SCRIPT])?;
+/// A script for `redis-benchmark` to call, with its one key (holding `__rand_int__`) and its
+/// arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct ScriptCall<'a> {
+    /// The Lua source.
+    pub script: &'a str,
+    /// The key, with `__rand_int__` where the random number goes.
+    pub key: &'a str,
+    /// `ARGV`.
+    pub args: &'a [&'a str],
+}
+
+/// The ceiling's call: [`CEILING_SCRIPT`] on `rl:<random>`.
+pub const CEILING_CALL: ScriptCall<'static> = ScriptCall {
+    script: CEILING_SCRIPT,
+    key: "rl:__rand_int__",
+    args: &[],
+};
+
+/// Runs `redis-benchmark` calling `call.script` by `EVALSHA` (as the Statehouse store calls its
+/// script: loaded once, then only its SHA travels) on uniformly random keys. The server is
+/// flushed first. One call is made up front, so a script that fails is reported as such rather
+/// than measured at the speed of its error replies.
+pub fn redis_benchmark(
+    target: &RedisTarget,
+    call: ScriptCall<'_>,
+    shape: CeilingShape,
+) -> anyhow::Result<CeilingRun> {
+    let sha = target.command(&["SCRIPT", "LOAD", call.script])?;
     ensure!(sha.len() == 40, "SCRIPT LOAD answered {sha:?}");
+    target.flush()?;
+    let probe_key = call.key.replace("__rand_int__", "probe");
+    let mut probe = vec!["EVALSHA", &sha, "1", &probe_key];
+    probe.extend_from_slice(call.args);
+    target
+        .command(&probe)
+        .context("a trial call of the benchmarked script")?;
     target.flush()?;
     let before = target.server_cpu();
     let out = Command::new("redis-benchmark")
@@ -160,7 +208,8 @@ pub fn redis_benchmark(target: &RedisTarget, shape: CeilingShape) -> anyhow::Res
         .args(["-P", &shape.pipeline.to_string()])
         .args(["-r", &shape.keys.to_string()])
         .arg("--csv")
-        .args(["EVALSHA", &sha, "1", "rl:__rand_int__"])
+        .args(["EVALSHA", &sha, "1", call.key])
+        .args(call.args)
         .output()
         .context("running redis-benchmark (install redis-tools)")?;
     let after = target.server_cpu();
@@ -175,10 +224,14 @@ pub fn redis_benchmark(target: &RedisTarget, shape: CeilingShape) -> anyhow::Res
     let per_second = parse_csv_rps(&stdout).with_context(|| {
         format!("reading requests per second from redis-benchmark's output {stdout:?}")
     })?;
+    ensure!(
+        per_second > 0.0,
+        "redis-benchmark reported {per_second} requests/s"
+    );
     Ok(CeilingRun {
-        per_second,
-        server_cpu: after.zip(before).map(|(b, a)| b.saturating_sub(a)),
         requests: shape.requests,
+        elapsed: Duration::from_secs_f64(shape.requests as f64 / per_second),
+        server_cpu: after.zip(before).map(|(b, a)| b.saturating_sub(a)),
     })
 }
 

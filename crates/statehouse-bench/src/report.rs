@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use statehouse_core::Algorithm;
+
 use crate::suite::Results;
 
 /// Redis GCRA must reach this share of the `redis-benchmark` ceiling.
@@ -25,13 +27,19 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
     writeln!(
         out,
         "{} cores; {} tokio tasks on a multi-thread runtime ({} workers); {} keys picked \
-         uniformly at random; {} s warm-up, then {} s measured per run.",
+         uniformly at random; {} s warm-up, then {} s measured per run. GCRA and its reference \
+         alternate in {} rounds of {:.1} s (a {} ms warm-up after the first).",
         r.setup.cores,
         o.tasks,
         r.setup.cores,
         o.keys,
         o.warmup.as_secs(),
-        o.measure.as_secs()
+        o.measure.as_secs(),
+        o.rounds,
+        (o.measure / o.rounds).as_secs_f64(),
+        o.warmup
+            .min(std::time::Duration::from_millis(250))
+            .as_millis(),
     )?;
     match &r.setup.redis {
         Some(redis) => writeln!(
@@ -50,16 +58,22 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
         "| Algorithm | Policy | Embedded | admitted | Redis | admitted | Redis client CPU µs/decision | Redis server CPU µs/decision |"
     )?;
     writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|")?;
-    for row in &r.embedded {
-        let redis = r.redis.iter().find(|x| x.algorithm == row.algorithm);
-        let t = redis.map(|x| &x.throughput);
+    for algorithm in Algorithm::ALL {
+        let embedded = r.embedded.iter().find(|x| x.algorithm == algorithm);
+        let redis = r.redis.iter().find(|x| x.algorithm == algorithm);
+        let Some(policy) = embedded.or(redis).map(|x| &x.policy) else {
+            continue;
+        };
+        let (e, t) = (
+            embedded.map(|x| &x.throughput),
+            redis.map(|x| &x.throughput),
+        );
         writeln!(
             out,
-            "| {:?} | {} per hour | {} | {} | {} | {} | {} | {} |",
-            row.algorithm,
-            grouped(row.policy.limit() as f64),
-            grouped(row.throughput.per_second()),
-            percent(row.throughput.admitted_share()),
+            "| {algorithm:?} | {} per hour | {} | {} | {} | {} | {} | {} |",
+            grouped(policy.limit() as f64),
+            e.map_or("–".into(), |e| grouped(e.per_second())),
+            e.map_or("–".into(), |e| percent(e.admitted_share())),
             t.map_or("–".into(), |t| grouped(t.per_second())),
             t.map_or("–".into(), |t| percent(t.admitted_share())),
             t.and_then(|t| t.micros_per_decision(t.client_cpu))
@@ -80,7 +94,7 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
             "| **Redis ceiling**: `redis-benchmark -c {} -P 64 -r {}`, `EVALSHA` of the minimal fixed-window script | {} | {} |",
             o.tasks,
             o.keys,
-            grouped(c.per_second),
+            grouped(c.per_second()),
             c.server_micros_per_decision()
                 .map_or("–".into(), |v| format!("{v:.1}"))
         )?;
@@ -89,16 +103,27 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
         writeln!(
             out,
             "| (context) the same with `-P 1`: no pipelining | {} | {} |",
-            grouped(c.per_second),
+            grouped(c.per_second()),
             c.server_micros_per_decision()
                 .map_or("–".into(), |v| format!("{v:.1}"))
         )?;
     }
-    writeln!(
-        out,
-        "| **In-process reference**: governor `DefaultKeyedRateLimiter<String>`, `check_key` | {} | – |",
-        grouped(r.governor.per_second())
-    )?;
+    if let Some(c) = r.statehouse_script_ceiling {
+        writeln!(
+            out,
+            "| (context) the same `-P 64` load calling Statehouse's own `limiter.lua` with the GCRA policy | {} | {} |",
+            grouped(c.per_second()),
+            c.server_micros_per_decision()
+                .map_or("–".into(), |v| format!("{v:.1}"))
+        )?;
+    }
+    if let Some(g) = &r.governor {
+        writeln!(
+            out,
+            "| **In-process reference**: governor `DefaultKeyedRateLimiter<String>`, `check_key` | {} | – |",
+            grouped(g.per_second())
+        )?;
+    }
     if let Some(t) = &r.embedded_direct_gcra {
         writeln!(
             out,
@@ -124,11 +149,19 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
         r.embedded_ratio(),
         EMBEDDED_TARGET,
     )?;
-    if let Some(direct) = &r.embedded_direct_gcra {
+    if let (Some(direct), Some(g)) = (&r.embedded_direct_gcra, &r.governor) {
         writeln!(
             out,
             "| (context) embedded GCRA `check_one` ÷ governor keyed | {:.2} | – | – |",
-            direct.per_second() / r.governor.per_second()
+            direct.per_second() / g.per_second()
+        )?;
+    }
+    let redis_gcra = r.redis.iter().find(|x| x.algorithm == Algorithm::Gcra);
+    if let (Some(gcra), Some(script)) = (redis_gcra, r.statehouse_script_ceiling) {
+        writeln!(
+            out,
+            "| (context) Redis GCRA ÷ redis-benchmark on Statehouse's own script | {:.2} | – | – |",
+            gcra.throughput.per_second() / script.per_second()
         )?;
     }
     writeln!(out)?;

@@ -1,6 +1,6 @@
-//! The whole benchmark, in the order that keeps each headline pair close in time: governor
-//! right before the embedded GCRA run, and the Redis ceiling right before the Redis GCRA run,
-//! so that a noisy neighbour is more likely to hit both sides of a ratio alike.
+//! The whole benchmark. The two headline pairs (governor and embedded GCRA; redis-benchmark's
+//! ceiling and Redis GCRA) alternate in rounds, so that a noisy neighbour on this small shared
+//! machine weighs on both sides of each ratio alike; the other algorithms run once each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,9 @@ use crate::latency::{self, Latency};
 use crate::limiters::{EmbeddedDirect, GovernorKeyed, StoreLimiter, generous_policy};
 use crate::load::{self, LoadShape, Throughput};
 use crate::options::Options;
-use crate::redis_target::{CeilingRun, CeilingShape, RedisTarget, redis_benchmark};
+use crate::redis_target::{
+    CEILING_CALL, CeilingRun, CeilingShape, RedisTarget, ScriptCall, redis_benchmark,
+};
 
 /// Per-call deadline of the Redis store in the benchmark: far above any latency a healthy run
 /// sees, so that a timeout means trouble rather than a busy machine.
@@ -55,13 +57,16 @@ pub struct Results {
     /// Embedded GCRA through `check_one` (context: the store without the trait call).
     pub embedded_direct_gcra: Option<Throughput>,
     /// governor's keyed limiter.
-    pub governor: Throughput,
+    pub governor: Option<Throughput>,
     /// Redis store, through the `RateLimitStore` trait.
     pub redis: Vec<Row>,
     /// `redis-benchmark -c 64 -P 64`: the ceiling.
     pub ceiling: Option<CeilingRun>,
     /// `redis-benchmark -c 64 -P 1` (context: the same without pipelining).
     pub ceiling_unpipelined: Option<CeilingRun>,
+    /// `redis-benchmark -c 64 -P 64` calling Statehouse's own limiter script with the GCRA
+    /// policy's arguments (context: the server's cost of the script, without our client).
+    pub statehouse_script_ceiling: Option<CeilingRun>,
     /// Single-task latencies, by subject.
     pub latencies: Vec<(String, Latency)>,
     /// What timing one call costs by itself.
@@ -102,137 +107,172 @@ impl Results {
             .embedded
             .iter()
             .find(|r| r.algorithm == Algorithm::Gcra)?;
-        Some(gcra.throughput.per_second() / self.governor.per_second())
+        Some(gcra.throughput.per_second() / self.governor.as_ref()?.per_second())
     }
 
     /// Redis GCRA ÷ the redis-benchmark ceiling.
     pub fn redis_ratio(&self) -> Option<f64> {
         let gcra = self.redis.iter().find(|r| r.algorithm == Algorithm::Gcra)?;
-        Some(gcra.throughput.per_second() / self.ceiling?.per_second)
+        Some(gcra.throughput.per_second() / self.ceiling?.per_second())
     }
 }
 
 /// Runs everything `options` asks for.
 pub async fn run(options: &Options) -> anyhow::Result<Results> {
     let keys = load::keys(options.keys);
-    let shape = LoadShape {
-        tasks: options.tasks,
-        warmup: options.warmup,
-        measure: options.measure,
-    };
-    let no_server = || None;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
-        "ratelimit-bench: {cores} cores, {} tasks, {} keys, {:?} warm-up + {:?} per run",
-        shape.tasks, options.keys, shape.warmup, shape.measure
+        "ratelimit-bench: {cores} cores, {} tasks, {} keys, {:?} warm-up + {:?} per run, \
+         headline pairs in {} rounds",
+        options.tasks, options.keys, options.warmup, options.measure, options.rounds
     );
-
-    // In process. The algorithms in ALL order, with governor measured just before GCRA.
-    let mut embedded = Vec::new();
-    let mut governor = None;
-    let mut embedded_direct_gcra = None;
-    for &algorithm in &options.algorithms {
-        let policy = generous_policy(algorithm)?;
-        if algorithm == Algorithm::Gcra {
-            let limiter = [Arc::new(GovernorKeyed::new())];
-            let t = load::closed_loop(&limiter, &keys, shape, &no_server).await;
-            progress("governor keyed", &t);
-            governor = Some(t);
-        }
-        let store: Arc<dyn RateLimitStore> = Arc::new(EmbeddedStore::new());
-        let limiter = [Arc::new(StoreLimiter::new(store, policy.clone()))];
-        let throughput = load::closed_loop(&limiter, &keys, shape, &no_server).await;
-        progress(&format!("embedded {algorithm}"), &throughput);
-        if algorithm == Algorithm::Gcra {
-            let direct = [Arc::new(EmbeddedDirect::new(
-                EmbeddedStore::new(),
-                policy.clone(),
-            ))];
-            let t = load::closed_loop(&direct, &keys, shape, &no_server).await;
-            progress("embedded gcra check_one", &t);
-            embedded_direct_gcra = Some(t);
-        }
-        embedded.push(Row {
-            algorithm,
-            policy,
-            throughput,
-        });
-    }
-    let governor = match governor {
-        Some(t) => t,
-        None => {
-            let limiter = [Arc::new(GovernorKeyed::new())];
-            load::closed_loop(&limiter, &keys, shape, &no_server).await
-        }
-    };
-
-    // Single-task latency, in process.
-    let gcra = generous_policy(Algorithm::Gcra)?;
-    let mut latencies = Vec::new();
-    let store: Arc<dyn RateLimitStore> = Arc::new(EmbeddedStore::new());
-    let subjects: [(&str, Option<Latency>); 3] = [
-        (
-            "embedded gcra, RateLimitStore::check",
-            latency::single_task(
-                &StoreLimiter::new(store, gcra.clone()),
-                &keys,
-                shape.warmup,
-                shape.measure,
-            )
-            .await,
-        ),
-        (
-            "embedded gcra, EmbeddedStore::check_one",
-            latency::single_task(
-                &EmbeddedDirect::new(EmbeddedStore::new(), gcra.clone()),
-                &keys,
-                shape.warmup,
-                shape.measure,
-            )
-            .await,
-        ),
-        (
-            "governor keyed, check_key",
-            latency::single_task(&GovernorKeyed::new(), &keys, shape.warmup, shape.measure).await,
-        ),
-    ];
-    for (name, latency) in subjects {
-        if let Some(latency) = latency {
-            eprintln!(
-                "latency {name}: p50 {} ns, p99 {} ns",
-                latency.p50, latency.p99
-            );
-            latencies.push((name.to_owned(), latency));
-        }
-    }
-
     let mut results = Results {
         setup: Setup {
             cores,
             options: options.clone(),
             redis: None,
         },
-        embedded,
-        embedded_direct_gcra,
-        governor,
+        embedded: Vec::new(),
+        embedded_direct_gcra: None,
+        governor: None,
         redis: Vec::new(),
         ceiling: None,
         ceiling_unpipelined: None,
-        latencies,
+        statehouse_script_ceiling: None,
+        latencies: Vec::new(),
         timer_overhead: latency::timer_overhead(),
     };
+    if options.embedded {
+        run_embedded(options, &keys, &mut results).await?;
+    }
     if options.redis {
-        run_redis(options, &keys, shape, &mut results).await?;
+        run_redis(options, &keys, &mut results).await?;
     }
     Ok(results)
 }
 
-/// The Redis half: the ceiling, then GCRA, then the other algorithms, the unpipelined
-/// reference and GCRA's single-task latency. The server is flushed before every run.
+/// The full-length shape of a single run.
+fn full_shape(options: &Options) -> LoadShape {
+    LoadShape {
+        tasks: options.tasks,
+        warmup: options.warmup,
+        measure: options.measure,
+    }
+}
+
+/// The shape of round `round` of a headline pair: a share of the measured time, and after the
+/// first round a short warm-up (the state is already there; only the tasks are new).
+fn round_shape(options: &Options, round: u32) -> LoadShape {
+    LoadShape {
+        tasks: options.tasks,
+        warmup: if round == 0 {
+            options.warmup
+        } else {
+            options.warmup.min(ROUND_WARMUP)
+        },
+        measure: options.measure / options.rounds,
+    }
+}
+
+/// The warm-up of every round after the first.
+const ROUND_WARMUP: Duration = Duration::from_millis(250);
+
+/// The in-process half: governor and embedded GCRA alternated, then the other algorithms,
+/// then single-task latencies.
+async fn run_embedded(
+    options: &Options,
+    keys: &Arc<[String]>,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let no_server = || None;
+    if options.algorithms.contains(&Algorithm::Gcra) {
+        let gcra = generous_policy(Algorithm::Gcra)?;
+        let governor = [Arc::new(GovernorKeyed::new())];
+        let store: Arc<dyn RateLimitStore> = Arc::new(EmbeddedStore::new());
+        let embedded = [Arc::new(StoreLimiter::new(store, gcra.clone()))];
+        let direct = [Arc::new(EmbeddedDirect::new(
+            EmbeddedStore::new(),
+            gcra.clone(),
+        ))];
+        let (mut g, mut e, mut d) = Default::default();
+        for round in 0..options.rounds {
+            let shape = round_shape(options, round);
+            Throughput::merge(
+                &mut g,
+                load::closed_loop(&governor, keys, shape, &no_server).await,
+            );
+            Throughput::merge(
+                &mut e,
+                load::closed_loop(&embedded, keys, shape, &no_server).await,
+            );
+            Throughput::merge(
+                &mut d,
+                load::closed_loop(&direct, keys, shape, &no_server).await,
+            );
+        }
+        progress("governor keyed", &g);
+        progress("embedded gcra", &e);
+        progress("embedded gcra check_one", &d);
+        results.governor = Some(g);
+        results.embedded_direct_gcra = Some(d);
+        results.embedded.push(Row {
+            algorithm: Algorithm::Gcra,
+            policy: gcra,
+            throughput: e,
+        });
+    }
+    for &algorithm in options.algorithms.iter().filter(|&&a| a != Algorithm::Gcra) {
+        let policy = generous_policy(algorithm)?;
+        let store: Arc<dyn RateLimitStore> = Arc::new(EmbeddedStore::new());
+        let limiter = [Arc::new(StoreLimiter::new(store, policy.clone()))];
+        let throughput = load::closed_loop(&limiter, keys, full_shape(options), &no_server).await;
+        progress(&format!("embedded {algorithm}"), &throughput);
+        results.embedded.push(Row {
+            algorithm,
+            policy,
+            throughput,
+        });
+    }
+    results.embedded.sort_by_key(|r| r.algorithm);
+
+    // Single-task latency, in process.
+    let gcra = generous_policy(Algorithm::Gcra)?;
+    let (warmup, measure) = (options.warmup, options.measure);
+    let store: Arc<dyn RateLimitStore> = Arc::new(EmbeddedStore::new());
+    let through_trait = StoreLimiter::new(store, gcra.clone());
+    let direct = EmbeddedDirect::new(EmbeddedStore::new(), gcra);
+    let governor = GovernorKeyed::new();
+    let measured = [
+        (
+            "embedded gcra, RateLimitStore::check",
+            latency::single_task(&through_trait, keys, warmup, measure).await,
+        ),
+        (
+            "embedded gcra, EmbeddedStore::check_one",
+            latency::single_task(&direct, keys, warmup, measure).await,
+        ),
+        (
+            "governor keyed, check_key",
+            latency::single_task(&governor, keys, warmup, measure).await,
+        ),
+    ];
+    for (name, latency) in measured {
+        if let Some(latency) = latency {
+            eprintln!(
+                "latency {name}: p50 {} ns, p99 {} ns",
+                latency.p50, latency.p99
+            );
+            results.latencies.push((name.to_owned(), latency));
+        }
+    }
+    Ok(())
+}
+
+/// The Redis half: the ceiling and Redis GCRA alternated, then the other algorithms, the two
+/// context references and GCRA's single-task latency. The server is flushed before every run.
 async fn run_redis(
     options: &Options,
     keys: &Arc<[String]>,
-    shape: LoadShape,
     results: &mut Results,
 ) -> anyhow::Result<()> {
     let target = match &options.redis_url {
@@ -253,66 +293,103 @@ async fn run_redis(
             ", not flushed (a fresh key prefix per run)"
         }
     ));
-    let seconds = options.measure.as_secs().max(1);
-    let ceiling = redis_benchmark(
-        &target,
-        CeilingShape {
-            // About the measured window at this machine's rate; the figure is a rate either way.
-            requests: 400_000 * seconds,
-            clients: options.tasks,
-            pipeline: CEILING_PIPELINE,
-            keys: options.keys,
-        },
-    )?;
-    eprintln!(
-        "redis-benchmark -c {} -P {CEILING_PIPELINE}: {:.0} requests/s",
-        options.tasks, ceiling.per_second
-    );
-    results.ceiling = Some(ceiling);
-
     let server_cpu = || target.server_cpu();
-    // GCRA first, right after the ceiling it is divided by.
-    let mut order: Vec<Algorithm> = options.algorithms.clone();
-    order.sort_by_key(|a| *a != Algorithm::Gcra);
-    let mut rows = Vec::new();
-    for (run, algorithm) in order.into_iter().enumerate() {
+    let ceiling_shape = |requests: u64, pipeline: usize| CeilingShape {
+        requests: requests.max(MIN_CEILING_REQUESTS),
+        clients: options.tasks,
+        pipeline,
+        keys: options.keys,
+    };
+    let mut run_index = 0;
+
+    if options.algorithms.contains(&Algorithm::Gcra) {
+        let gcra = generous_policy(Algorithm::Gcra)?;
+        let limiters: Vec<_> = connect(&target, options.connections, run_index)
+            .await?
+            .into_iter()
+            .map(|store| Arc::new(StoreLimiter::new(store, gcra.clone())))
+            .collect();
+        run_index += 1;
+        let (mut ceiling, mut statehouse) = (CeilingRun::default(), Throughput::default());
+        // Sized so that each redis-benchmark round lasts about as long as a Statehouse round.
+        let mut ceiling_rate = FIRST_CEILING_GUESS;
+        for round in 0..options.rounds {
+            let shape = round_shape(options, round);
+            let requests = (ceiling_rate * shape.measure.as_secs_f64()) as u64;
+            let run = redis_benchmark(
+                &target,
+                CEILING_CALL,
+                ceiling_shape(requests, CEILING_PIPELINE),
+            )?;
+            ceiling_rate = run.per_second();
+            ceiling.merge(run);
+            target.flush()?;
+            statehouse.merge(load::closed_loop(&limiters, keys, shape, &server_cpu).await);
+        }
+        eprintln!(
+            "redis-benchmark -c {} -P {CEILING_PIPELINE}: {:.0} requests/s",
+            options.tasks,
+            ceiling.per_second()
+        );
+        progress("redis gcra", &statehouse);
+        results.ceiling = Some(ceiling);
+        results.redis.push(Row {
+            algorithm: Algorithm::Gcra,
+            policy: gcra,
+            throughput: statehouse,
+        });
+    }
+
+    for &algorithm in options.algorithms.iter().filter(|&&a| a != Algorithm::Gcra) {
         let policy = generous_policy(algorithm)?;
         target.flush()?;
-        let stores = connect(&target, options.connections, run).await?;
-        let limiters: Vec<_> = stores
+        let limiters: Vec<_> = connect(&target, options.connections, run_index)
+            .await?
             .into_iter()
             .map(|store| Arc::new(StoreLimiter::new(store, policy.clone())))
             .collect();
-        let throughput = load::closed_loop(&limiters, keys, shape, &server_cpu).await;
+        run_index += 1;
+        let throughput = load::closed_loop(&limiters, keys, full_shape(options), &server_cpu).await;
         progress(&format!("redis {algorithm}"), &throughput);
-        rows.push(Row {
+        results.redis.push(Row {
             algorithm,
             policy,
             throughput,
         });
     }
-    rows.sort_by_key(|r| r.algorithm);
-    results.redis = rows;
+    results.redis.sort_by_key(|r| r.algorithm);
 
+    let seconds = options.measure.as_secs_f64();
     let unpipelined = redis_benchmark(
         &target,
-        CeilingShape {
-            requests: 100_000 * seconds,
-            clients: options.tasks,
-            pipeline: 1,
-            keys: options.keys,
-        },
+        CEILING_CALL,
+        ceiling_shape((UNPIPELINED_GUESS * seconds) as u64, 1),
     )?;
     eprintln!(
         "redis-benchmark -c {} -P 1: {:.0} requests/s",
-        options.tasks, unpipelined.per_second
+        options.tasks,
+        unpipelined.per_second()
     );
     results.ceiling_unpipelined = Some(unpipelined);
 
+    match statehouse_script_reference(&target, options, seconds) {
+        Ok(Some(run)) => {
+            eprintln!(
+                "redis-benchmark -c {} -P {CEILING_PIPELINE}, Statehouse's script (gcra): {:.0} requests/s",
+                options.tasks,
+                run.per_second()
+            );
+            results.statehouse_script_ceiling = Some(run);
+        }
+        Ok(None) => eprintln!("Statehouse's limiter.lua not found beside this crate; skipped"),
+        Err(e) => eprintln!("redis-benchmark on Statehouse's script failed (skipped): {e:#}"),
+    }
+
     target.flush()?;
-    let store = connect(&target, 1, usize::MAX).await?.remove(0);
+    let store = connect(&target, 1, run_index).await?.remove(0);
     let gcra = StoreLimiter::new(store, generous_policy(Algorithm::Gcra)?);
-    if let Some(latency) = latency::single_task(&gcra, keys, shape.warmup, shape.measure).await {
+    if let Some(latency) = latency::single_task(&gcra, keys, options.warmup, options.measure).await
+    {
         eprintln!(
             "latency redis gcra: p50 {} ns, p99 {} ns",
             latency.p50, latency.p99
@@ -322,6 +399,71 @@ async fn run_redis(
             .push(("redis gcra, one task, one connection".to_owned(), latency));
     }
     Ok(())
+}
+
+/// The first round's guess of the ceiling's rate, to size its request count.
+const FIRST_CEILING_GUESS: f64 = 250_000.0;
+/// A guess of the unpipelined rate, to size its request count.
+const UNPIPELINED_GUESS: f64 = 50_000.0;
+/// A guess of the rate of Statehouse's script under redis-benchmark.
+const STATEHOUSE_SCRIPT_GUESS: f64 = 25_000.0;
+/// Fewer requests than this and redis-benchmark's start-up weighs on its rate.
+const MIN_CEILING_REQUESTS: u64 = 50_000;
+
+/// `redis-benchmark` calling the Redis store's own script (read from the source tree beside
+/// this crate) with the GCRA policy's arguments, as `statehouse-redis` lays them out
+/// (`limiter_script.rs`: mode, now (`''` for the server's `TIME`), slack in ms, then per check:
+/// algorithm code, limit, period µs, burst, interval µs, max delay µs, cost). `None` when the
+/// script is not there (the binary moved away from the workspace).
+fn statehouse_script_reference(
+    target: &RedisTarget,
+    options: &Options,
+    seconds: f64,
+) -> anyhow::Result<Option<CeilingRun>> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../statehouse-redis/src/limiter.lua"
+    );
+    let Ok(script) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    let policy = generous_policy(Algorithm::Gcra)?;
+    let args: Vec<String> = ["consume".to_owned(), String::new(), "0".to_owned()]
+        .into_iter()
+        .chain(
+            [
+                u64::from(policy.algorithm().code()),
+                policy.limit(),
+                policy.period_micros(),
+                policy.burst(),
+                policy.interval_micros(),
+                policy.max_delay_micros(),
+                1,
+            ]
+            .map(|n| n.to_string()),
+        )
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let key = format!(
+        "sh:rl:{{user:__rand_int__}}:gcra:{}",
+        policy.period_micros()
+    );
+    let call = ScriptCall {
+        script: &script,
+        key: &key,
+        args: &args,
+    };
+    let run = redis_benchmark(
+        target,
+        call,
+        CeilingShape {
+            requests: ((STATEHOUSE_SCRIPT_GUESS * seconds) as u64).max(MIN_CEILING_REQUESTS),
+            clients: options.tasks,
+            pipeline: CEILING_PIPELINE,
+            keys: options.keys,
+        },
+    )?;
+    Ok(Some(run))
 }
 
 /// `n` independent stores (each its own multiplexed connection). On an external server each

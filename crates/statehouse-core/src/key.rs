@@ -42,7 +42,11 @@ pub fn encode_key(key: &str) -> Result<Cow<'_, str>> {
             ),
         });
     }
-    if key.len() > MAX_PLAIN_KEY_LEN || key.starts_with('~') || key.contains(['{', '}']) {
+    // A byte scan: braces are ASCII, and this runs on every check's hot path.
+    if key.len() > MAX_PLAIN_KEY_LEN
+        || key.starts_with('~')
+        || key.bytes().any(|b| b == b'{' || b == b'}')
+    {
         let digest = Sha256::digest(key.as_bytes());
         return Ok(Cow::Owned(format!("~{}", hex::encode(&digest[..16]))));
     }

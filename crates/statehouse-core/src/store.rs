@@ -2,6 +2,8 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 
 use async_trait::async_trait;
 
@@ -104,13 +106,34 @@ pub trait RateLimitStore: Send + Sync + fmt::Debug + 'static {
     async fn reset(&self, key: &str, policy: &Policy) -> Result<()>;
 }
 
-#[async_trait]
+/// Forwards to the shared store. Written out by hand rather than with `#[async_trait]`, which
+/// would box a future around the inner store's already boxed future on every call.
 impl<S: RateLimitStore + ?Sized> RateLimitStore for std::sync::Arc<S> {
-    async fn check(&self, checks: &[LimitCheck<'_>], mode: Mode) -> Result<Verdict> {
-        (**self).check(checks, mode).await
+    fn check<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        checks: &'life1 [LimitCheck<'life2>],
+        mode: Mode,
+    ) -> Pin<Box<dyn Future<Output = Result<Verdict>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).check(checks, mode)
     }
 
-    async fn reset(&self, key: &str, policy: &Policy) -> Result<()> {
-        (**self).reset(key, policy).await
+    fn reset<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        key: &'life1 str,
+        policy: &'life2 Policy,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).reset(key, policy)
     }
 }

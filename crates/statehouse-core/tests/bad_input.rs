@@ -1,5 +1,7 @@
 //! Bad input gets a clear error naming what is wrong, never a panic.
 
+#![allow(clippy::unwrap_used)] // a test panics to fail
+
 use std::time::Duration;
 
 use statehouse_core::key::{MAX_KEY_LEN, encode_key, validate_prefix};

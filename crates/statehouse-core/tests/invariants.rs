@@ -10,6 +10,8 @@
 //! - every algorithm: a denied or peeked request leaves the state unchanged, and `retry_after`
 //!   is honest: the same request at `now + retry_after` is admitted.
 
+#![allow(clippy::unwrap_used)] // a test panics to fail
+
 use std::time::Duration;
 
 use proptest::prelude::*;

@@ -44,8 +44,8 @@
 //!   same without a future. Looking up a stored key allocates nothing.
 //! - **Batches are atomic.** A call with several checks locks the distinct shards involved in
 //!   ascending index order (two batches can never deadlock), decides every check, and writes
-//!   all new states only if every check admitted and the mode is [`Mode::Consume`](statehouse_core::Mode::Consume). A denied or
-//!   peeked check writes nothing.
+//!   all new states only if every check admitted and the mode is
+//!   [`Mode::Consume`](statehouse_core::Mode::Consume). A denied or peeked check writes nothing.
 //! - **Expiry like Redis.** Each entry keeps the `expires_at` that `decide` returned with it
 //!   ([`Step::expires_at`](statehouse_core::algorithm::Step::expires_at)); from then on it reads
 //!   as absent, which decides exactly like the Redis key having expired.
@@ -59,7 +59,8 @@
 //!   or overwritten in place if the check consumes.
 //! - **No background thread.** Nothing runs between calls. Memory stays bounded without one,
 //!   but an application with many one-off keys may call [`EmbeddedStore::purge_expired`]
-//!   periodically (say every minute from a timer task) to return their memory sooner.
+//!   periodically (say every minute from a timer task) to free their places (and any key
+//!   longer than 38 bytes or sliding log they hold on the heap) sooner.
 //!
 //! The hasher is foldhash, seeded randomly for each store. It is fast rather than
 //! cryptographically collision-resistant; the random seed keeps keys that collide from being

@@ -58,9 +58,10 @@ impl Slot {
     }
 }
 
-/// The longest encoded key kept inside its slot. It covers the digest form of hashed keys
-/// (`~` and 32 hex digits), IPv4 and most IPv6 addresses, user ids and UUIDs with a short prefix.
-const INLINE_KEY_LEN: usize = 40;
+/// The longest encoded key kept inside its slot. With the length byte and the enum's tag, 38
+/// bytes make a 40-byte `StoredKey` (a boxed slice with its tag would take 24), and cover the
+/// digest form of hashed keys (`~` and 32 hex digits), IPv4 addresses and short user ids.
+const INLINE_KEY_LEN: usize = 38;
 
 /// An encoded key as stored. Short keys live inside the slot: comparing a key on lookup then
 /// reads the cache lines the slot is already on, instead of following a pointer to a separate
@@ -321,6 +322,18 @@ mod tests {
             algorithm: Algorithm::Gcra,
             period_us: 1_000_000,
         }
+    }
+
+    /// A million entries is the default bound: each byte of a slot is a megabyte of memory,
+    /// and slots are what a lookup misses the cache on.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_slot_stays_small() {
+        assert!(
+            size_of::<Slot>() <= 104,
+            "Slot is {} bytes",
+            size_of::<Slot>()
+        );
     }
 
     #[test]

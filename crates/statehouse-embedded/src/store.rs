@@ -205,8 +205,9 @@ impl EmbeddedStore {
     ///
     /// Not needed for correctness (an expired entry reads as absent) nor for the bound on
     /// memory (inserts reclaim and evict), but calling it now and then (say every minute from
-    /// a timer task) returns the memory of keys that were used once and never again. Each shard
-    /// is locked only for its own sweep.
+    /// a timer task) frees the places of keys that were used once and never again, with any
+    /// heap memory they hold (long keys, sliding logs). The tables themselves do not shrink.
+    /// Each shard is locked only for its own sweep.
     ///
     /// ```
     /// use std::time::Duration;

@@ -40,6 +40,8 @@ local FIXED_WINDOW, SLIDING_LOG, SLIDING_COUNTER, TOKEN_BUCKET, LEAKY_BUCKET, GC
 -- 2^53: above it doubles stop being exact integers.
 local MAX_EXACT = 9007199254740992
 local ARGS_PER_CHECK = 7
+-- Members per ZADD/ZREM call: far below the Lua stack limit that `unpack` runs into.
+local CHUNK = 512
 
 local function raise(msg)
   error(redis.error_reply('ERR statehouse: ' .. msg))
@@ -201,10 +203,15 @@ local function sliding_log(key, c, now, consume)
         local score = fmt(now)
         local added, j = 0, 0
         -- The same microsecond can come again (caller-supplied time), so members are probed
-        -- with NX until `cost` new ones are in.
+        -- with NX until `cost` new ones are in; in chunks, since a cost can be 100000.
         while added < cost do
-          added = added + redis.call('ZADD', key, 'NX', score, score .. '-' .. j)
-          j = j + 1
+          local args = { 'ZADD', key, 'NX' }
+          for _ = 1, math.min(cost - added, CHUNK) do
+            args[#args + 1] = score
+            args[#args + 1] = score .. '-' .. j
+            j = j + 1
+          end
+          added = added + redis.call(unpack(args))
         end
       end
     end
@@ -213,7 +220,7 @@ local function sliding_log(key, c, now, consume)
   -- Wait until enough of the oldest entries have left the window.
   local must_leave = used + cost - limit
   local row = redis.call('ZRANGEBYSCORE', key, live_from, '+inf', 'WITHSCORES', 'LIMIT',
-    must_leave - 1, 1)
+    fmt(must_leave - 1), 1)
   oldest_needed = parse_uint(row[2], 'score', key)
   local newest_or_now = newest or now
   local retry_after = sat_sub(oldest_needed + period, now)
@@ -356,7 +363,7 @@ local function gcra(key, c, now, consume, slack_ms)
     if consume then
       d.expires_at = new_tat
       d.write = function()
-        redis.call('SET', key, fmt(new_tat), 'PX', ttl_ms(new_tat, now, slack_ms))
+        redis.call('SET', key, fmt(new_tat), 'PX', fmt(ttl_ms(new_tat, now, slack_ms)))
       end
       d.sets_ttl = true
     end
@@ -385,7 +392,7 @@ local function leaky_bucket(key, c, now, consume, slack_ms)
     if consume then
       d.expires_at = new_tat
       d.write = function()
-        redis.call('SET', key, fmt(new_tat), 'PX', ttl_ms(new_tat, now, slack_ms))
+        redis.call('SET', key, fmt(new_tat), 'PX', fmt(ttl_ms(new_tat, now, slack_ms)))
       end
       d.sets_ttl = true
     end
@@ -416,9 +423,10 @@ local function refund(key, c, now)
   elseif alg == SLIDING_LOG then
     if check_type(key, 'zset') then
       local score = fmt(now)
-      local members = redis.call('ZRANGEBYSCORE', key, score, score, 'LIMIT', 0, c.cost)
-      if #members > 0 then
-        redis.call('ZREM', key, unpack(members))
+      local members = redis.call('ZRANGEBYSCORE', key, score, score, 'LIMIT', 0, fmt(c.cost))
+      -- In chunks: `unpack` of 100000 values would overflow Lua's stack.
+      for first = 1, #members, CHUNK do
+        redis.call('ZREM', key, unpack(members, first, math.min(first + CHUNK - 1, #members)))
       end
     end
   elseif alg == TOKEN_BUCKET then
@@ -522,7 +530,7 @@ if mode == 'consume' and all_allowed then
     local d = decisions[i]
     d.write()
     if not d.sets_ttl then
-      redis.call('PEXPIRE', KEYS[i], ttl_ms(d.expires_at, now, slack_ms))
+      redis.call('PEXPIRE', KEYS[i], fmt(ttl_ms(d.expires_at, now, slack_ms)))
     end
   end
 end

@@ -200,7 +200,10 @@ impl RedisStore {
         let timeout = self.inner.call_timeout;
         match tokio::time::timeout_at(deadline, fut).await {
             Ok(result) => {
-                if !result.as_ref().is_err_and(|e| e.is_timeout()) {
+                // redis-rs's own response timeout (set to the same duration) may fire first.
+                if result.as_ref().is_err_and(|e| e.is_timeout()) {
+                    self.inner.conn.timed_out();
+                } else {
                     self.inner.conn.answered();
                 }
                 result.map_err(|e| from_redis(e, timeout))

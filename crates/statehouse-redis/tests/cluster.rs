@@ -286,3 +286,33 @@ fn the_algorithm_list_is_complete() {
     // The cluster tests above loop over `hourly_policies`; make sure it covers every algorithm.
     assert_eq!(hourly_policies(1).len(), Algorithm::ALL.len());
 }
+
+#[tokio::test]
+async fn a_sliding_log_of_the_largest_cost_is_consumed_and_refunded_whole() {
+    let store = store("big-log").await;
+    let cluster = shared_cluster();
+    let limit = statehouse_core::MAX_SLIDING_LOG_LIMIT;
+    let log = Policy::sliding_log(limit, Duration::from_secs(3600)).expect("policy");
+    let tight = Policy::gcra(1, Duration::from_secs(3600)).expect("policy");
+    let (log_key, tight_key) = keys_in_different_slots();
+    assert!(consume(&store, tight_key, &tight).await.allowed);
+    let batch = [
+        LimitCheck::new(log_key, &log, limit),
+        LimitCheck::new(tight_key, &tight, 1),
+    ];
+    let v = store.check(&batch, Mode::Consume).await.expect("check");
+    assert!(v.decisions[0].allowed && !v.decisions[1].allowed);
+    let storage_key = store.storage_key(log_key, &log).expect("key");
+    // Consumed in full, then refunded in full: the emptied log is gone.
+    assert_eq!(cluster_command(cluster, &["EXISTS", &storage_key]), "0");
+    let v = store
+        .check(&[LimitCheck::new(log_key, &log, limit)], Mode::Consume)
+        .await
+        .expect("check");
+    assert!(v.allowed());
+    assert_eq!(
+        cluster_command(cluster, &["ZCARD", &storage_key]),
+        limit.to_string()
+    );
+    assert!(!consume(&store, log_key, &log).await.allowed);
+}

@@ -25,7 +25,7 @@ use crate::breaker::BreakerState;
 /// use statehouse::{BreakerState, EmbeddedStore, Policy, RateLimiter};
 ///
 /// let limiter = RateLimiter::new(EmbeddedStore::new());
-/// let policy = Policy::fixed_window(1, Duration::from_secs(60))?;
+/// let policy = Policy::token_bucket(1, Duration::from_secs(60))?;
 /// limiter.check("k", &policy).await?;
 /// limiter.check("k", &policy).await?;
 /// let stats = limiter.stats();
@@ -49,7 +49,8 @@ pub struct LimiterStats {
     pub degraded_decisions: u64,
     /// Store calls that failed as unavailable, including those past the deadline.
     pub store_failures: u64,
-    /// Store calls cut at the deadline (included in `store_failures`).
+    /// Store calls that timed out: cut at the limiter's deadline, or timed out inside the store
+    /// itself (included in `store_failures`).
     pub timeouts: u64,
     /// Store calls answered with an error that is not an outage (a script error, a corrupt
     /// value): returned to the caller, never degraded, and not counted as breaker failures.

@@ -26,6 +26,8 @@ const MARGIN: Duration = Duration::from_millis(400);
 const OPEN_FOR: Duration = Duration::from_secs(1);
 const REPLICAS: u32 = 2;
 const LIMIT: u64 = 20;
+/// Upper bound on the checks of one load task during the kill.
+const MAX_LOAD_CHECKS: usize = 50_000;
 
 fn policy() -> Policy {
     // A burst of the whole limit and one refill an hour: no refill or window boundary can
@@ -110,8 +112,12 @@ async fn outage_scenario(degraded: DegradedPolicy) {
         load.push(tokio::spawn(async move {
             let key = format!("load-{replica}");
             let mut seen = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
+            // Bounded, and yielding: with the breaker open a check completes without ever
+            // awaiting, so a loop without `yield_now` would keep its worker thread forever and
+            // starve the task that sets `stop`.
+            while !stop.load(Ordering::Relaxed) && seen.len() < MAX_LOAD_CHECKS {
                 seen.push(timed_check(&limiter, &key).await);
+                tokio::task::yield_now().await;
             }
             seen
         }));
@@ -217,6 +223,9 @@ async fn killing_redis_mid_run_follows_each_degraded_policy_and_recovers() {
         },
         DegradedPolicy::ReturnError,
     ] {
-        outage_scenario(degraded).await;
+        // A hang must fail the test, not keep it running.
+        tokio::time::timeout(Duration::from_secs(60), outage_scenario(degraded))
+            .await
+            .unwrap_or_else(|_| panic!("{degraded:?}: the scenario did not finish in 60 s"));
     }
 }
