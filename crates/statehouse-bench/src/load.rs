@@ -227,3 +227,38 @@ async fn drive<L: Limiter>(
 pub fn keys(n: usize) -> Arc<[String]> {
     (0..n).map(|i| format!("user:{i}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_windows_count_as_one() {
+        let window = |decisions, secs, cpu: Option<u64>| Throughput {
+            decisions,
+            admitted: decisions,
+            elapsed: Duration::from_secs(secs),
+            client_cpu: cpu.map(Duration::from_secs),
+            ..Throughput::default()
+        };
+        let mut total = Throughput::default();
+        total.merge(window(300, 1, Some(1)));
+        total.merge(window(100, 1, Some(2)));
+        assert_eq!(total.per_second(), 200.0);
+        assert_eq!(total.client_cpu, Some(Duration::from_secs(3)));
+        // One window without a CPU time makes the total unknown, not too small.
+        total.merge(window(100, 1, None));
+        assert_eq!(total.client_cpu, None);
+    }
+
+    #[test]
+    fn keys_are_distinct_and_stored_verbatim() -> statehouse_core::Result<()> {
+        let keys = keys(1000);
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), 1000);
+        for key in keys.iter() {
+            assert_eq!(statehouse_core::key::encode_key(key)?, key.as_str());
+        }
+        Ok(())
+    }
+}

@@ -278,6 +278,20 @@ mod tests {
     }
 
     #[test]
+    fn merged_runs_report_the_overall_rate() {
+        let run = |requests, secs| CeilingRun {
+            requests,
+            elapsed: Duration::from_secs(secs),
+            server_cpu: Some(Duration::from_secs(1)),
+        };
+        let mut total = CeilingRun::default();
+        total.merge(run(300, 1));
+        total.merge(run(100, 1));
+        assert_eq!(total.per_second(), 200.0);
+        assert_eq!(total.server_micros_per_decision(), Some(5_000.0));
+    }
+
+    #[test]
     fn refuses_output_without_an_rps_column() {
         assert_eq!(parse_csv_rps("\"test\",\"x\"\n\"a\",\"1\"\n"), None);
         assert_eq!(parse_csv_rps(""), None);

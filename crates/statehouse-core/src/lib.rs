@@ -22,6 +22,7 @@ mod decision;
 mod error;
 pub mod key;
 mod policy;
+pub mod session;
 mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
