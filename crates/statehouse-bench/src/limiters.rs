@@ -28,8 +28,8 @@ pub fn generous_policy(algorithm: Algorithm) -> statehouse_core::Result<Policy> 
     Policy::new(algorithm, limit, HOUR)
 }
 
-/// A Statehouse store through [`RateLimitStore::check`] behind an `Arc<dyn RateLimitStore>`:
-/// exactly the call the `statehouse` facade makes for one limit.
+/// A Statehouse store through the [`RateLimitStore`] trait behind an `Arc<dyn RateLimitStore>`
+/// (`check_one_now`, then `check`): exactly the calls the `statehouse` facade makes for one limit.
 #[derive(Debug)]
 pub struct StoreLimiter {
     store: Arc<dyn RateLimitStore>,
@@ -46,6 +46,10 @@ impl StoreLimiter {
 impl Limiter for StoreLimiter {
     async fn decide(&self, key: &String) -> statehouse_core::Result<bool> {
         let check = [LimitCheck::new(key, &self.policy, 1)];
+        // As the facade's `RateLimiter` does: an in-process store answers without a future.
+        if let Some(answer) = self.store.check_one_now(&check[0], Mode::Consume) {
+            return Ok(answer?.allowed);
+        }
         Ok(self.store.check(&check, Mode::Consume).await?.allowed())
     }
 }

@@ -413,8 +413,8 @@ const MIN_CEILING_REQUESTS: u64 = 50_000;
 /// `redis-benchmark` calling the Redis store's own script (read from the source tree beside
 /// this crate) with the GCRA policy's arguments, as `statehouse-redis` lays them out
 /// (`limiter_script.rs`: mode, now (`''` for the server's `TIME`), slack in ms, then per check:
-/// algorithm code, limit, period µs, burst, interval µs, max delay µs, cost). `None` when the
-/// script is not there (the binary moved away from the workspace).
+/// algorithm code, the algorithm's two parameters (GCRA: burst, interval µs), cost). `None`
+/// when the script is not there (the binary moved away from the workspace).
 fn statehouse_script_reference(
     target: &RedisTarget,
     options: &Options,
@@ -433,11 +433,8 @@ fn statehouse_script_reference(
         .chain(
             [
                 u64::from(policy.algorithm().code()),
-                policy.limit(),
-                policy.period_micros(),
                 policy.burst(),
                 policy.interval_micros(),
-                policy.max_delay_micros(),
                 1,
             ]
             .map(|n| n.to_string()),

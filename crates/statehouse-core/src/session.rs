@@ -151,7 +151,10 @@ pub struct SessionId(String);
 impl SessionId {
     /// Parses 64 lowercase hex digits (as returned by [`SessionId::as_str`]).
     pub fn parse(s: &str) -> Result<SessionId> {
-        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() == 64
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             Ok(SessionId(s.to_owned()))
         } else {
             Err(Error::InvalidInput(format!(
@@ -294,10 +297,15 @@ impl SessionConfigBuilder {
         let d = SessionConfig::default();
         let idle = self.idle.map_or(d.idle_us, duration_to_micros);
         let absolute = self.absolute.map_or(d.absolute_us, duration_to_micros);
-        let grace = self.rotation_grace.map_or(d.rotation_grace_us, duration_to_micros);
+        let grace = self
+            .rotation_grace
+            .map_or(d.rotation_grace_us, duration_to_micros);
         let bad = |field: &'static str, reason: String| Error::InvalidPolicy { field, reason };
         if !(1_000_000..=30 * 86_400 * 1_000_000).contains(&idle) {
-            return Err(bad("idle_timeout", "must be between 1 s and 30 days".into()));
+            return Err(bad(
+                "idle_timeout",
+                "must be between 1 s and 30 days".into(),
+            ));
         }
         if absolute < idle || absolute > 400 * 86_400 * 1_000_000 {
             return Err(bad(
@@ -417,14 +425,23 @@ pub struct LoadedSession {
 }
 
 /// When a session expires: `min(last_seen + idle, created_at + absolute)`.
-pub fn expires_at(created_at: Timestamp, last_seen: Timestamp, config: &SessionConfig) -> Timestamp {
+pub fn expires_at(
+    created_at: Timestamp,
+    last_seen: Timestamp,
+    config: &SessionConfig,
+) -> Timestamp {
     let idle_end = last_seen.as_micros().saturating_add(config.idle_us);
     let absolute_end = created_at.as_micros().saturating_add(config.absolute_us);
     Timestamp::from_micros(idle_end.min(absolute_end))
 }
 
 /// Whether a session is alive at `now` (it expires exactly at [`expires_at`]).
-pub fn is_alive(created_at: Timestamp, last_seen: Timestamp, now: Timestamp, config: &SessionConfig) -> bool {
+pub fn is_alive(
+    created_at: Timestamp,
+    last_seen: Timestamp,
+    now: Timestamp,
+    config: &SessionConfig,
+) -> bool {
     now < expires_at(created_at, last_seen, config)
 }
 
@@ -450,7 +467,9 @@ fn check_roles(roles: &[String]) -> Result<()> {
     roles.iter().try_for_each(|r| check_name("role", r))
 }
 
-fn check_data<'a>(fields: impl IntoIterator<Item = (&'a String, Option<&'a Vec<u8>>)>) -> Result<()> {
+fn check_data<'a>(
+    fields: impl IntoIterator<Item = (&'a String, Option<&'a Vec<u8>>)>,
+) -> Result<()> {
     for (name, value) in fields {
         check_name("data field name", name)?;
         if value.is_some_and(|v| v.len() > MAX_VALUE_LEN) {
@@ -477,7 +496,9 @@ impl NewSession {
         check_roles(&self.roles)?;
         check_data(self.data.iter().map(|(k, v)| (k, Some(v))))?;
         for (what, v) in [("ip", &self.ip), ("user agent", &self.user_agent)] {
-            if v.as_ref().is_some_and(|s| s.len() > 1024 || s.chars().any(char::is_control)) {
+            if v.as_ref()
+                .is_some_and(|s| s.len() > 1024 || s.chars().any(char::is_control))
+            {
                 return Err(Error::InvalidInput(format!(
                     "the {what} is at most 1024 bytes without control characters"
                 )));

@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use async_trait::async_trait;
 
-use crate::decision::Verdict;
+use crate::decision::{Decision, Verdict};
 use crate::error::{Error, Result};
 use crate::key::encode_key;
 use crate::policy::Policy;
@@ -102,6 +102,17 @@ pub trait RateLimitStore: Send + Sync + fmt::Debug + 'static {
     /// if any denies, none is. Returns one decision per check, in order.
     async fn check(&self, checks: &[LimitCheck<'_>], mode: Mode) -> Result<Verdict>;
 
+    /// Decides one check right away, for stores that never wait (the embedded store): `Some`
+    /// answer, or `None` when the caller must await [`check`](Self::check). Same contract as
+    /// `check` with one check.
+    ///
+    /// Hot paths (the `statehouse` facade's `RateLimiter`) try this first: an in-process
+    /// decision then costs no boxed future, no timer and no vector. The default answers `None`.
+    fn check_one_now(&self, check: &LimitCheck<'_>, mode: Mode) -> Option<Result<Decision>> {
+        let _ = (check, mode);
+        None
+    }
+
     /// Forgets the state of `key` under `policy`, as if it had never been seen.
     async fn reset(&self, key: &str, policy: &Policy) -> Result<()>;
 }
@@ -121,6 +132,10 @@ impl<S: RateLimitStore + ?Sized> RateLimitStore for std::sync::Arc<S> {
         Self: 'async_trait,
     {
         (**self).check(checks, mode)
+    }
+
+    fn check_one_now(&self, check: &LimitCheck<'_>, mode: Mode) -> Option<Result<Decision>> {
+        (**self).check_one_now(check, mode)
     }
 
     fn reset<'life0, 'life1, 'life2, 'async_trait>(

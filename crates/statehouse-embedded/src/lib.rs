@@ -33,6 +33,10 @@
 //! # Ok::<(), statehouse_core::Error>(())
 //! ```
 //!
+//! [`EmbeddedSessionStore`] is the in-process
+//! [`SessionStore`](statehouse_core::session::SessionStore), sharded by user and bounded the
+//! same way; its [module](session) states the session semantics it shares with the Redis store.
+//!
 //! ## Design
 //!
 //! - **Sharded, one lock per shard.** The store holds a power-of-two number of shards (64 by
@@ -66,9 +70,15 @@
 //! cryptographically collision-resistant; the random seed keeps keys that collide from being
 //! precomputed, and the per-shard cap bounds what any flood of keys can cost.
 
+mod clock;
+pub mod session;
 mod shard;
 mod store;
 
+pub use clock::MonotonicClock;
+pub use session::{
+    DEFAULT_MAX_SESSIONS, EmbeddedSessionStore, EmbeddedSessionStoreBuilder, MAX_USER_AGENT_LEN,
+};
 pub use store::{
     DEFAULT_MAX_ENTRIES, DEFAULT_SHARDS, EmbeddedStore, EmbeddedStoreBuilder, MAX_SHARDS,
 };

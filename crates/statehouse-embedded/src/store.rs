@@ -8,10 +8,11 @@ use async_trait::async_trait;
 use statehouse_core::algorithm::decide;
 use statehouse_core::key::encode_key;
 use statehouse_core::{
-    Clock, Decision, Error, LimitCheck, Mode, Policy, RateLimitStore, Result, SystemClock, Verdict,
+    Clock, Decision, Error, LimitCheck, Mode, Policy, RateLimitStore, Result, Verdict,
     prepare_checks,
 };
 
+use crate::clock::MonotonicClock;
 use crate::shard::{EntryId, Shard};
 
 /// The default number of shards: enough that 64 concurrent tasks rarely meet on one lock.
@@ -75,7 +76,11 @@ impl EmbeddedStore {
     /// assert!(store.is_empty());
     /// ```
     pub fn new() -> Self {
-        Self::from_parts(Arc::new(SystemClock), DEFAULT_SHARDS, DEFAULT_MAX_ENTRIES)
+        Self::from_parts(
+            Arc::new(MonotonicClock::new()),
+            DEFAULT_SHARDS,
+            DEFAULT_MAX_ENTRIES,
+        )
     }
 
     /// A builder to set the clock, the bound on entries and the shard count.
@@ -383,6 +388,11 @@ impl RateLimitStore for EmbeddedStore {
         self.check_sync(checks, mode)
     }
 
+    /// Always answers: the embedded store never waits.
+    fn check_one_now(&self, check: &LimitCheck<'_>, mode: Mode) -> Option<Result<Decision>> {
+        Some(self.check_one(check.key, check.policy, check.cost, mode))
+    }
+
     async fn reset(&self, key: &str, policy: &Policy) -> Result<()> {
         self.reset_sync(key, policy)
     }
@@ -405,7 +415,7 @@ pub struct EmbeddedStoreBuilder {
 impl Default for EmbeddedStoreBuilder {
     fn default() -> Self {
         EmbeddedStoreBuilder {
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(MonotonicClock::new()),
             max_entries: DEFAULT_MAX_ENTRIES,
             shards: DEFAULT_SHARDS,
         }
@@ -413,7 +423,8 @@ impl Default for EmbeddedStoreBuilder {
 }
 
 impl EmbeddedStoreBuilder {
-    /// The clock to decide by; [`SystemClock`] by default. Pass a
+    /// The clock to decide by; [`MonotonicClock`] by default (any [`Clock`] works, e.g.
+    /// `SystemClock`). Pass a
     /// [`ManualClock`](statehouse_core::ManualClock) (a clone of it, which shares its time) in
     /// tests, or an `Arc<dyn Clock>` shared with other components.
     pub fn clock(mut self, clock: impl Clock) -> Self {

@@ -4,12 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
-use statehouse_core::{Clock, Error, Result, key::validate_prefix};
+use statehouse_core::{Clock, Result, key::validate_prefix};
 
-use crate::connection::{Connection, StandaloneConnection};
-use crate::error::from_redis;
+use crate::link::Link;
 use crate::store::RedisStore;
 
 /// The key prefix used unless [`RedisStoreBuilder::prefix`] sets another.
@@ -21,13 +18,6 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// The expiry slack used with [`TimeSource::Caller`] unless
 /// [`RedisStoreBuilder::skew_allowance`] sets another.
 pub const DEFAULT_CALLER_SKEW_ALLOWANCE: Duration = Duration::from_secs(5);
-
-/// Reconnection attempts per outage before pending calls fail. A rate limiter wants a fast
-/// "unavailable" (its caller has a degraded mode) more than a patient reconnect: the next call
-/// starts a new attempt anyway.
-const RECONNECT_RETRIES: usize = 2;
-const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(20);
-const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(200);
 
 /// Where the Redis deployment is.
 #[derive(Clone, PartialEq, Eq)]
@@ -152,84 +142,19 @@ impl RedisStoreBuilder {
 
     /// Validates the configuration and connects.
     ///
-    /// Fails with [`Error::InvalidInput`] for a bad prefix, URL or timeout, and with an error
-    /// for which [`Error::is_unavailable`] is true when Redis cannot be reached within the call
+    /// Fails with [`Error::InvalidInput`](statehouse_core::Error::InvalidInput) for a bad
+    /// prefix, URL or timeout, and with an error for which
+    /// [`Error::is_unavailable`](statehouse_core::Error::is_unavailable) is true when Redis cannot be reached within the call
     /// timeout.
     pub async fn connect(self) -> Result<RedisStore> {
         validate_prefix(&self.prefix)?;
-        if self.call_timeout.is_zero() {
-            return Err(Error::InvalidInput(
-                "call_timeout must be greater than zero".into(),
-            ));
-        }
-        let skew_allowance = self.skew_allowance.unwrap_or(match self.time_source {
-            TimeSource::Server => Duration::ZERO,
-            TimeSource::Caller(_) => DEFAULT_CALLER_SKEW_ALLOWANCE,
-        });
-        let skew_allowance_ms = u64::try_from(skew_allowance.as_micros().div_ceil(1000))
-            .map_err(|_| Error::InvalidInput("skew_allowance is too large".into()))?;
-        let timeout = self.call_timeout;
-        let connecting = async {
-            match &self.topology {
-                RedisTopology::Standalone(url) => {
-                    let client = redis::Client::open(url.as_str()).map_err(invalid_url)?;
-                    let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(timeout))
-                        .set_response_timeout(Some(timeout))
-                        .set_number_of_retries(RECONNECT_RETRIES)
-                        .set_min_delay(RECONNECT_MIN_DELAY)
-                        .set_max_delay(RECONNECT_MAX_DELAY);
-                    let manager =
-                        ConnectionManager::new_with_config(client.clone(), config.clone())
-                            .await
-                            .map_err(|e| from_redis(e, timeout))?;
-                    Ok(Connection::Standalone(Box::new(StandaloneConnection::new(
-                        client, config, manager,
-                    ))))
-                }
-                RedisTopology::Cluster(urls) => {
-                    if urls.is_empty() {
-                        return Err(Error::InvalidInput(
-                            "a Redis Cluster topology needs at least one node URL".into(),
-                        ));
-                    }
-                    let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
-                        .connection_timeout(timeout)
-                        .response_timeout(timeout)
-                        .retries(RECONNECT_RETRIES as u32 + 1)
-                        .min_retry_wait(RECONNECT_MIN_DELAY.as_millis() as u64)
-                        .max_retry_wait(RECONNECT_MAX_DELAY.as_millis() as u64)
-                        .build()
-                        .map_err(invalid_url)?;
-                    let conn = client
-                        .get_async_connection()
-                        .await
-                        .map_err(|e| from_redis(e, timeout))?;
-                    Ok(Connection::Cluster(conn))
-                }
-            }
-        };
-        let conn = match tokio::time::timeout(timeout, connecting).await {
-            Ok(conn) => conn?,
-            Err(_) => {
-                return Err(Error::Unavailable {
-                    message: format!("could not connect to Redis within {timeout:?}"),
-                    source: None,
-                });
-            }
-        };
-        Ok(RedisStore::from_parts(
-            conn,
+        let link = Link::connect(
             self.topology,
-            self.prefix,
             self.time_source,
-            skew_allowance_ms,
-            timeout,
-        ))
+            self.skew_allowance,
+            self.call_timeout,
+        )
+        .await?;
+        Ok(RedisStore::from_parts(Arc::new(link), self.prefix))
     }
-}
-
-fn invalid_url(err: redis::RedisError) -> Error {
-    // The URL itself is not repeated: it may carry a password.
-    Error::InvalidInput(format!("invalid Redis URL or client settings: {err}"))
 }

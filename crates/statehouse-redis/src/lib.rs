@@ -21,6 +21,13 @@
 //!   [`Error::is_unavailable`](statehouse_core::Error::is_unavailable) is true, so the caller's
 //!   degraded mode can take over, and the connection is re-established in the background.
 //!
+//! * **Sessions.** [`RedisSessionStore`] is the
+//!   [`SessionStore`](statehouse_core::session::SessionStore) on the same deployments: one Lua
+//!   script (one round trip) per operation, every key of a user in one Cluster slot, a TTL on
+//!   every key, only SHA-256 ids at rest. Build it on its own
+//!   ([`RedisSessionStore::builder`]) or on a rate-limit store's connection
+//!   ([`RedisStore::session_store`]).
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use statehouse_core::{LimitCheck, Mode, Policy, RateLimitStore};
@@ -52,11 +59,16 @@
 //! # }
 //! ```
 
+mod batch;
 mod builder;
 mod connection;
 mod error;
 mod hash_slot;
 mod limiter_script;
+mod link;
+mod session;
+mod session_batch;
+mod session_script;
 mod store;
 
 pub use builder::{
@@ -64,4 +76,5 @@ pub use builder::{
     RedisTopology, TimeSource,
 };
 pub use hash_slot::{SLOT_COUNT, hash_slot};
+pub use session::{DEFAULT_SESSION_PREFIX, RedisSessionStore, RedisSessionStoreBuilder};
 pub use store::RedisStore;

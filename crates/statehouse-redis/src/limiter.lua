@@ -7,19 +7,38 @@
 -- here is an integer below 2^53 (times are microseconds, periods at most ten years, limits at
 -- most 10^9), where doubles are exact and `math.floor(a / b)` is exact integer division.
 --
+-- The script is one straight chunk on purpose: Redis runs the whole chunk on every call, so it
+-- defines no function (outside the rare refund mode) and builds no table per check in the common
+-- modes. Its arguments come from the Rust side, which has already validated every policy, so
+-- they are not re-validated here; the state read from Redis is, always.
+--
 -- KEYS: one storage key per check.
--- ARGV[1]  mode: 'consume' | 'peek' | 'dry_run' | 'refund'
---            consume  decide every check; write every new state only if every check is admitted
---            peek     decide as a peek (Mode::Peek); never write
---            dry_run  decide as a consume would; never write (used on Redis Cluster to report the
---                     checks of a batch that were not consumed because another slot denied)
---            refund   undo a consumption made at ARGV[2] (Redis Cluster, cross-slot batches)
--- ARGV[2]  now in microseconds since the epoch, or '' to read the server's TIME
+-- ARGV[1]  mode: 'consume' | 'peek' | 'dry_run' | 'refund' | 'independent'
+--            consume      decide every check; write every new state only if every check admits
+--            peek         decide as a peek (Mode::Peek); never write
+--            dry_run      decide as a consume would; never write (used on Redis Cluster to report
+--                         the checks of a batch that were not consumed because another slot denied)
+--            refund       undo a consumption made at ARGV[2] (Redis Cluster, cross-slot batches)
+--            independent  the coalesced single checks of several callers: each check is decided
+--                         and (if admitted and consuming) written on its own, in order, exactly as
+--                         if it had been a call of its own; a check whose state is corrupt or of
+--                         the wrong type gets an error of its own and the others go on
+-- ARGV[2]  now in microseconds since the epoch, or '' to read the server's TIME; in independent
+--          mode, '' (every check on the server's TIME) or 'caller' (each check carries its time)
 -- ARGV[3]  slack in milliseconds added to every expiry
--- then 7 per check: algorithm code, limit, period_us, burst, interval_us, max_delay_us, cost
+-- then per check (every mode but independent): algorithm code, a, b, cost, where (a, b) is
+--     fixed window, sliding log, sliding counter   (limit, period_us)
+--     token bucket, gcra                           (burst, interval_us)
+--     leaky bucket                                 (max_delay_us, interval_us)
+-- or, in independent mode, where the checks of a batch mostly share a few policies:
+--   ARGV[4] the number P of distinct policies, then P times: algorithm code, a, b (as above)
+--   then per check: its policy's number (1..P; negated for a peek), cost, and with 'caller' its
+--   time (or '' for the server's TIME)
 --
 -- Returns { now, then per check: allowed (1/0), remaining, reset_after_us, retry_after_us (-1 for
--- none), delay_us }. Refund returns { now }.
+-- none), delay_us }. Refund returns { now }. In independent mode `now` is the server's TIME if it
+-- was read (0 otherwise), and a check that failed has its error message (a string) in place of
+-- `allowed`, followed by four zeros.
 --
 -- State encodings (one key per check):
 --   fixed window (1)      HASH  w = window index (now / period), c = count
@@ -28,7 +47,12 @@
 --   token bucket (4)      HASH  t = tokens, l = time (us) up to which refills were credited
 --   leaky bucket (5)      STRING  theoretical arrival time (us)
 --   gcra (6)              STRING  theoretical arrival time (us)
--- Every write sets an expiry; no key is ever left without a TTL.
+-- Every write sets an expiry; no key is ever left without a TTL. A key of the wrong type makes
+-- the read itself (GET, HMGET, ZCOUNT) fail with WRONGTYPE; a value that is not a non-negative
+-- integer below 2^53 is reported as corrupt, never read as zero.
+--
+-- Integers are formatted with '%d' (exact below 2^53). Never let Lua turn a number into a string
+-- by itself: it uses '%.14g' and would write 1.7e+15.
 
 -- Redis 3.2-4 replicate scripts verbatim unless told otherwise; TIME before writes needs effects
 -- replication. Redis 5+ does this by default and 7 ignores the call.
@@ -36,516 +60,578 @@ if redis.replicate_commands then
   pcall(redis.replicate_commands)
 end
 
-local FIXED_WINDOW, SLIDING_LOG, SLIDING_COUNTER, TOKEN_BUCKET, LEAKY_BUCKET, GCRA = 1, 2, 3, 4, 5, 6
--- 2^53: above it doubles stop being exact integers.
 local MAX_EXACT = 9007199254740992
-local ARGS_PER_CHECK = 7
 -- Members per ZADD/ZREM call: far below the Lua stack limit that `unpack` runs into.
 local CHUNK = 512
+local format, match, floor, tonumber = string.format, string.match, math.floor, tonumber
+local call, pcall_redis = redis.call, redis.pcall
+local CORRUPT = ', not a non-negative integer (was the key written by another program?)'
 
-local function raise(msg)
-  error(redis.error_reply('ERR statehouse: ' .. msg))
+local mode = ARGV[1]
+local n = #KEYS
+local independent = mode == 'independent'
+-- Where the per-check arguments start, and how many there are per check.
+local base, per = 3, 4
+-- Independent mode: the batch's policies, three values each, and whether checks carry times.
+local policies, caller_times = nil, false
+if independent then
+  caller_times = ARGV[2] == 'caller'
+  local count = tonumber(ARGV[4]) or 0
+  policies = {}
+  for k = 1, 3 * count do
+    policies[k] = tonumber(ARGV[4 + k])
+  end
+  base = 4 + 3 * count
+  per = caller_times and 3 or 2
+elseif mode ~= 'consume' and mode ~= 'peek' and mode ~= 'dry_run' and mode ~= 'refund' then
+  error(redis.error_reply('ERR statehouse: invalid mode ' .. tostring(mode)))
+end
+local slack_ms = tonumber(ARGV[3])
+if #ARGV ~= base + n * per or slack_ms == nil then
+  error(redis.error_reply('ERR statehouse: expected ' .. (base + n * per) .. ' arguments for '
+    .. n .. ' keys, got ' .. #ARGV))
 end
 
--- An integer as Redis should store it. Never let Lua turn a number into a string by itself: it
--- uses '%.14g' and would write 1.7e+15.
-local function fmt(n)
-  return string.format('%.0f', n)
-end
-
--- Parses a non-negative integer stored at `key` (or passed as an argument), refusing anything
--- else: a value that does not parse is reported, never read as zero.
-local function parse_uint(s, what, key)
-  if type(s) == 'string' and #s <= 16 and string.match(s, '^%d+$') then
-    local n = tonumber(s)
-    if n ~= nil and n <= MAX_EXACT then
-      return n
+-- The batch's time (every mode but independent); the server's TIME, read at most once.
+local batch_now, server_now = nil, nil
+if not independent then
+  if ARGV[2] == '' then
+    local t = redis.call('TIME')
+    server_now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    batch_now = server_now
+  else
+    batch_now = tonumber(ARGV[2])
+    if batch_now == nil then
+      error(redis.error_reply('ERR statehouse: invalid argument now: ' .. ARGV[2]))
     end
   end
-  if key then
-    raise('corrupt state at key ' .. key .. ': field ' .. what .. ' is ' .. tostring(s)
-      .. ', not a non-negative integer (was the key written by another program?)')
-  end
-  raise('invalid argument ' .. what .. ': ' .. tostring(s))
 end
 
-local function key_type(key)
-  local t = redis.call('TYPE', key)
-  if type(t) == 'table' then
-    return t.ok
-  end
-  return t
-end
-
--- The key's type must be `expected` (or the key absent): returns true when present.
-local function check_type(key, expected)
-  local t = key_type(key)
-  if t == 'none' then
-    return false
-  end
-  if t ~= expected then
-    error(redis.error_reply('WRONGTYPE statehouse: key ' .. key .. ' holds a ' .. tostring(t)
-      .. ', expected a ' .. expected .. ' (was it written by another program?)'))
-  end
-  return true
-end
-
--- Reads the named hash fields as integers; nil when the key is absent.
-local function read_hash(key, fields)
-  if not check_type(key, 'hash') then
-    return nil
-  end
-  local raw = redis.call('HMGET', key, unpack(fields))
-  local out = {}
-  for i, field in ipairs(fields) do
-    local v = raw[i]
-    if v == false or v == nil then
-      v = '(missing)'
+if mode == 'refund' then
+  -- Undoes a consumption of `cost` made at `now`, keeping each key's TTL; does nothing when the
+  -- key is gone or its state has moved on. Rare (cross-slot batches on a cluster), so plain
+  -- helpers are fine here.
+  local now = batch_now
+  local function uint(s, what, key)
+    local x = type(s) == 'string' and #s <= 16 and match(s, '^%d+$') and tonumber(s)
+    if not x or x > MAX_EXACT then
+      error(redis.error_reply('ERR statehouse: corrupt state at key ' .. key .. ': field ' .. what
+        .. ' is ' .. tostring(s or '(missing)') .. CORRUPT))
     end
-    out[field] = parse_uint(v, field, key)
+    return x
   end
-  return out
-end
-
-local function read_tat(key)
-  if not check_type(key, 'string') then
-    return nil
-  end
-  return parse_uint(redis.call('GET', key), 'tat', key)
-end
-
-local function ttl_ms(expires_at, now, slack_ms)
-  local d = expires_at - now
-  local ms = 0
-  if d > 0 then
-    ms = math.floor((d + 999) / 1000)
-  end
-  ms = ms + slack_ms
-  if ms < 1 then
-    ms = 1
-  end
-  return ms
-end
-
--- Saturating subtraction of u64s.
-local function sat_sub(a, b)
-  if a > b then
-    return a - b
-  end
-  return 0
-end
-
-local function allow(remaining, reset_after, delay)
-  return { allowed = true, remaining = remaining, reset_after = reset_after, retry_after = -1,
-    delay = delay }
-end
-
-local function deny(remaining, reset_after, retry_after)
-  return { allowed = false, remaining = remaining, reset_after = reset_after,
-    retry_after = retry_after, delay = 0 }
-end
-
--- Each algorithm returns the decision and, for an admitted consume, a `write` function plus
--- `expires_at` (absolute us).
-
-local function fixed_window(key, c, now, consume)
-  local period, limit, cost = c.period, c.limit, c.cost
-  local window = math.floor(now / period)
-  local count = 0
-  local st = read_hash(key, { 'w', 'c' })
-  if st then
-    -- A window from the future (the clock stepped back) still counts: never more permissive.
-    if st.w >= window then
-      window = st.w
-      count = st.c
-    end
-  end
-  local window_end = (window + 1) * period
-  local reset_after = sat_sub(window_end, now)
-  if count + cost <= limit then
-    local new_count = count + cost
-    local d = allow(limit - new_count, reset_after, 0)
-    if consume then
-      d.expires_at = window_end
-      d.write = function()
-        redis.call('HSET', key, 'w', fmt(window), 'c', fmt(new_count))
+  local function hash(key, ...)
+    local raw = redis.call('HMGET', key, ...)
+    local fields = { ... }
+    local present = false
+    for f = 1, #raw do
+      if raw[f] then
+        present = true
       end
     end
-    return d
-  end
-  return deny(sat_sub(limit, count), reset_after, reset_after)
-end
-
-local function sliding_log(key, c, now, consume)
-  local period, limit, cost = c.period, c.limit, c.cost
-  local used, newest, oldest_needed = 0, nil, nil
-  -- An entry counts while `ts + period > now`, i.e. `ts > now - period`.
-  local live_from = '(' .. fmt(now - period)
-  if check_type(key, 'zset') then
-    used = redis.call('ZCOUNT', key, live_from, '+inf')
-    if used > 0 then
-      local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-      newest = parse_uint(last[2], 'score', key)
+    if not present and redis.call('EXISTS', key) == 0 then
+      return nil
     end
-  end
-  if used + cost <= limit then
-    local remaining = limit - used - cost
-    -- Both branches of the Rust code end at max(newest, now).
-    local newest_after = now
-    if newest and newest > now then
-      newest_after = newest
+    for f = 1, #raw do
+      raw[f] = uint(raw[f], fields[f], key)
     end
-    local d = allow(remaining, newest_after + period - now, 0)
-    if consume then
-      d.expires_at = newest_after + period
-      d.write = function()
-        redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - period))
-        local score = fmt(now)
-        local added, j = 0, 0
-        -- The same microsecond can come again (caller-supplied time), so members are probed
-        -- with NX until `cost` new ones are in; in chunks, since a cost can be 100000.
-        while added < cost do
-          local args = { 'ZADD', key, 'NX' }
-          for _ = 1, math.min(cost - added, CHUNK) do
-            args[#args + 1] = score
-            args[#args + 1] = score .. '-' .. j
-            j = j + 1
-          end
-          added = added + redis.call(unpack(args))
+    return raw
+  end
+  for i = 1, n do
+    local key, b = KEYS[i], 3 + (i - 1) * 4
+    local code, a, p, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
+      tonumber(ARGV[b + 4])
+    if code == 1 then
+      local st = hash(key, 'w', 'c')
+      if st and st[1] == floor(now / p) then
+        redis.call('HSET', key, 'c', format('%d', st[2] > cost and st[2] - cost or 0))
+      end
+    elseif code == 3 then
+      local st = hash(key, 'w', 'c', 'p')
+      if st then
+        local window = floor(now / p)
+        if st[1] == window then
+          redis.call('HSET', key, 'c', format('%d', st[2] > cost and st[2] - cost or 0))
+        elseif st[1] == window + 1 then
+          redis.call('HSET', key, 'p', format('%d', st[3] > cost and st[3] - cost or 0))
         end
       end
-    end
-    return d
-  end
-  -- Wait until enough of the oldest entries have left the window.
-  local must_leave = used + cost - limit
-  local row = redis.call('ZRANGEBYSCORE', key, live_from, '+inf', 'WITHSCORES', 'LIMIT',
-    fmt(must_leave - 1), 1)
-  oldest_needed = parse_uint(row[2], 'score', key)
-  local newest_or_now = newest or now
-  local retry_after = sat_sub(oldest_needed + period, now)
-  local reset_after = sat_sub(newest_or_now + period, now)
-  return deny(sat_sub(limit, used), reset_after, retry_after)
-end
-
--- floor(previous * (period - elapsed) / period) in doubles, operation for operation as Rust's
--- `weighted_previous`.
-local function weighted_previous(previous, period, elapsed)
-  return math.floor(previous * (period - elapsed) / period)
-end
-
--- The least e in lo..=period with weighted_previous(previous, period, e) <= room; Rust's
--- `least_elapsed_within`, step by step.
-local function least_elapsed_within(previous, period, room, lo)
-  local hi = period
-  while lo < hi do
-    local mid = math.floor((lo + hi) / 2)
-    if weighted_previous(previous, period, mid) <= room then
-      hi = mid
-    else
-      lo = mid + 1
-    end
-  end
-  return lo
-end
-
-local function sliding_counter(key, c, now, consume)
-  local period, limit, cost = c.period, c.limit, c.cost
-  local window = math.floor(now / period)
-  local current, previous = 0, 0
-  local st = read_hash(key, { 'w', 'c', 'p' })
-  if st then
-    if st.w >= window then
-      -- Same window, or one from the future (clock stepped back): counts in full.
-      window = st.w
-      current = st.c
-      previous = st.p
-    elseif st.w + 1 == window then
-      previous = st.c
-    end
-  end
-  local window_start = window * period
-  local elapsed = sat_sub(now, window_start)
-  if elapsed > period - 1 then
-    elapsed = period - 1
-  end
-  local estimate = weighted_previous(previous, period, elapsed) + current
-  if estimate + cost <= limit then
-    local remaining = limit - estimate - cost
-    local current_after = current
-    if consume then
-      current_after = current + cost
-    end
-    local reset_at = window_start + period
-    if current_after > 0 then
-      reset_at = window_start + 2 * period
-    end
-    local d = allow(remaining, sat_sub(reset_at, now), 0)
-    if consume then
-      d.expires_at = window_start + 2 * period
-      d.write = function()
-        redis.call('HSET', key, 'w', fmt(window), 'c', fmt(current_after), 'p', fmt(previous))
-      end
-    end
-    return d
-  end
-  local retry_at
-  if current + cost <= limit then
-    -- Within this window, once the previous window's weight has decayed enough.
-    local room = limit - cost - current
-    retry_at = window_start + least_elapsed_within(previous, period, room, elapsed + 1)
-  else
-    -- In the next window, where this window's count becomes the weighted previous one.
-    local room = limit - cost
-    retry_at = window_start + period + least_elapsed_within(current, period, room, 0)
-  end
-  local reset_at = window_start + period
-  if current > 0 then
-    reset_at = window_start + 2 * period
-  end
-  return deny(sat_sub(limit, estimate), sat_sub(reset_at, now), sat_sub(retry_at, now))
-end
-
-local function token_bucket(key, c, now, consume)
-  local capacity, interval, cost = c.burst, c.interval, c.cost
-  local tokens, last = capacity, now
-  local st = read_hash(key, { 't', 'l' })
-  if st then
-    tokens, last = st.t, st.l
-  end
-  if now > last then
-    local credited = math.floor((now - last) / interval)
-    if credited > 0 then
-      tokens = tokens + credited
-      if tokens > capacity then
-        tokens = capacity
-      end
-      if tokens == capacity then
-        last = now
-      else
-        last = last + credited * interval
-      end
-    end
-  end
-  -- Time from `now` until the bucket holds `want` tokens, given `have` credited up to `last`.
-  local function time_to(have, want)
-    if have >= want then
-      return 0
-    end
-    return sat_sub(last + (want - have) * interval, now)
-  end
-  if tokens >= cost then
-    local left = tokens - cost
-    local reset_after = time_to(left, capacity)
-    local d = allow(left, reset_after, 0)
-    if consume then
-      d.expires_at = now + reset_after
-      d.write = function()
-        redis.call('HSET', key, 't', fmt(left), 'l', fmt(last))
-      end
-    end
-    return d
-  end
-  return deny(tokens, time_to(tokens, capacity), time_to(tokens, cost))
-end
-
-local function gcra(key, c, now, consume, slack_ms)
-  local interval, burst, cost = c.interval, c.burst, c.cost
-  local tolerance = burst * interval
-  local tat = read_tat(key)
-  if tat == nil or tat < now then
-    tat = now
-  end
-  local new_tat = tat + cost * interval
-  if new_tat - now <= tolerance then
-    local remaining = math.floor((tolerance - (new_tat - now)) / interval)
-    local d = allow(remaining, new_tat - now, 0)
-    if consume then
-      d.expires_at = new_tat
-      d.write = function()
-        redis.call('SET', key, fmt(new_tat), 'PX', fmt(ttl_ms(new_tat, now, slack_ms)))
-      end
-      d.sets_ttl = true
-    end
-    return d
-  end
-  local remaining = math.floor(sat_sub(tolerance, tat - now) / interval)
-  return deny(remaining, tat - now, new_tat - now - tolerance)
-end
-
-local function leaky_bucket(key, c, now, consume, slack_ms)
-  local interval, max_delay, cost = c.interval, c.max_delay, c.cost
-  local start = read_tat(key)
-  if start == nil or start < now then
-    start = now
-  end
-  local delay = start - now
-  if delay <= max_delay then
-    local new_tat = start + cost * interval
-    local queued = new_tat - now
-    -- How many more single-unit requests could still be queued behind this one.
-    local remaining = 0
-    if queued <= max_delay then
-      remaining = math.floor((max_delay - queued) / interval) + 1
-    end
-    local d = allow(remaining, queued, delay)
-    if consume then
-      d.expires_at = new_tat
-      d.write = function()
-        redis.call('SET', key, fmt(new_tat), 'PX', fmt(ttl_ms(new_tat, now, slack_ms)))
-      end
-      d.sets_ttl = true
-    end
-    return d
-  end
-  return deny(0, delay, delay - max_delay)
-end
-
--- Undoes a consumption of `c.cost` made at `now`, keeping the key's TTL; does nothing when the
--- key is gone or its state has moved on.
-local function refund(key, c, now)
-  local alg = c.code
-  if alg == FIXED_WINDOW then
-    local st = read_hash(key, { 'w', 'c' })
-    if st and st.w == math.floor(now / c.period) then
-      redis.call('HSET', key, 'c', fmt(sat_sub(st.c, c.cost)))
-    end
-  elseif alg == SLIDING_COUNTER then
-    local st = read_hash(key, { 'w', 'c', 'p' })
-    if st then
-      local window = math.floor(now / c.period)
-      if st.w == window then
-        redis.call('HSET', key, 'c', fmt(sat_sub(st.c, c.cost)))
-      elseif st.w == window + 1 then
-        redis.call('HSET', key, 'p', fmt(sat_sub(st.p, c.cost)))
-      end
-    end
-  elseif alg == SLIDING_LOG then
-    if check_type(key, 'zset') then
-      local score = fmt(now)
-      local members = redis.call('ZRANGEBYSCORE', key, score, score, 'LIMIT', 0, fmt(c.cost))
+    elseif code == 2 then
+      local score = format('%d', now)
+      local members = redis.call('ZRANGEBYSCORE', key, score, score, 'LIMIT', 0, format('%d', cost))
       -- In chunks: `unpack` of 100000 values would overflow Lua's stack.
       for first = 1, #members, CHUNK do
         redis.call('ZREM', key, unpack(members, first, math.min(first + CHUNK - 1, #members)))
       end
+    elseif code == 4 then
+      local st = hash(key, 't', 'l')
+      if st then
+        local tokens = st[1] + cost
+        if tokens >= a then
+          -- A full bucket is no state at all. Keeping `l` would not be: a full bucket whose
+          -- refills were credited up to some past time would refill its next token early.
+          redis.call('DEL', key)
+        else
+          redis.call('HSET', key, 't', format('%d', tokens))
+        end
+      end
+    elseif code == 5 or code == 6 then
+      local raw = redis.call('GET', key)
+      if raw then
+        local tat = uint(raw, 'tat', key)
+        local back = cost * p
+        redis.call('SET', key, format('%d', tat > back and tat - back or 0), 'KEEPTTL')
+      end
+    else
+      error(redis.error_reply('ERR statehouse: unknown algorithm code ' .. tostring(ARGV[b + 1])))
     end
-  elseif alg == TOKEN_BUCKET then
-    local st = read_hash(key, { 't', 'l' })
-    if st then
-      local tokens = st.t + c.cost
-      if tokens >= c.burst then
-        -- A full bucket is no state at all. Keeping `l` would not be: a full bucket whose
-        -- refills were credited up to some past time would refill its next token early.
-        redis.call('DEL', key)
+  end
+  return { batch_now }
+end
+
+-- consume / dry_run decide as a consume would; only consume and independent write.
+local consume_all = mode ~= 'peek'
+local write_all = mode == 'consume'
+-- A consume of several checks decides them all first and writes only if all admit: the writes
+-- wait in `pending` (six slots per check). Every other call writes a check right after
+-- deciding it.
+local deferred = write_all and n > 1
+local pending = nil
+local loops = n
+if deferred then
+  pending = {}
+  loops = 2 * n
+end
+local all_allowed = true
+-- Cleared when SET ... NX GET turns out unsupported (Redis before 7.0).
+local set_nx_get = true
+local reply = { 0 }
+local r = 1
+
+for i = 1, loops do
+  local key, now, wcode, w1, w2, w3, wexp
+  if i <= n then
+    -- Decide check i.
+    key = KEYS[i]
+    local b = base + (i - 1) * per
+    local consume, write = consume_all, write_all
+    local code, a, p, cost
+    if independent then
+      local spec = tonumber(ARGV[b + 1]) or 0
+      consume = spec > 0
+      write = consume
+      if spec < 0 then
+        spec = -spec
+      end
+      code, a, p = policies[3 * spec - 2], policies[3 * spec - 1], policies[3 * spec]
+      cost = tonumber(ARGV[b + 2])
+      local t = ''
+      if caller_times then
+        t = ARGV[b + 3]
+      end
+      if t == '' then
+        if server_now == nil then
+          local tt = call('TIME')
+          server_now = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
+        end
+        now = server_now
       else
-        redis.call('HSET', key, 't', fmt(tokens))
+        now = tonumber(t)
+      end
+    else
+      code, a, p, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
+        tonumber(ARGV[b + 4])
+      now = batch_now
+    end
+    if now == nil or code == nil or a == nil or p == nil or cost == nil then
+      error(redis.error_reply('ERR statehouse: invalid arguments for check ' .. i))
+    end
+    local allowed, remaining, reset_after, retry_after, delay = false, 0, 0, -1, 0
+    local bad = nil
+
+    if code == 6 or code == 5 then
+      -- gcra, leaky bucket: one STRING, the theoretical arrival time.
+      local tat = now
+      local raw = false
+      -- Whether the key was absent and this check's state is already written.
+      local created = false
+      if write and not deferred and set_nx_get and (code == 5 or cost <= a) then
+        -- An absent key decides as tat = now, which always admits (gcra: cost <= burst; leaky
+        -- bucket: no delay), so its state can be written before deciding: SET NX GET creates
+        -- the key, or sets nothing and returns the value there (Redis 7+; WRONGTYPE on a key of
+        -- another type). One command instead of GET then SET for a key that has expired.
+        local new_tat = now + cost * p
+        local ttl = floor((new_tat - now + 999) / 1000) + slack_ms
+        if ttl < 1 then
+          ttl = 1
+        end
+        raw = pcall_redis('SET', key, format('%d', new_tat), 'NX', 'PX', format('%d', ttl), 'GET')
+        if raw == false then
+          created = true
+        elseif type(raw) == 'table' and not match(raw.err or '', 'WRONGTYPE') then
+          -- A server before 7.0 (syntax error) or one refusing writes: read, as they do.
+          set_nx_get = false
+          raw = pcall_redis('GET', key)
+        end
+      else
+        raw = pcall_redis('GET', key)
+      end
+      if raw then
+        if type(raw) == 'table' then
+          bad = raw.err
+        else
+          local x = #raw <= 16 and match(raw, '^%d+$') and tonumber(raw)
+          if not x or x > MAX_EXACT then
+            bad = 'ERR statehouse: corrupt state at key ' .. key .. ': field tat is ' .. raw .. CORRUPT
+          elseif x > now then
+            tat = x
+          end
+        end
+      end
+      if bad == nil then
+        if code == 6 then
+          -- gcra: a = burst, p = interval.
+          local tolerance = a * p
+          local new_tat = tat + cost * p
+          if new_tat - now <= tolerance then
+            allowed = true
+            remaining = floor((tolerance - (new_tat - now)) / p)
+            reset_after = new_tat - now
+            if write then
+              wcode, w1, wexp = 6, new_tat, new_tat
+            end
+          else
+            local room = tolerance - (tat - now)
+            if room < 0 then
+              room = 0
+            end
+            remaining = floor(room / p)
+            reset_after = tat - now
+            retry_after = new_tat - now - tolerance
+          end
+        else
+          -- leaky bucket: a = max_delay, p = interval.
+          local wait = tat - now
+          if wait <= a then
+            local new_tat = tat + cost * p
+            local queued = new_tat - now
+            -- How many more single-unit requests could still be queued behind this one.
+            if queued <= a then
+              remaining = floor((a - queued) / p) + 1
+            end
+            allowed = true
+            reset_after = queued
+            delay = wait
+            if write then
+              wcode, w1, wexp = 5, new_tat, new_tat
+            end
+          else
+            reset_after = wait
+            retry_after = wait - a
+          end
+        end
+        if created then
+          -- Written above, with the same value and expiry.
+          wcode = nil
+        end
+      end
+    elseif code == 1 or code == 3 or code == 4 then
+      -- fixed window, sliding counter, token bucket: one HASH of integers.
+      local raw
+      if code == 1 then
+        raw = pcall_redis('HMGET', key, 'w', 'c')
+      elseif code == 3 then
+        raw = pcall_redis('HMGET', key, 'w', 'c', 'p')
+      else
+        raw = pcall_redis('HMGET', key, 't', 'l')
+      end
+      local st = false
+      if raw.err then
+        bad = raw.err
+      else
+        local present = false
+        for f = 1, #raw do
+          if raw[f] then
+            present = true
+          end
+        end
+        -- A hash holding none of the fields is not ours either.
+        if present or call('EXISTS', key) == 1 then
+          for f = 1, #raw do
+            local v = raw[f]
+            local x = v and #v <= 16 and match(v, '^%d+$') and tonumber(v)
+            if not x or x > MAX_EXACT then
+              local names = code == 4 and 'tl' or 'wcp'
+              bad = 'ERR statehouse: corrupt state at key ' .. key .. ': field '
+                .. string.sub(names, f, f) .. ' is ' .. tostring(v or '(missing)') .. CORRUPT
+              break
+            end
+            raw[f] = x
+          end
+          st = bad == nil
+        end
+      end
+      if bad == nil then
+        if code == 1 then
+          -- fixed window: a = limit, p = period.
+          local window = floor(now / p)
+          local count = 0
+          -- A window from the future (the clock stepped back) still counts: never more
+          -- permissive.
+          if st and raw[1] >= window then
+            window = raw[1]
+            count = raw[2]
+          end
+          local window_end = (window + 1) * p
+          reset_after = window_end > now and window_end - now or 0
+          if count + cost <= a then
+            allowed = true
+            remaining = a - count - cost
+            if write then
+              wcode, w1, w2, wexp = 1, window, count + cost, window_end
+            end
+          else
+            remaining = a > count and a - count or 0
+            retry_after = reset_after
+          end
+        elseif code == 3 then
+          -- sliding counter: a = limit, p = period.
+          local window = floor(now / p)
+          local current, previous = 0, 0
+          if st then
+            if raw[1] >= window then
+              -- Same window, or one from the future (clock stepped back): counts in full.
+              window = raw[1]
+              current = raw[2]
+              previous = raw[3]
+            elseif raw[1] + 1 == window then
+              previous = raw[2]
+            end
+          end
+          local window_start = window * p
+          local elapsed = now > window_start and now - window_start or 0
+          if elapsed > p - 1 then
+            elapsed = p - 1
+          end
+          -- weighted_previous: floor(previous * (period - elapsed) / period) in doubles,
+          -- operation for operation as Rust's.
+          local estimate = floor(previous * (p - elapsed) / p) + current
+          if estimate + cost <= a then
+            allowed = true
+            remaining = a - estimate - cost
+            local current_after = current
+            if consume then
+              current_after = current + cost
+            end
+            local reset_at = window_start + p
+            if current_after > 0 then
+              reset_at = window_start + 2 * p
+            end
+            reset_after = reset_at > now and reset_at - now or 0
+            if write then
+              wcode, w1, w2, w3, wexp = 3, window, current_after, previous, window_start + 2 * p
+            end
+          else
+            -- least_elapsed_within: the least e in lo..=period with
+            -- weighted_previous(weight, period, e) <= room.
+            local weight, room, lo, retry_at
+            if current + cost <= a then
+              -- Within this window, once the previous window's weight has decayed enough.
+              weight, room, lo, retry_at = previous, a - cost - current, elapsed + 1, window_start
+            else
+              -- In the next window, where this window's count becomes the weighted previous one.
+              weight, room, lo, retry_at = current, a - cost, 0, window_start + p
+            end
+            local hi = p
+            while lo < hi do
+              local mid = floor((lo + hi) / 2)
+              if floor(weight * (p - mid) / p) <= room then
+                hi = mid
+              else
+                lo = mid + 1
+              end
+            end
+            retry_at = retry_at + lo
+            local reset_at = window_start + p
+            if current > 0 then
+              reset_at = window_start + 2 * p
+            end
+            remaining = a > estimate and a - estimate or 0
+            reset_after = reset_at > now and reset_at - now or 0
+            retry_after = retry_at > now and retry_at - now or 0
+          end
+        else
+          -- token bucket: a = capacity (burst), p = interval.
+          local tokens, last = a, now
+          if st then
+            tokens, last = raw[1], raw[2]
+          end
+          if now > last then
+            local credited = floor((now - last) / p)
+            if credited > 0 then
+              tokens = tokens + credited
+              if tokens > a then
+                tokens = a
+              end
+              if tokens == a then
+                last = now
+              else
+                last = last + credited * p
+              end
+            end
+          end
+          -- time_to(have, want): from `now` until the bucket holds `want` tokens, given `have`
+          -- credited up to `last`.
+          local have = tokens
+          if tokens >= cost then
+            allowed = true
+            have = tokens - cost
+            remaining = have
+          else
+            remaining = tokens
+            local at = last + (cost - tokens) * p
+            retry_after = at > now and at - now or 0
+          end
+          if have < a then
+            local at = last + (a - have) * p
+            reset_after = at > now and at - now or 0
+          end
+          if allowed and write then
+            wcode, w1, w2, wexp = 4, have, last, now + reset_after
+          end
+        end
+      end
+    elseif code == 2 then
+      -- sliding log: a = limit, p = period. An entry counts while `ts + period > now`, i.e.
+      -- `ts > now - period`.
+      local live_from = '(' .. format('%d', now - p)
+      local used = pcall_redis('ZCOUNT', key, live_from, '+inf')
+      local newest = nil
+      if type(used) == 'table' then
+        bad = used.err
+      elseif used > 0 then
+        local last = call('ZRANGE', key, -1, -1, 'WITHSCORES')
+        local s = last[2]
+        local x = type(s) == 'string' and #s <= 16 and match(s, '^%d+$') and tonumber(s)
+        if not x or x > MAX_EXACT then
+          bad = 'ERR statehouse: corrupt state at key ' .. key .. ': field score is '
+            .. tostring(s) .. CORRUPT
+        end
+        newest = x
+      end
+      if bad == nil then
+        if used + cost <= a then
+          allowed = true
+          remaining = a - used - cost
+          -- Both branches of the Rust code end at max(newest, now).
+          local newest_after = now
+          if newest and newest > now then
+            newest_after = newest
+          end
+          reset_after = newest_after + p - now
+          if write then
+            wcode, w1, w2, wexp = 2, p, cost, newest_after + p
+          end
+        else
+          -- Wait until enough of the oldest entries have left the window.
+          local row = call('ZRANGEBYSCORE', key, live_from, '+inf', 'WITHSCORES', 'LIMIT',
+            format('%d', used + cost - a - 1), 1)
+          local s = row[2]
+          local oldest = type(s) == 'string' and #s <= 16 and match(s, '^%d+$') and tonumber(s)
+          if not oldest or oldest > MAX_EXACT then
+            bad = 'ERR statehouse: corrupt state at key ' .. key .. ': field score is '
+              .. tostring(s) .. CORRUPT
+          else
+            local newest_or_now = newest or now
+            remaining = a > used and a - used or 0
+            local at = oldest + p
+            retry_after = at > now and at - now or 0
+            at = newest_or_now + p
+            reset_after = at > now and at - now or 0
+          end
+        end
+      end
+    else
+      error(redis.error_reply('ERR statehouse: unknown algorithm code ' .. tostring(code)))
+    end
+
+    if bad ~= nil then
+      if not independent then
+        error(redis.error_reply(bad))
+      end
+      reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5] = bad, 0, 0, 0, 0
+      r = r + 5
+    else
+      local flag = 1
+      if not allowed then
+        flag = 0
+        all_allowed = false
+      end
+      reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5] =
+        flag, remaining, reset_after, retry_after, delay
+      r = r + 5
+      if deferred then
+        -- Written in the second half of the loop, if every check admits.
+        local s = (i - 1) * 6
+        pending[s + 1] = wcode or false
+        pending[s + 2], pending[s + 3], pending[s + 4], pending[s + 5], pending[s + 6] =
+          w1, w2, w3, wexp, now
+        wcode = nil
       end
     end
-  elseif alg == LEAKY_BUCKET or alg == GCRA then
-    local tat = read_tat(key)
-    if tat then
-      redis.call('SET', key, fmt(sat_sub(tat, c.cost * c.interval)), 'KEEPTTL')
+  else
+    -- Write check i - n of a consume of several checks.
+    if not all_allowed then
+      break
+    end
+    local j = i - n
+    local s = (j - 1) * 6
+    key = KEYS[j]
+    wcode = pending[s + 1]
+    w1, w2, w3, wexp, now = pending[s + 2], pending[s + 3], pending[s + 4], pending[s + 5],
+      pending[s + 6]
+  end
+
+  if wcode then
+    -- The key lives until its state stops mattering, plus the slack; at least 1 ms.
+    local ttl = 0
+    if wexp > now then
+      ttl = floor((wexp - now + 999) / 1000)
+    end
+    ttl = ttl + slack_ms
+    if ttl < 1 then
+      ttl = 1
+    end
+    if wcode == 6 or wcode == 5 then
+      call('SET', key, format('%d', w1), 'PX', format('%d', ttl))
+    else
+      if wcode == 1 then
+        call('HSET', key, 'w', format('%d', w1), 'c', format('%d', w2))
+      elseif wcode == 3 then
+        call('HSET', key, 'w', format('%d', w1), 'c', format('%d', w2), 'p', format('%d', w3))
+      elseif wcode == 4 then
+        call('HSET', key, 't', format('%d', w1), 'l', format('%d', w2))
+      else
+        -- sliding log: w1 = period, w2 = cost.
+        call('ZREMRANGEBYSCORE', key, '-inf', format('%d', now - w1))
+        local score = format('%d', now)
+        local added, m = 0, 0
+        -- The same microsecond can come again (caller-supplied time), so members are probed
+        -- with NX until `cost` new ones are in; in chunks, since a cost can be 100000.
+        while added < w2 do
+          local args = { 'ZADD', key, 'NX' }
+          for _ = 1, math.min(w2 - added, CHUNK) do
+            args[#args + 1] = score
+            args[#args + 1] = score .. '-' .. m
+            m = m + 1
+          end
+          added = added + call(unpack(args))
+        end
+      end
+      call('PEXPIRE', key, format('%d', ttl))
     end
   end
 end
 
-local ALGORITHMS = {
-  [FIXED_WINDOW] = fixed_window,
-  [SLIDING_LOG] = sliding_log,
-  [SLIDING_COUNTER] = sliding_counter,
-  [TOKEN_BUCKET] = token_bucket,
-  [LEAKY_BUCKET] = leaky_bucket,
-  [GCRA] = gcra,
-}
-
--- Arguments.
-local mode = ARGV[1]
-if mode ~= 'consume' and mode ~= 'peek' and mode ~= 'dry_run' and mode ~= 'refund' then
-  raise('invalid mode ' .. tostring(mode))
-end
-local n = #KEYS
-if #ARGV ~= 3 + n * ARGS_PER_CHECK then
-  raise('expected ' .. (3 + n * ARGS_PER_CHECK) .. ' arguments for ' .. n .. ' keys, got ' .. #ARGV)
-end
-local now
-if ARGV[2] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = parse_uint(ARGV[2], 'now')
-end
-local slack_ms = parse_uint(ARGV[3], 'slack_ms')
-
-local checks = {}
-for i = 1, n do
-  local base = 3 + (i - 1) * ARGS_PER_CHECK
-  local c = {
-    code = parse_uint(ARGV[base + 1], 'algorithm'),
-    limit = parse_uint(ARGV[base + 2], 'limit'),
-    period = parse_uint(ARGV[base + 3], 'period'),
-    burst = parse_uint(ARGV[base + 4], 'burst'),
-    interval = parse_uint(ARGV[base + 5], 'interval'),
-    max_delay = parse_uint(ARGV[base + 6], 'max_delay'),
-    cost = parse_uint(ARGV[base + 7], 'cost'),
-  }
-  if ALGORITHMS[c.code] == nil then
-    raise('unknown algorithm code ' .. c.code)
-  end
-  if c.limit < 1 or c.period < 1 or c.burst < 1 or c.interval < 1 or c.cost < 1 then
-    raise('limit, period, burst, interval and cost must be at least 1 (check ' .. i .. ')')
-  end
-  -- Policy::capacity: the burst for the token bucket and GCRA, the limit otherwise.
-  local capacity = c.limit
-  if c.code == TOKEN_BUCKET or c.code == GCRA then
-    capacity = c.burst
-  end
-  if c.cost > capacity then
-    raise('cost ' .. fmt(c.cost) .. ' exceeds the capacity ' .. fmt(capacity) .. ' (check ' .. i .. ')')
-  end
-  checks[i] = c
-end
-
-if mode == 'refund' then
-  for i = 1, n do
-    refund(KEYS[i], checks[i], now)
-  end
-  return { now }
-end
-
--- Decide every check first; write only if every one is admitted (all or nothing).
-local consume = mode ~= 'peek'
-local decisions = {}
-local all_allowed = true
-for i = 1, n do
-  local c = checks[i]
-  local d = ALGORITHMS[c.code](KEYS[i], c, now, consume, slack_ms)
-  decisions[i] = d
-  if not d.allowed then
-    all_allowed = false
-  end
-end
-
-if mode == 'consume' and all_allowed then
-  for i = 1, n do
-    local d = decisions[i]
-    d.write()
-    if not d.sets_ttl then
-      redis.call('PEXPIRE', KEYS[i], fmt(ttl_ms(d.expires_at, now, slack_ms)))
-    end
-  end
-end
-
-local reply = { now }
-for i = 1, n do
-  local d = decisions[i]
-  local allowed = 0
-  if d.allowed then
-    allowed = 1
-  end
-  reply[#reply + 1] = allowed
-  reply[#reply + 1] = d.remaining
-  reply[#reply + 1] = d.reset_after
-  reply[#reply + 1] = d.retry_after
-  reply[#reply + 1] = d.delay
-end
+reply[1] = batch_now or server_now or 0
 return reply

@@ -6,7 +6,7 @@
 use std::sync::LazyLock;
 
 use redis::{Script, ScriptInvocation, Value};
-use statehouse_core::{Decision, Mode, Policy};
+use statehouse_core::{Algorithm, Decision, Mode, Policy};
 
 use crate::error::unexpected_reply;
 
@@ -51,30 +51,31 @@ impl From<Mode> for ScriptMode {
     }
 }
 
-/// One check as the script takes it: the storage key and the seven numeric arguments.
+/// One check as the script takes it: the storage key and the four numeric arguments
+/// (algorithm code, the two policy parameters the algorithm needs, cost; see `limiter.lua`).
 #[derive(Debug, Clone)]
 pub(crate) struct ScriptCheck {
     /// The storage key (`{prefix}{{{encoded key}}}:{policy suffix}`).
     pub(crate) storage_key: String,
     /// The policy's capacity, reported as the decision's `limit`.
     pub(crate) capacity: u64,
-    args: [u64; 7],
+    args: [u64; 4],
 }
 
 impl ScriptCheck {
     pub(crate) fn new(storage_key: String, policy: &Policy, cost: u64) -> Self {
+        let algorithm = policy.algorithm();
+        let (a, b) = match algorithm {
+            Algorithm::TokenBucket | Algorithm::Gcra => (policy.burst(), policy.interval_micros()),
+            Algorithm::LeakyBucket => (policy.max_delay_micros(), policy.interval_micros()),
+            // The fixed window, the sliding log and the sliding counter (and any later
+            // algorithm, which the script refuses by its code).
+            _ => (policy.limit(), policy.period_micros()),
+        };
         ScriptCheck {
             storage_key,
             capacity: policy.capacity(),
-            args: [
-                u64::from(policy.algorithm().code()),
-                policy.limit(),
-                policy.period_micros(),
-                policy.burst(),
-                policy.interval_micros(),
-                policy.max_delay_micros(),
-                cost,
-            ],
+            args: [u64::from(algorithm.code()), a, b, cost],
         }
     }
 }
@@ -110,6 +111,120 @@ pub(crate) fn invocation(
     inv
 }
 
+/// One check of an `independent` call: a caller's single check with its own mode and time.
+pub(crate) struct IndependentCheck<'a> {
+    pub(crate) check: &'a ScriptCheck,
+    pub(crate) mode: Mode,
+    /// The caller's time, or `None` for the server's `TIME`.
+    pub(crate) now: Option<u64>,
+}
+
+/// Builds the `independent` invocation: every check is decided and committed on its own, in
+/// order, as if each were a call of its own (see `limiter.lua`). The batch's distinct policies
+/// are sent once, and each check names its policy by number.
+pub(crate) fn independent_invocation(
+    slack_ms: u64,
+    checks: &[IndependentCheck<'_>],
+) -> ScriptInvocation<'static> {
+    // The distinct (code, a, b) triples, and each check's (1-based) number among them.
+    let mut policies: Vec<[u64; 3]> = Vec::new();
+    let specs: Vec<i64> = checks
+        .iter()
+        .map(|c| {
+            let [code, a, b, _] = c.check.args;
+            let triple = [code, a, b];
+            let index = match policies.iter().position(|p| *p == triple) {
+                Some(index) => index,
+                None => {
+                    policies.push(triple);
+                    policies.len() - 1
+                }
+            };
+            // At most MAX_BATCH policies: the cast cannot wrap.
+            let number = index as i64 + 1;
+            match c.mode {
+                Mode::Consume => number,
+                Mode::Peek => -number,
+            }
+        })
+        .collect();
+    let caller_times = checks.iter().any(|c| c.now.is_some());
+    let mut inv = LIMITER.prepare_invoke();
+    inv.arg("independent")
+        .arg(if caller_times { "caller" } else { "" })
+        .arg(slack_ms)
+        .arg(policies.len());
+    for policy in &policies {
+        inv.arg(&policy[..]);
+    }
+    for (c, spec) in checks.iter().zip(specs) {
+        inv.key(c.check.storage_key.as_str());
+        inv.arg(spec).arg(c.check.args[3]);
+        if caller_times {
+            match c.now {
+                Some(now) => inv.arg(now),
+                None => inv.arg(""),
+            };
+        }
+    }
+    inv
+}
+
+/// Parses the reply of an `independent` call over checks with the given capacities: one result
+/// per check, an [`Error::Backend`](statehouse_core::Error::Backend) for a check the script
+/// refused (corrupt state, a key of the wrong type). An `Err` of the whole is a reply of the
+/// wrong shape.
+pub(crate) fn parse_independent_reply(
+    value: Value,
+    capacities: impl ExactSizeIterator<Item = u64>,
+) -> statehouse_core::Result<Vec<statehouse_core::Result<Decision>>> {
+    let Value::Array(items) = value else {
+        return Err(unexpected_reply(format!(
+            "expected an array, got {value:?}"
+        )));
+    };
+    let count = capacities.len();
+    let expected = 1 + count * FIELDS_PER_CHECK;
+    if items.len() != expected {
+        return Err(unexpected_reply(format!(
+            "expected {expected} values for {count} checks, got {}",
+            items.len()
+        )));
+    }
+    match items[0] {
+        Value::Int(now) if now >= 0 => {}
+        ref other => return Err(unexpected_reply(format!("now = {other:?}"))),
+    }
+    let mut out = Vec::with_capacity(count);
+    for (capacity, fields) in capacities.zip(items[1..].chunks_exact(FIELDS_PER_CHECK)) {
+        let refused = match &fields[0] {
+            Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        };
+        if let Some(message) = refused {
+            out.push(Err(statehouse_core::Error::Backend {
+                message: format!("the limiter script refused the check: {message}"),
+                source: None,
+            }));
+            continue;
+        }
+        let mut ints = [0i64; FIELDS_PER_CHECK];
+        for (slot, v) in ints.iter_mut().zip(fields) {
+            *slot = match v {
+                Value::Int(i) => *i,
+                other => {
+                    return Err(unexpected_reply(format!(
+                        "expected integers, got {other:?}"
+                    )));
+                }
+            };
+        }
+        out.push(Ok(decision(capacity, ints)?));
+    }
+    Ok(out)
+}
+
 /// Parses the script's reply for `checks`, refusing any shape the script does not produce.
 pub(crate) fn parse_reply(
     value: Value,
@@ -143,30 +258,41 @@ pub(crate) fn parse_reply(
         let &[allowed, remaining, reset_after, retry_after, delay] = fields else {
             return Err(unexpected_reply("a short decision"));
         };
-        let allowed = match allowed {
-            0 => false,
-            1 => true,
-            other => return Err(unexpected_reply(format!("allowed = {other}"))),
-        };
-        let retry_after = match (allowed, retry_after) {
-            (true, -1) => None,
-            (false, r) if r >= 0 => Some(r as u64),
-            (_, r) => {
-                return Err(unexpected_reply(format!(
-                    "retry_after = {r} with allowed = {allowed}"
-                )));
-            }
-        };
-        decisions.push(Decision::from_parts(
-            allowed,
+        decisions.push(decision(
             check.capacity,
-            non_negative(remaining, "remaining")?,
-            non_negative(reset_after, "reset_after")?,
-            retry_after,
-            non_negative(delay, "delay")?,
-        ));
+            [allowed, remaining, reset_after, retry_after, delay],
+        )?);
     }
     Ok(ScriptReply { now, decisions })
+}
+
+/// One decision from the script's five integers for it.
+fn decision(
+    capacity: u64,
+    [allowed, remaining, reset_after, retry_after, delay]: [i64; FIELDS_PER_CHECK],
+) -> statehouse_core::Result<Decision> {
+    let allowed = match allowed {
+        0 => false,
+        1 => true,
+        other => return Err(unexpected_reply(format!("allowed = {other}"))),
+    };
+    let retry_after = match (allowed, retry_after) {
+        (true, -1) => None,
+        (false, r) if r >= 0 => Some(r as u64),
+        (_, r) => {
+            return Err(unexpected_reply(format!(
+                "retry_after = {r} with allowed = {allowed}"
+            )));
+        }
+    };
+    Ok(Decision::from_parts(
+        allowed,
+        capacity,
+        non_negative(remaining, "remaining")?,
+        non_negative(reset_after, "reset_after")?,
+        retry_after,
+        non_negative(delay, "delay")?,
+    ))
 }
 
 /// Parses the refund's reply (`{ now }`).
@@ -206,6 +332,36 @@ mod tests {
             parsed.decisions,
             vec![Decision::from_parts(true, 10, 9, 100_000, None, 0)]
         );
+    }
+
+    #[test]
+    fn parses_an_independent_reply_with_a_refused_check() {
+        let reply = Value::Array(vec![
+            Value::Int(1_000),
+            Value::Int(0),
+            Value::Int(0),
+            Value::Int(50),
+            Value::Int(70),
+            Value::Int(0),
+            Value::BulkString(b"WRONGTYPE Operation against a key".to_vec()),
+            Value::Int(0),
+            Value::Int(0),
+            Value::Int(0),
+            Value::Int(0),
+        ]);
+        let parsed = parse_independent_reply(reply, [10, 10].into_iter()).expect("parses");
+        assert_eq!(
+            parsed[0].as_ref().expect("decided"),
+            &Decision::from_parts(false, 10, 0, 50, Some(70), 0)
+        );
+        let err = parsed[1].as_ref().expect_err("refused");
+        assert!(
+            matches!(err, statehouse_core::Error::Backend { message, .. } if message.contains("WRONGTYPE")),
+            "{err:?}"
+        );
+        // A short reply is an error of the whole.
+        let short = Value::Array(vec![Value::Int(1), Value::Int(1)]);
+        assert!(parse_independent_reply(short, [10].into_iter()).is_err());
     }
 
     #[test]

@@ -1,25 +1,23 @@
 //! [`RedisStore`]: the [`RateLimitStore`] on Redis and Redis Cluster.
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::RedisResult;
 use statehouse_core::key::{encode_key, policy_suffix};
 use statehouse_core::{
     Decision, Error, LimitCheck, Mode, Policy, RateLimitStore, Result, Verdict, prepare_checks,
 };
 use tokio::time::Instant;
 
-use crate::builder::{RedisStoreBuilder, RedisTopology, TimeSource};
-use crate::connection::Connection;
-use crate::error::{from_redis, unexpected_reply};
+use crate::batch::Batcher;
+use crate::builder::{RedisStoreBuilder, RedisTopology};
+use crate::error::unexpected_reply;
 use crate::hash_slot::hash_slot;
 use crate::limiter_script::{
     ScriptCheck, ScriptMode, ScriptReply, invocation, parse_refund_reply, parse_reply,
 };
+use crate::link::Link;
 
 /// A rate-limit store on Redis or Redis Cluster.
 ///
@@ -30,6 +28,17 @@ use crate::limiter_script::{
 /// on one clock.
 ///
 /// Cloning is cheap: clones share the connection.
+///
+/// # Coalescing
+///
+/// Requests with a single check (the common case) are coalesced: concurrent ones are sent
+/// together as one script call that decides and commits each of them on its own, in order, as
+/// if each were a call of its own, so decisions are exactly those of separate calls. There is
+/// no timer: a check is sent as soon as fewer than two batches are on the wire, so
+/// under low load a batch is one check and batching adds no latency. A caller that gives up
+/// at its deadline gets [`Error::Timeout`], and its check, if already sent, may still be
+/// applied, just as with a single `EVALSHA` that timed out. Requests with several checks keep
+/// their own all-or-nothing call. The design is described in `src/batch.rs`.
 ///
 /// # Redis Cluster
 ///
@@ -63,23 +72,22 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conn: Connection,
-    topology: RedisTopology,
+    /// Shared with the session stores made by [`RedisStore::session_store`].
+    link: Arc<Link>,
     prefix: String,
-    time_source: TimeSource,
-    skew_allowance_ms: u64,
-    call_timeout: Duration,
+    /// Coalesces concurrent single checks into one script call: see [`crate::batch`].
+    batcher: Batcher,
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let inner = &self.inner;
+        let link = &self.inner.link;
         f.debug_struct("RedisStore")
-            .field("topology", &inner.topology)
-            .field("prefix", &inner.prefix)
-            .field("time_source", &inner.time_source)
-            .field("skew_allowance_ms", &inner.skew_allowance_ms)
-            .field("call_timeout", &inner.call_timeout)
+            .field("topology", &link.topology)
+            .field("prefix", &self.inner.prefix)
+            .field("time_source", &link.time_source)
+            .field("skew_allowance_ms", &link.skew_allowance_ms)
+            .field("call_timeout", &link.call_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -129,24 +137,19 @@ impl RedisStore {
         Self::builder(RedisTopology::Cluster(urls)).connect().await
     }
 
-    pub(crate) fn from_parts(
-        conn: Connection,
-        topology: RedisTopology,
-        prefix: String,
-        time_source: TimeSource,
-        skew_allowance_ms: u64,
-        call_timeout: Duration,
-    ) -> RedisStore {
+    pub(crate) fn from_parts(link: Arc<Link>, prefix: String) -> RedisStore {
         RedisStore {
             inner: Arc::new(Inner {
-                conn,
-                topology,
+                link,
                 prefix,
-                time_source,
-                skew_allowance_ms,
-                call_timeout,
+                batcher: Batcher::new(),
             }),
         }
+    }
+
+    /// The link this store talks to Redis over, for the session stores that share it.
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        &self.inner.link
     }
 
     /// The Redis key holding the state of `key` under `policy`:
@@ -183,38 +186,6 @@ impl RedisStore {
         )
     }
 
-    /// The caller's time in µs, or `None` to let the script read the server's `TIME`.
-    fn caller_now(&self) -> Option<u64> {
-        match &self.inner.time_source {
-            TimeSource::Server => None,
-            TimeSource::Caller(clock) => Some(clock.now().as_micros()),
-        }
-    }
-
-    /// Runs `fut` against a deadline, mapping client errors.
-    async fn bounded<T>(
-        &self,
-        deadline: Instant,
-        fut: impl Future<Output = RedisResult<T>>,
-    ) -> Result<T> {
-        let timeout = self.inner.call_timeout;
-        match tokio::time::timeout_at(deadline, fut).await {
-            Ok(result) => {
-                // redis-rs's own response timeout (set to the same duration) may fire first.
-                if result.as_ref().is_err_and(|e| e.is_timeout()) {
-                    self.inner.conn.timed_out();
-                } else {
-                    self.inner.conn.answered();
-                }
-                result.map_err(|e| from_redis(e, timeout))
-            }
-            Err(_) => {
-                self.inner.conn.timed_out();
-                Err(Error::Timeout { deadline: timeout })
-            }
-        }
-    }
-
     /// Runs the script once over `checks` (all in one slot on a cluster).
     async fn run_script(
         &self,
@@ -223,8 +194,12 @@ impl RedisStore {
         checks: &[ScriptCheck],
         deadline: Instant,
     ) -> Result<ScriptReply> {
-        let inv = invocation(mode, now, self.inner.skew_allowance_ms, checks);
-        let value = self.bounded(deadline, self.inner.conn.invoke(&inv)).await?;
+        let inv = invocation(mode, now, self.inner.link.skew_allowance_ms, checks);
+        let value = self
+            .inner
+            .link
+            .bounded(deadline, self.inner.link.conn.invoke(&inv))
+            .await?;
         parse_reply(value, checks)
     }
 
@@ -234,11 +209,15 @@ impl RedisStore {
         let inv = invocation(
             ScriptMode::Refund,
             Some(now),
-            self.inner.skew_allowance_ms,
+            self.inner.link.skew_allowance_ms,
             checks,
         );
-        let deadline = Instant::now() + self.inner.call_timeout;
-        let value = self.bounded(deadline, self.inner.conn.invoke(&inv)).await?;
+        let deadline = Instant::now() + self.inner.link.call_timeout;
+        let value = self
+            .inner
+            .link
+            .bounded(deadline, self.inner.link.conn.invoke(&inv))
+            .await?;
         parse_refund_reply(value)
     }
 
@@ -293,7 +272,7 @@ impl RedisStore {
         mode: Mode,
         now: Option<u64>,
     ) -> Result<Verdict> {
-        let deadline = Instant::now() + self.inner.call_timeout;
+        let deadline = Instant::now() + self.inner.link.call_timeout;
         let replies = match mode {
             Mode::Peek => {
                 let runs = groups
@@ -399,7 +378,29 @@ impl RateLimitStore for RedisStore {
                 decisions: Vec::new(),
             });
         }
-        let now = self.caller_now();
+        let now = self.inner.link.caller_now();
+        if let [single] = prepared.as_slice() {
+            // One check: coalesced with the other callers' (see `crate::batch`); decided as if
+            // alone.
+            let check = ScriptCheck::new(
+                self.storage_key_of_encoded(&single.key, single.policy),
+                single.policy,
+                single.cost,
+            );
+            let slot = if self.inner.link.conn.is_cluster() {
+                hash_slot(single.key.as_bytes())
+            } else {
+                0
+            };
+            let decision = self
+                .inner
+                .batcher
+                .check(&self.inner.link, check, mode, now, slot)
+                .await?;
+            return Ok(Verdict {
+                decisions: vec![decision],
+            });
+        }
         let slots: Vec<u16> = prepared
             .iter()
             .map(|p| hash_slot(p.key.as_bytes()))
@@ -415,9 +416,9 @@ impl RateLimitStore for RedisStore {
             })
             .collect();
         let single_slot = slots.iter().all(|&s| s == slots[0]);
-        if !self.inner.conn.is_cluster() || single_slot {
+        if !self.inner.link.conn.is_cluster() || single_slot {
             // Standalone has no slots: any batch is one atomic script.
-            let deadline = Instant::now() + self.inner.call_timeout;
+            let deadline = Instant::now() + self.inner.link.call_timeout;
             let reply = self
                 .run_script(mode.into(), now, &script_checks, deadline)
                 .await?;
@@ -433,8 +434,11 @@ impl RateLimitStore for RedisStore {
     /// Deletes the key's state (`UNLINK`).
     async fn reset(&self, key: &str, policy: &Policy) -> Result<()> {
         let storage_key = self.storage_key(key, policy)?;
-        let deadline = Instant::now() + self.inner.call_timeout;
+        let deadline = Instant::now() + self.inner.link.call_timeout;
         let unlink = redis::cmd("UNLINK").arg(&storage_key).to_owned();
-        self.bounded(deadline, self.inner.conn.exec(&unlink)).await
+        self.inner
+            .link
+            .bounded(deadline, self.inner.link.conn.exec(&unlink))
+            .await
     }
 }

@@ -12,6 +12,9 @@
 //!   started on first use; isolate tests with [`unique_prefix`].
 //! * [`raw_command`] — a minimal RESP client to inspect server state without a
 //!   client crate.
+//! * [`ratelimit_suite`] and [`session_suite`] — the conformance suites every
+//!   backend runs, instantiated with [`ratelimit_conformance!`] and
+//!   [`session_conformance!`].
 //!
 //! Every server is supervised by a small `sh` watchdog that kills it once the
 //! test process is gone (normal exit, panic or SIGKILL), so the never-dropped
@@ -34,6 +37,7 @@ mod cluster;
 pub mod ratelimit_suite;
 mod resp;
 mod server;
+pub mod session_suite;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

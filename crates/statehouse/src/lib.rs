@@ -130,22 +130,60 @@
 //! gateway exports these counters to Prometheus. Events go through `tracing`: a `warn` when
 //! the breaker opens, an `info` when it closes, `debug` for probes.
 //!
+//! ## Sessions
+//!
+//! [`Sessions`] is the session counterpart of [`RateLimiter`]: a [`SessionStore`]
+//! ([`EmbeddedSessionStore`], [`RedisSessionStore`]) behind a per-call deadline and a circuit
+//! breaker, with a [`SessionCodec`] for typed data (JSON by default), [`SessionEvent`]s for
+//! [`SessionHooks`] and `tracing`, and a [`SessionStoreDown`] policy (503 by default) that the
+//! HTTP layer in `statehouse-tower` follows. Tokens are 256-bit, hashed at rest, rotated on
+//! login; sessions expire after 30 minutes idle or 12 hours in all ([`SessionConfig`]).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), statehouse::Error> {
+//! use statehouse::{EmbeddedSessionStore, NewSession, SessionChanges, SessionConfig, Sessions};
+//!
+//! let sessions = Sessions::new(EmbeddedSessionStore::new(SessionConfig::default()));
+//! let (token, _) = sessions.create(&NewSession::for_user("alice")).await?;
+//! let mut changes = SessionChanges::default();
+//! changes.set.insert("theme".into(), sessions.encode("dark")?);
+//! assert!(sessions.update(&token, &changes).await?);
+//! let record = sessions.load(&token).await?.expect("live").record;
+//! let theme: String = sessions.decode(&record.data["theme"])?;
+//! assert_eq!(theme, "dark");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Features
 //!
-//! * `embedded` (default): [`EmbeddedStore`] and [`DegradedPolicy::LocalFallback`].
-//! * `redis` (default): [`RedisStore`], [`RedisTopology`], [`TimeSource`].
+//! * `embedded` (default): [`EmbeddedStore`], [`EmbeddedSessionStore`] and
+//!   [`DegradedPolicy::LocalFallback`].
+//! * `redis` (default): [`RedisStore`], [`RedisSessionStore`], [`RedisTopology`],
+//!   [`TimeSource`].
 //!
 //! Without either, [`RateLimiter`] works over any [`RateLimitStore`] implementation.
 
 mod breaker;
 mod degraded;
 mod limiter;
+mod session;
 mod stats;
 
 pub use breaker::{BreakerState, CircuitBreakerConfig};
 pub use degraded::DegradedPolicy;
 pub use limiter::{DEFAULT_DEADLINE, RateLimiter, RateLimiterBuilder};
+pub use session::{
+    DEFAULT_SESSION_DEADLINE, JsonCodec, SessionCodec, SessionStoreDown, Sessions, SessionsBuilder,
+};
 pub use stats::LimiterStats;
+
+#[doc(no_inline)]
+pub use statehouse_core::session::{
+    LoadedSession, NewSession, SessionChanges, SessionConfig, SessionConfigBuilder, SessionEvent,
+    SessionHooks, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, UserTag,
+};
 
 #[doc(no_inline)]
 pub use statehouse_core::{
@@ -160,13 +198,8 @@ pub use statehouse_core;
 
 #[cfg(feature = "embedded")]
 #[doc(no_inline)]
-pub use statehouse_embedded::EmbeddedStore;
+pub use statehouse_embedded::{EmbeddedSessionStore, EmbeddedStore};
 
 #[cfg(feature = "redis")]
 #[doc(no_inline)]
-pub use statehouse_redis::{RedisStore, RedisTopology, TimeSource};
-
-/// The README's code blocks, compiled and run as doc tests so the README cannot drift.
-#[cfg(all(doctest, feature = "embedded", feature = "redis"))]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;
+pub use statehouse_redis::{RedisSessionStore, RedisStore, RedisTopology, TimeSource};

@@ -280,10 +280,19 @@ impl RateLimiter {
     /// # }
     /// ```
     pub async fn check_cost(&self, key: &str, policy: &Policy, cost: u64) -> Result<Decision> {
-        policy.check_cost(cost)?;
-        encode_key(key)?;
         let checks = [LimitCheck::new(key, policy, cost)];
-        let decision = single(self.decide(&checks, Mode::Consume).await?)?;
+        let decision = match self.inner.store.check_one_now(&checks[0], Mode::Consume) {
+            // An in-process store (see `decide`): no future, no timer, no vector; it validates
+            // the input itself.
+            Some(answer) => answer?,
+            None => {
+                // Validated before the breaker, so that invalid input is an error even while
+                // the store is skipped.
+                policy.check_cost(cost)?;
+                encode_key(key)?;
+                single(self.decide(&checks, Mode::Consume).await?)?
+            }
+        };
         self.inner
             .counters
             .record_decision(decision.allowed, decision.degraded);
@@ -467,6 +476,16 @@ impl RateLimiter {
 
     /// Decides `checks` with the store, or with the degraded policy when the store cannot.
     async fn decide(&self, checks: &[LimitCheck<'_>], mode: Mode) -> Result<Verdict> {
+        // A store that decides in-process (the embedded store) answers right away: no boxed
+        // future, no deadline timer, no breaker, since it cannot be down or slow. Its errors
+        // are invalid input, returned as they are.
+        if let [one] = checks
+            && let Some(answer) = self.inner.store.check_one_now(one, mode)
+        {
+            return answer.map(|decision| Verdict {
+                decisions: vec![decision],
+            });
+        }
         let call = self
             .call_store(|| async {
                 let verdict = self.inner.store.check(checks, mode).await?;

@@ -113,3 +113,105 @@ impl StoreFactory for Redis {
         Arc::new(self.connect(&prefix, clock).await)
     }
 }
+
+/// Embedded session stores following the case's clock and config; a "replica" is the same store
+/// (one process). For the session conformance suite (`tests/session_conformance.rs`).
+pub struct EmbeddedSessions;
+
+#[async_trait]
+impl statehouse_testkit::session_suite::SessionStoreFactory for EmbeddedSessions {
+    async fn make(
+        &self,
+        clock: &ManualClock,
+        config: statehouse_core::session::SessionConfig,
+    ) -> Arc<dyn statehouse_core::session::SessionStore> {
+        Arc::new(
+            statehouse_embedded::EmbeddedSessionStore::builder()
+                .clock(clock.clone())
+                .config(config)
+                .build()
+                .expect("embedded session store"),
+        )
+    }
+
+    async fn another_replica(
+        &self,
+        store: &Arc<dyn statehouse_core::session::SessionStore>,
+        _clock: &ManualClock,
+        _config: statehouse_core::session::SessionConfig,
+    ) -> Arc<dyn statehouse_core::session::SessionStore> {
+        store.clone()
+    }
+}
+
+/// Redis session stores with the caller's (manual) clock, each under a fresh key prefix; a
+/// replica is a new connection with the same prefix. For the session conformance suite
+/// (`tests/session_conformance.rs`).
+pub struct RedisSessions {
+    pub deployment: Deployment,
+    made: Mutex<Vec<(Arc<dyn statehouse_core::session::SessionStore>, String)>>,
+}
+
+impl RedisSessions {
+    pub fn new(deployment: Deployment) -> Self {
+        RedisSessions {
+            deployment,
+            made: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub async fn connect(
+        &self,
+        prefix: &str,
+        clock: &ManualClock,
+        config: statehouse_core::session::SessionConfig,
+    ) -> statehouse_redis::RedisSessionStore {
+        let clock: Arc<dyn Clock> = Arc::new(clock.clone());
+        statehouse_redis::RedisSessionStore::builder(self.deployment.topology())
+            .prefix(prefix)
+            .time_source(TimeSource::Caller(clock))
+            .config(config)
+            // Test steps take real time while the manual clock may stand still: keep keys
+            // well past their logical expiry.
+            .skew_allowance(Duration::from_secs(120))
+            .call_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connect to the test redis")
+    }
+}
+
+#[async_trait]
+impl statehouse_testkit::session_suite::SessionStoreFactory for RedisSessions {
+    async fn make(
+        &self,
+        clock: &ManualClock,
+        config: statehouse_core::session::SessionConfig,
+    ) -> Arc<dyn statehouse_core::session::SessionStore> {
+        let prefix = format!("{}:", unique_prefix("sessions"));
+        let store: Arc<dyn statehouse_core::session::SessionStore> =
+            Arc::new(self.connect(&prefix, clock, config).await);
+        self.made
+            .lock()
+            .expect("lock")
+            .push((store.clone(), prefix));
+        store
+    }
+
+    async fn another_replica(
+        &self,
+        store: &Arc<dyn statehouse_core::session::SessionStore>,
+        clock: &ManualClock,
+        config: statehouse_core::session::SessionConfig,
+    ) -> Arc<dyn statehouse_core::session::SessionStore> {
+        let prefix = self
+            .made
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|(s, _)| Arc::ptr_eq(s, store))
+            .map(|(_, p)| p.clone())
+            .expect("a store made by this factory");
+        Arc::new(self.connect(&prefix, clock, config).await)
+    }
+}

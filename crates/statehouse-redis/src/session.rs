@@ -1,0 +1,677 @@
+//! [`RedisSessionStore`]: the [`SessionStore`] on Redis and Redis Cluster.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::{ScriptInvocation, Value};
+use statehouse_core::key::validate_prefix;
+use statehouse_core::session::{
+    LoadedSession, NewSession, SessionChanges, SessionConfig, SessionEvent, SessionHooks,
+    SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, UserTag, expires_at,
+};
+use statehouse_core::{Error, Result, Timestamp};
+use tokio::time::Instant;
+
+use crate::builder::{DEFAULT_CALL_TIMEOUT, RedisTopology, TimeSource};
+use crate::error::unexpected_reply;
+use crate::hash_slot::hash_slot;
+use crate::link::Link;
+use crate::session_batch::{LoadBatcher, LoadRequest};
+use crate::session_script::{
+    DATA_FIELD_PREFIX, Status, array, invocation, parse_expired, parse_lists, parse_record,
+    parse_reply, session_id, string, uint,
+};
+use crate::store::RedisStore;
+
+/// The key prefix of a session store unless another is set.
+pub const DEFAULT_SESSION_PREFIX: &str = "sh:s:";
+
+/// The stored user agent is cut to this many bytes (at a character boundary).
+const MAX_STORED_USER_AGENT: usize = 512;
+
+/// Tokens drawn before `create` or `rotate` gives up on finding a free id. With 256 random
+/// bits a second draw is already never needed; the loop exists so a collision can never
+/// overwrite another session (tower-sessions 0.12.0's takeover bug).
+const TOKEN_ATTEMPTS: usize = 4;
+
+/// A session store on Redis or Redis Cluster.
+///
+/// Every operation is one Lua script (`EVALSHA`, loaded on `NOSCRIPT`), one round trip, atomic.
+/// By default the script reads the server's `TIME`; [`TimeSource::Caller`] passes the caller's
+/// clock instead. Concurrent `load`s (the per-request hot path) are coalesced: the loads queued
+/// while earlier ones are on the wire go out together as one script call (per Cluster slot),
+/// each still run and answered exactly as a load of its own; under low load a batch is a
+/// single load, sent at once (no timer).
+///
+/// # Storage
+///
+/// All keys of one user share the hash tag of the user's [`UserTag`], so on Redis Cluster they
+/// live in one slot and every script touches one slot only:
+///
+/// * `{prefix}{<tag hex>}:<session id>`: a HASH: `u` user id, `r` roles joined by `\n`,
+///   `c` created_at and `s` last_seen (µs since the epoch), `ip`, `ua` (absent when unknown),
+///   and `d:<name>` per data field (raw bytes, binary safe).
+/// * After a rotation, the old id's key (same name) becomes an **alias**: a HASH with `a`, the
+///   new id, and `g`, the end of the rotation grace (µs). It expires with the grace.
+/// * `{prefix}{<tag hex>}:idx`: the user's index, a ZSET of session id → expires_at (µs).
+///
+/// Every key has a TTL: `PEXPIREAT` at the session's logical expiry (rounded up to the
+/// millisecond) plus the skew allowance (zero with server time, five seconds by default with
+/// caller time); the index lives as long as its longest-lived member. Expiry does not rely on
+/// the TTL, though: every script checks `now < expires_at(created_at, last_seen)` from the
+/// stored times. The token itself is never stored, only its SHA-256 ([`SessionId`]).
+///
+/// # Semantics
+///
+/// The same as `statehouse_embedded::EmbeddedSessionStore`'s, case for case (both pass the
+/// session conformance suite). A session is alive while `now < expires_at(created_at,
+/// last_seen)`. A token resolves to its session, or, when its key is a rotation alias still in
+/// its grace whose target holds a session, to that target (**one hop**: an alias of an alias is
+/// dead). Reads refresh `last_seen` (and the TTL and index score) only when
+/// [`touch_due`](statehouse_core::session::touch_due); updates remove fields, then set fields
+/// (a field in both ends up set), replace roles if given, and always refresh; nothing is ever
+/// written to a session that is gone (no resurrection). Rotating through a live alias rotates
+/// its target; revoking through a live alias revokes the target and deletes the alias. Dead
+/// sessions met by any call are deleted and dropped from the index; `list_for_user`,
+/// `revoke_by_id` and `revoke_all_for_user` prune index members whose session is gone or dead
+/// and consider only sessions whose stored user id equals the argument (two users may share a
+/// tag). None of the three counts as activity. No call uses `KEYS` or keyspace notifications.
+///
+/// Cloning is cheap: clones share the connection.
+///
+/// ```no_run
+/// use statehouse_core::session::{NewSession, SessionConfig, SessionStore};
+/// use statehouse_redis::{RedisSessionStore, RedisStore, RedisTopology};
+///
+/// # async fn example() -> Result<(), statehouse_core::Error> {
+/// // On its own connection:
+/// let sessions = RedisSessionStore::builder(RedisTopology::Standalone("redis://127.0.0.1".into()))
+///     .prefix("myapp:s:")
+///     .config(SessionConfig::default())
+///     .connect()
+///     .await?;
+/// let (token, _record) = sessions.create(&NewSession::for_user("alice")).await?;
+/// assert!(sessions.load(&token).await?.is_some());
+///
+/// // Or sharing the connection of a rate-limit store:
+/// let limits = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// let sessions = limits.session_store(SessionConfig::default());
+/// # let _ = sessions;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisSessionStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone)]
+struct Inner {
+    link: Arc<Link>,
+    /// Coalesces concurrent loads; shared by the clones and the `with_*` variants of a store.
+    loads: Arc<LoadBatcher>,
+    prefix: String,
+    config: SessionConfig,
+    hooks: Option<Arc<dyn SessionHooks>>,
+}
+
+impl fmt::Debug for RedisSessionStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSessionStore")
+            .field("link", &self.inner.link)
+            .field("prefix", &self.inner.prefix)
+            .field("config", &self.inner.config)
+            .field("hooks", &self.inner.hooks)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A session store that shares this store's connection (and its time source, skew
+    /// allowance and call timeout), with the key prefix [`DEFAULT_SESSION_PREFIX`]; change it
+    /// with [`RedisSessionStore::with_prefix`].
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), statehouse_core::Error> {
+    /// use statehouse_core::session::SessionConfig;
+    /// let limits = statehouse_redis::RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// let sessions = limits.session_store(SessionConfig::default()).with_prefix("app:s:")?;
+    /// assert_eq!(sessions.prefix(), "app:s:");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn session_store(&self, config: SessionConfig) -> RedisSessionStore {
+        RedisSessionStore {
+            inner: Arc::new(Inner {
+                link: Arc::clone(self.link()),
+                loads: Arc::new(LoadBatcher::new()),
+                prefix: DEFAULT_SESSION_PREFIX.to_owned(),
+                config,
+                hooks: None,
+            }),
+        }
+    }
+}
+
+impl RedisSessionStore {
+    /// A builder for a session store with its own connection to `topology`.
+    pub fn builder(topology: RedisTopology) -> RedisSessionStoreBuilder {
+        RedisSessionStoreBuilder {
+            topology,
+            prefix: DEFAULT_SESSION_PREFIX.to_owned(),
+            time_source: TimeSource::Server,
+            skew_allowance: None,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            config: SessionConfig::default(),
+            hooks: None,
+        }
+    }
+
+    /// This store with another key prefix (at most 64 printable ASCII characters without
+    /// spaces or braces), on the same connection.
+    pub fn with_prefix(self, prefix: &str) -> Result<RedisSessionStore> {
+        validate_prefix(prefix)?;
+        let mut inner = (*self.inner).clone();
+        prefix.clone_into(&mut inner.prefix);
+        Ok(RedisSessionStore {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// This store reporting [`SessionEvent`]s to `hooks`, on the same connection.
+    pub fn with_hooks(self, hooks: Arc<dyn SessionHooks>) -> RedisSessionStore {
+        let mut inner = (*self.inner).clone();
+        inner.hooks = Some(hooks);
+        RedisSessionStore {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The session configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.inner.config
+    }
+
+    /// The Redis key of the session (or rotation alias) `token` names:
+    /// `{prefix}{<user tag hex>}:<session id>`.
+    pub fn session_key(&self, token: &SessionToken) -> String {
+        format!("{}{}", self.key_base(token.user_tag()), token.id())
+    }
+
+    /// The Redis key of `user_id`'s index: `{prefix}{<user tag hex>}:idx`.
+    pub fn index_key(&self, user_id: &str) -> String {
+        format!("{}idx", self.key_base(UserTag::for_user(user_id)))
+    }
+
+    fn key_base(&self, tag: UserTag) -> String {
+        format!("{}{{{}}}:", self.inner.prefix, tag.to_hex())
+    }
+
+    fn start(&self, op: &str, tag: UserTag) -> (ScriptInvocation<'static>, String) {
+        let base = self.key_base(tag);
+        let link = &self.inner.link;
+        let inv = invocation(
+            op,
+            link.caller_now(),
+            link.skew_allowance_ms,
+            &self.inner.config,
+            &base,
+        );
+        (inv, base)
+    }
+
+    async fn run(&self, inv: &ScriptInvocation<'_>, deadline: Instant) -> Result<Value> {
+        let link = &self.inner.link;
+        link.bounded(deadline, link.conn.invoke(inv)).await
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.link.call_timeout
+    }
+
+    fn emit(&self, event: SessionEvent) {
+        if let Some(hooks) = &self.inner.hooks {
+            hooks.on_event(&event);
+        }
+    }
+
+    /// Reports `{ id, user }` after an `Expired` status.
+    fn emit_expired(&self, rest: Vec<Value>) -> Result<()> {
+        for (id, user_id) in parse_expired(rest)? {
+            self.emit(SessionEvent::Expired {
+                id,
+                user_id: Some(user_id),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reports `{ id, user }` after a `Done` revocation.
+    fn emit_revoked(&self, rest: Vec<Value>) -> Result<()> {
+        for (id, user_id) in parse_expired(rest)? {
+            self.emit(SessionEvent::Revoked {
+                id,
+                user_id: Some(user_id),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_user(user_id: &str) -> Result<()> {
+    NewSession::for_user(user_id).validate()
+}
+
+fn too_many_collisions() -> Error {
+    Error::Backend {
+        message: format!("{TOKEN_ATTEMPTS} freshly drawn session ids were all taken"),
+        source: None,
+    }
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[async_trait]
+impl SessionStore for RedisSessionStore {
+    async fn create(&self, new: &NewSession) -> Result<(SessionToken, SessionRecord)> {
+        new.validate()?;
+        let tag = UserTag::for_user(&new.user_id);
+        let user_agent = new
+            .user_agent
+            .as_deref()
+            .map(|ua| truncate(ua, MAX_STORED_USER_AGENT).to_owned());
+        let mut fields: Vec<(Vec<u8>, &[u8])> = vec![(b"u".to_vec(), new.user_id.as_bytes())];
+        let roles = new.roles.join("\n");
+        fields.push((b"r".to_vec(), roles.as_bytes()));
+        if let Some(ip) = &new.ip {
+            fields.push((b"ip".to_vec(), ip.as_bytes()));
+        }
+        if let Some(ua) = &user_agent {
+            fields.push((b"ua".to_vec(), ua.as_bytes()));
+        }
+        for (name, value) in &new.data {
+            fields.push((format!("{DATA_FIELD_PREFIX}{name}").into_bytes(), value));
+        }
+        let deadline = self.deadline();
+        for _ in 0..TOKEN_ATTEMPTS {
+            let token = SessionToken::generate(tag)?;
+            let id = token.id();
+            let (mut inv, base) = self.start("create", tag);
+            inv.key(format!("{base}{id}"))
+                .key(format!("{base}idx"))
+                .arg(id.as_str());
+            for (field, value) in &fields {
+                inv.arg(field.as_slice()).arg(*value);
+            }
+            let reply = parse_reply(self.run(&inv, deadline).await?)?;
+            match reply.status {
+                Status::Done => {
+                    let now = Timestamp::from_micros(reply.now);
+                    let record = SessionRecord {
+                        id: id.clone(),
+                        user_id: new.user_id.clone(),
+                        roles: new.roles.clone(),
+                        data: new.data.clone(),
+                        created_at: now,
+                        last_seen: now,
+                        ip: new.ip.clone(),
+                        user_agent,
+                    };
+                    self.emit(SessionEvent::Created {
+                        id,
+                        user_id: new.user_id.clone(),
+                    });
+                    return Ok((token, record));
+                }
+                Status::Collision => {
+                    tracing::warn!("statehouse-redis: a fresh session id was taken; drawing again");
+                }
+                other => return Err(unexpected_reply(format!("create answered {other:?}"))),
+            }
+        }
+        Err(too_many_collisions())
+    }
+
+    async fn load(&self, token: &SessionToken) -> Result<Option<LoadedSession>> {
+        // Through the batcher: see `session_batch`. One script call either way.
+        let base = self.key_base(token.user_tag());
+        let link = &self.inner.link;
+        let (reply, answer) = futures::channel::oneshot::channel();
+        let request = LoadRequest {
+            slot: hash_slot(base.as_bytes()),
+            base,
+            id: token.id().as_str().to_owned(),
+            now: link.caller_now(),
+            deadline: self.deadline(),
+            reply,
+        };
+        let value = self
+            .inner
+            .loads
+            .load(link, &self.inner.config, request, answer)
+            .await?;
+        let reply = parse_reply(value)?;
+        match reply.status {
+            Status::Gone => Ok(None),
+            Status::Expired => {
+                self.emit_expired(reply.rest)?;
+                Ok(None)
+            }
+            Status::Done => {
+                // { id, via_alias, touched, { the hash's fields, flat } }
+                let Ok([id, via_alias, touched, flat]) = <[Value; 4]>::try_from(reply.rest) else {
+                    return Err(unexpected_reply("a load reply of the wrong length"));
+                };
+                let id = session_id(id, "session id")?;
+                let via_rotation_alias = uint(&via_alias, "via_alias")? == 1;
+                let touched = uint(&touched, "touched")? == 1;
+                let record = parse_record(id, array(flat, "session fields")?)?;
+                Ok(Some(LoadedSession {
+                    record,
+                    touched,
+                    via_rotation_alias,
+                }))
+            }
+            Status::Collision => Err(unexpected_reply("load answered a collision")),
+        }
+    }
+
+    async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<bool> {
+        changes.validate()?;
+        let id = token.id();
+        let (mut inv, base) = self.start("update", token.user_tag());
+        inv.key(format!("{base}{id}"))
+            .key(format!("{base}idx"))
+            .arg(id.as_str());
+        match &changes.roles {
+            Some(roles) => inv.arg("1").arg(roles.join("\n")),
+            None => inv.arg("0").arg(""),
+        };
+        inv.arg(changes.set.len());
+        for (name, value) in &changes.set {
+            inv.arg(format!("{DATA_FIELD_PREFIX}{name}"))
+                .arg(value.as_slice());
+        }
+        for name in &changes.remove {
+            inv.arg(format!("{DATA_FIELD_PREFIX}{name}"));
+        }
+        let reply = parse_reply(self.run(&inv, self.deadline()).await?)?;
+        match reply.status {
+            Status::Done => Ok(true),
+            Status::Gone => Ok(false),
+            Status::Expired => {
+                self.emit_expired(reply.rest)?;
+                Ok(false)
+            }
+            Status::Collision => Err(unexpected_reply("update answered a collision")),
+        }
+    }
+
+    async fn rotate(&self, token: &SessionToken) -> Result<Option<(SessionToken, SessionRecord)>> {
+        let id = token.id();
+        let tag = token.user_tag();
+        let deadline = self.deadline();
+        for _ in 0..TOKEN_ATTEMPTS {
+            let new_token = SessionToken::generate(tag)?;
+            let new_id = new_token.id();
+            let (mut inv, base) = self.start("rotate", tag);
+            inv.key(format!("{base}{id}"))
+                .key(format!("{base}idx"))
+                .key(format!("{base}{new_id}"))
+                .arg(id.as_str())
+                .arg(new_id.as_str());
+            let reply = parse_reply(self.run(&inv, deadline).await?)?;
+            match reply.status {
+                Status::Gone => return Ok(None),
+                Status::Expired => {
+                    self.emit_expired(reply.rest)?;
+                    return Ok(None);
+                }
+                Status::Done => {
+                    let mut rest = reply.rest.into_iter();
+                    let from = session_id(
+                        rest.next()
+                            .ok_or_else(|| unexpected_reply("a short rotate reply"))?,
+                        "old id",
+                    )?;
+                    let record = parse_record(new_id.clone(), rest.collect())?;
+                    self.emit(SessionEvent::Rotated {
+                        from,
+                        to: new_id,
+                        user_id: record.user_id.clone(),
+                    });
+                    return Ok(Some((new_token, record)));
+                }
+                Status::Collision => {
+                    tracing::warn!("statehouse-redis: a fresh session id was taken; drawing again");
+                }
+            }
+        }
+        Err(too_many_collisions())
+    }
+
+    async fn revoke(&self, token: &SessionToken) -> Result<bool> {
+        let id = token.id();
+        let (mut inv, base) = self.start("revoke", token.user_tag());
+        inv.key(format!("{base}{id}"))
+            .key(format!("{base}idx"))
+            .arg(id.as_str());
+        let reply = parse_reply(self.run(&inv, self.deadline()).await?)?;
+        match reply.status {
+            Status::Done => {
+                self.emit_revoked(reply.rest)?;
+                Ok(true)
+            }
+            Status::Gone => Ok(false),
+            Status::Expired => {
+                self.emit_expired(reply.rest)?;
+                Ok(false)
+            }
+            Status::Collision => Err(unexpected_reply("revoke answered a collision")),
+        }
+    }
+
+    async fn list_for_user(&self, user_id: &str) -> Result<Vec<SessionInfo>> {
+        check_user(user_id)?;
+        let (mut inv, base) = self.start("list", UserTag::for_user(user_id));
+        inv.key(format!("{base}idx")).arg(user_id);
+        let (_now, live, expired) = parse_lists(self.run(&inv, self.deadline()).await?)?;
+        self.emit_expired(expired)?;
+        if !live.len().is_multiple_of(7) {
+            return Err(unexpected_reply("a list entry of the wrong length"));
+        }
+        let mut out = Vec::with_capacity(live.len() / 7);
+        let mut it = live.into_iter();
+        while let Some(id) = it.next() {
+            let mut next = || {
+                it.next()
+                    .ok_or_else(|| unexpected_reply("a short list entry"))
+            };
+            let id = session_id(id, "session id")?;
+            let created_at = Timestamp::from_micros(uint(&next()?, "created_at")?);
+            let last_seen = Timestamp::from_micros(uint(&next()?, "last_seen")?);
+            let has_ip = uint(&next()?, "has_ip")? == 1;
+            let ip = string(next()?, "ip")?;
+            let has_ua = uint(&next()?, "has_ua")? == 1;
+            let ua = string(next()?, "user agent")?;
+            out.push(SessionInfo {
+                id,
+                created_at,
+                last_seen,
+                expires_at: expires_at(created_at, last_seen, &self.inner.config),
+                ip: has_ip.then_some(ip),
+                user_agent: has_ua.then_some(ua),
+            });
+        }
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    async fn revoke_by_id(&self, user_id: &str, id: &SessionId) -> Result<bool> {
+        check_user(user_id)?;
+        let (mut inv, base) = self.start("revoke_id", UserTag::for_user(user_id));
+        inv.key(format!("{base}{id}"))
+            .key(format!("{base}idx"))
+            .arg(id.as_str())
+            .arg(user_id);
+        let reply = parse_reply(self.run(&inv, self.deadline()).await?)?;
+        match reply.status {
+            Status::Done => {
+                self.emit_revoked(reply.rest)?;
+                Ok(true)
+            }
+            Status::Gone => Ok(false),
+            Status::Expired => {
+                self.emit_expired(reply.rest)?;
+                Ok(false)
+            }
+            Status::Collision => Err(unexpected_reply("revoke_by_id answered a collision")),
+        }
+    }
+
+    async fn revoke_all_for_user(&self, user_id: &str, keep: Option<&SessionId>) -> Result<u64> {
+        check_user(user_id)?;
+        let (mut inv, base) = self.start("revoke_all", UserTag::for_user(user_id));
+        inv.key(format!("{base}idx"))
+            .arg(user_id)
+            .arg(keep.map_or("", SessionId::as_str));
+        let (_now, revoked, expired) = parse_lists(self.run(&inv, self.deadline()).await?)?;
+        self.emit_expired(expired)?;
+        let count = revoked.len() as u64;
+        for id in revoked {
+            self.emit(SessionEvent::Revoked {
+                id: session_id(id, "revoked id")?,
+                user_id: Some(user_id.to_owned()),
+            });
+        }
+        Ok(count)
+    }
+}
+
+/// Configures a [`RedisSessionStore`] with a connection of its own; made by
+/// [`RedisSessionStore::builder`]. To share a [`RedisStore`]'s connection instead, use
+/// [`RedisStore::session_store`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use statehouse_core::session::SessionConfig;
+/// use statehouse_redis::{RedisSessionStore, RedisTopology, TimeSource};
+///
+/// # async fn example() -> Result<(), statehouse_core::Error> {
+/// let config = SessionConfig::builder().idle_timeout(Duration::from_secs(900)).build()?;
+/// let sessions = RedisSessionStore::builder(RedisTopology::Cluster(vec![
+///     "redis://10.0.0.1:6379".into(),
+/// ]))
+/// .prefix("app:s:")
+/// .time_source(TimeSource::Server)
+/// .call_timeout(Duration::from_millis(250))
+/// .config(config)
+/// .connect()
+/// .await?;
+/// # let _ = sessions;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `connect` is awaited"]
+pub struct RedisSessionStoreBuilder {
+    topology: RedisTopology,
+    prefix: String,
+    time_source: TimeSource,
+    skew_allowance: Option<Duration>,
+    call_timeout: Duration,
+    config: SessionConfig,
+    hooks: Option<Arc<dyn SessionHooks>>,
+}
+
+impl RedisSessionStoreBuilder {
+    /// The prefix of every storage key (default `"sh:s:"`): at most 64 printable ASCII
+    /// characters without spaces or braces, checked by [`connect`](Self::connect).
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        prefix.clone_into(&mut self.prefix);
+        self
+    }
+
+    /// Which clock decides (default [`TimeSource::Server`]).
+    pub fn time_source(mut self, time_source: TimeSource) -> Self {
+        self.time_source = time_source;
+        self
+    }
+
+    /// Slack added to the TTL of every key (default zero with server time, five seconds with
+    /// caller time); see [`RedisStoreBuilder::skew_allowance`](crate::RedisStoreBuilder::skew_allowance).
+    pub fn skew_allowance(mut self, skew_allowance: Duration) -> Self {
+        self.skew_allowance = Some(skew_allowance);
+        self
+    }
+
+    /// The deadline of one call (default one second); a call that misses it returns
+    /// [`Error::Timeout`]. Must not be zero.
+    pub fn call_timeout(mut self, call_timeout: Duration) -> Self {
+        self.call_timeout = call_timeout;
+        self
+    }
+
+    /// Lifetimes, refresh threshold and rotation grace (default [`SessionConfig::default`]).
+    pub fn config(mut self, config: SessionConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Receives a [`SessionEvent`] after each confirmed change.
+    pub fn hooks(mut self, hooks: Arc<dyn SessionHooks>) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// Validates the configuration and connects; errors as
+    /// [`RedisStoreBuilder::connect`](crate::RedisStoreBuilder::connect).
+    pub async fn connect(self) -> Result<RedisSessionStore> {
+        validate_prefix(&self.prefix)?;
+        let link = Link::connect(
+            self.topology,
+            self.time_source,
+            self.skew_allowance,
+            self.call_timeout,
+        )
+        .await?;
+        Ok(RedisSessionStore {
+            inner: Arc::new(Inner {
+                link: Arc::new(link),
+                loads: Arc::new(LoadBatcher::new()),
+                prefix: self.prefix,
+                config: self.config,
+                hooks: self.hooks,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_agents_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate("abc", 2), "ab");
+        assert_eq!(truncate("é", 1), "");
+        assert_eq!(truncate("abc", 512), "abc");
+    }
+}

@@ -1,0 +1,192 @@
+//! [`Sessions`] over the real embedded store: lifecycle events reach the hooks (and only
+//! confirmed changes), invalid input never reaches the store, typed data round-trips through
+//! the codec, and an outage of a real Redis is an `is_unavailable` error within the deadline.
+
+#![cfg(all(feature = "embedded", feature = "redis"))]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use statehouse::{
+    EmbeddedSessionStore, JsonCodec, ManualClock, NewSession, RedisSessionStore, RedisTopology,
+    SessionChanges, SessionCodec, SessionConfig, SessionEvent, SessionHooks, SessionStoreDown,
+    Sessions, TimeSource,
+};
+use statehouse_testkit::RedisServer;
+
+#[derive(Debug, Default)]
+struct Recorder(Mutex<Vec<SessionEvent>>);
+
+impl SessionHooks for Recorder {
+    fn on_event(&self, event: &SessionEvent) {
+        self.0.lock().expect("lock").push(event.clone());
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<SessionEvent> {
+        std::mem::take(&mut *self.0.lock().expect("lock"))
+    }
+}
+
+fn embedded(clock: &ManualClock) -> EmbeddedSessionStore {
+    EmbeddedSessionStore::builder()
+        .clock(clock.clone())
+        .config(SessionConfig::default())
+        .build()
+        .expect("store")
+}
+
+#[tokio::test]
+async fn events_follow_confirmed_changes() {
+    let clock = ManualClock::starting_now();
+    let hooks = Arc::new(Recorder::default());
+    let sessions = Sessions::builder(embedded(&clock))
+        .hooks(hooks.clone())
+        .build()
+        .expect("sessions");
+
+    let (a, rec_a) = sessions
+        .create(&NewSession::for_user("alice"))
+        .await
+        .expect("create");
+    assert_eq!(
+        hooks.take(),
+        [SessionEvent::Created {
+            id: rec_a.id.clone(),
+            user_id: "alice".into()
+        }]
+    );
+
+    let (a2, rec_a2) = sessions.rotate(&a).await.expect("rotate").expect("live");
+    assert_eq!(
+        hooks.take(),
+        [SessionEvent::Rotated {
+            from: rec_a.id.clone(),
+            to: rec_a2.id.clone(),
+            user_id: "alice".into()
+        }]
+    );
+
+    let (_b, rec_b) = sessions
+        .create(&NewSession::for_user("alice"))
+        .await
+        .expect("create");
+    let (_c, rec_c) = sessions
+        .create(&NewSession::for_user("alice"))
+        .await
+        .expect("create");
+    hooks.take();
+    let n = sessions
+        .revoke_all_for_user("alice", Some(&rec_a2.id))
+        .await
+        .expect("revoke all");
+    assert_eq!(n, 2);
+    let mut revoked: Vec<_> = hooks
+        .take()
+        .into_iter()
+        .map(|e| match e {
+            SessionEvent::Revoked { id, user_id } => {
+                assert_eq!(user_id.as_deref(), Some("alice"));
+                id
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    revoked.sort();
+    let mut expected = vec![rec_b.id, rec_c.id];
+    expected.sort();
+    assert_eq!(revoked, expected);
+
+    assert!(sessions.revoke(&a2).await.expect("revoke"));
+    assert_eq!(
+        hooks.take(),
+        [SessionEvent::Revoked {
+            id: a2.id(),
+            user_id: None
+        }]
+    );
+    // Nothing confirmed, nothing reported: a second revoke, a rotate of a gone session, a load
+    // of an unknown token (which is never reported as `Expired`).
+    assert!(!sessions.revoke(&a2).await.expect("revoke"));
+    assert!(sessions.rotate(&a2).await.expect("rotate").is_none());
+    assert!(sessions.load(&a2).await.expect("load").is_none());
+    assert!(hooks.take().is_empty());
+}
+
+#[tokio::test]
+async fn typed_data_and_invalid_input() {
+    let clock = ManualClock::starting_now();
+    let sessions = Sessions::new(embedded(&clock));
+    assert!(
+        sessions
+            .create(&NewSession::for_user(""))
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+
+    let (token, _) = sessions
+        .create(&NewSession::for_user("bob"))
+        .await
+        .expect("create");
+    let mut changes = SessionChanges::default();
+    changes.set.insert(
+        "cart".into(),
+        sessions.encode(&vec![3_u32, 4]).expect("encode"),
+    );
+    assert!(sessions.update(&token, &changes).await.expect("update"));
+    let record = sessions
+        .load(&token)
+        .await
+        .expect("load")
+        .expect("live")
+        .record;
+    let cart: Vec<u32> = sessions.decode(&record.data["cart"]).expect("decode");
+    assert_eq!(cart, [3, 4]);
+    // The wrong type is a backend error (a corrupt or foreign value), not a panic.
+    assert!(sessions.decode::<String>(&record.data["cart"]).is_err());
+    assert!(JsonCodec.decode::<u8>(b"{").is_err());
+
+    let mut bad = SessionChanges::default();
+    bad.set.insert(String::new(), Vec::new());
+    assert!(
+        sessions
+            .update(&token, &bad)
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+}
+
+#[tokio::test]
+async fn redis_outage_is_unavailable_within_the_deadline() {
+    let mut server = RedisServer::start().expect("redis-server");
+    let clock = ManualClock::starting_now();
+    let store = RedisSessionStore::builder(RedisTopology::Standalone(server.url()))
+        .time_source(TimeSource::Caller(Arc::new(clock.clone())))
+        .connect()
+        .await
+        .expect("connect");
+    let sessions = Sessions::builder(store)
+        .deadline(Duration::from_millis(200))
+        .on_store_down(SessionStoreDown::Anonymous)
+        .build()
+        .expect("sessions");
+    assert_eq!(sessions.store_down_policy(), SessionStoreDown::Anonymous);
+    let (token, _) = sessions
+        .create(&NewSession::for_user("carol"))
+        .await
+        .expect("create");
+    server.kill();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let err = sessions.load(&token).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}
