@@ -21,8 +21,7 @@ use anyhow::bail;
 
 use crate::options::Command;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let options = match options::parse(std::env::args().skip(1))? {
         Command::Help => {
             print!("{}", options::USAGE);
@@ -30,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(options) => options,
     };
-    let results = suite::run(&options).await?;
+    let results = suite::run(&options)?;
     print!("{}", report::markdown(&results));
     let failed = results.failed_runs();
     if !failed.is_empty() {

@@ -23,6 +23,9 @@ OPTIONS:
     --flush            FLUSHALL the --redis-url server before each run (destructive)
     --connections N    RedisStore instances (one multiplexed connection each) shared
                        round-robin by the tasks (default 1)
+    --client-threads N tokio worker threads of the Redis runs (default 1: like
+                       redis-benchmark's single client thread, leaving the other core
+                       to redis-server; the in-process runs use every core)
     --rounds N         the two headline pairs (governor / embedded GCRA, redis-benchmark /
                        Redis GCRA) alternate N times, --seconds/N each, so that a noisy
                        neighbour weighs on both sides of a ratio alike (default 5)
@@ -49,6 +52,8 @@ pub struct Options {
     pub flush_external: bool,
     /// How many `RedisStore`s (connections) the tasks share.
     pub connections: usize,
+    /// Worker threads of the runtime the Redis runs use.
+    pub client_threads: usize,
     /// Which algorithms to run, in `Algorithm::ALL` order.
     pub algorithms: Vec<Algorithm>,
     /// How many times each headline pair alternates.
@@ -69,6 +74,7 @@ impl Default for Options {
             redis_url: None,
             flush_external: false,
             connections: 1,
+            client_threads: 1,
             algorithms: Algorithm::ALL.to_vec(),
             rounds: 5,
             redis: true,
@@ -112,6 +118,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Command> 
             "--redis-url" => options.redis_url = Some(value()?),
             "--flush" => options.flush_external = true,
             "--connections" => options.connections = positive(&flag, &value()?)?,
+            "--client-threads" => options.client_threads = positive(&flag, &value()?)?,
             "--algorithms" => options.algorithms = algorithms(&value()?)?,
             "--rounds" => options.rounds = positive(&flag, &value()?)?,
             "--no-redis" => options.redis = false,

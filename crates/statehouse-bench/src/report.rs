@@ -44,8 +44,9 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
     match &r.setup.redis {
         Some(redis) => writeln!(
             out,
-            "Redis: {redis}; {} `RedisStore` (one multiplexed connection each) shared by the tasks.",
-            o.connections
+            "Redis: {redis}; {} `RedisStore` (one multiplexed connection each) shared by the \
+             tasks, on {} tokio worker thread(s) (`--client-threads`; redis-benchmark runs one).",
+            o.connections, o.client_threads
         )?,
         None => writeln!(out, "Redis: not measured (`--no-redis`).")?,
     }

@@ -118,7 +118,11 @@ impl Results {
 }
 
 /// Runs everything `options` asks for.
-pub async fn run(options: &Options) -> anyhow::Result<Results> {
+///
+/// The in-process runs use a runtime with a worker per core; the Redis runs one with
+/// `--client-threads` workers (default 1), as `redis-benchmark` runs one client thread: on a
+/// machine this small, a client on every core would fight redis-server for its core.
+pub fn run(options: &Options) -> anyhow::Result<Results> {
     let keys = load::keys(options.keys);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
@@ -143,12 +147,20 @@ pub async fn run(options: &Options) -> anyhow::Result<Results> {
         timer_overhead: latency::timer_overhead(),
     };
     if options.embedded {
-        run_embedded(options, &keys, &mut results).await?;
+        runtime(cores)?.block_on(run_embedded(options, &keys, &mut results))?;
     }
     if options.redis {
-        run_redis(options, &keys, &mut results).await?;
+        runtime(options.client_threads)?.block_on(run_redis(options, &keys, &mut results))?;
     }
     Ok(results)
+}
+
+/// A multi-thread tokio runtime with `workers` worker threads.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?)
 }
 
 /// The full-length shape of a single run.
