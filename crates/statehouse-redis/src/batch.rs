@@ -41,16 +41,14 @@
 //! Requests with several checks (all or nothing) and cross-slot batches on a cluster do not go
 //! through the batcher: they keep their own script call.
 
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::Poll;
+use std::sync::Arc;
 
-use futures::channel::{mpsc, oneshot};
-use futures::stream::FuturesUnordered;
-use futures::{Future, StreamExt};
+use futures::Future;
+use futures::channel::oneshot;
 use statehouse_core::{Decision, Error, Mode, Result};
 use tokio::time::Instant;
 
+use crate::coalesce::{self, Batch, Coalescer};
 use crate::limiter_script::{
     IndependentCheck, ScriptCheck, independent_invocation, parse_independent_reply,
 };
@@ -77,15 +75,14 @@ struct Request {
 
 /// The queue of a store's single checks and its background task; see the module docs.
 pub(crate) struct Batcher {
-    /// The queue's sending end, or `None` before the task is started. A std `Mutex`: held only
-    /// to send (which never blocks) or to start the task.
-    queue: Mutex<Option<mpsc::UnboundedSender<Request>>>,
+    /// The queue and its task (see [`crate::coalesce`]).
+    queue: Coalescer<Checks>,
 }
 
 impl Batcher {
     pub(crate) fn new() -> Self {
         Batcher {
-            queue: Mutex::new(None),
+            queue: Coalescer::new(),
         }
     }
 
@@ -100,8 +97,10 @@ impl Batcher {
     ) -> Result<Decision> {
         let deadline = Instant::now() + link.call_timeout;
         let (reply, answer) = oneshot::channel();
-        self.submit(
-            link,
+        self.queue.submit(
+            || Checks {
+                link: Arc::clone(link),
+            },
             Request {
                 check,
                 mode,
@@ -111,115 +110,48 @@ impl Batcher {
                 reply,
             },
         );
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(oneshot::Canceled)) => Err(Error::Unavailable {
-                message: "the Redis batching task stopped before answering".into(),
-                source: None,
-            }),
-            // The check may still be applied if it was sent: see the module docs.
-            Err(_) => Err(Error::Timeout {
-                deadline: link.call_timeout,
-            }),
-        }
-    }
-
-    fn submit(&self, link: &Arc<Link>, request: Request) {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        let request = match queue.as_ref() {
-            Some(sender) => match sender.unbounded_send(request) {
-                Ok(()) => return,
-                // The task is gone (its runtime shut down): start another below.
-                Err(err) => err.into_inner(),
-            },
-            None => request,
-        };
-        let (sender, receiver) = mpsc::unbounded();
-        tokio::spawn(run(Arc::clone(link), receiver));
-        // The receiver is alive: it was just made.
-        let _ = sender.unbounded_send(request);
-        *queue = Some(sender);
+        // The check may still be applied if it was sent: see the module docs.
+        coalesce::answer(
+            deadline,
+            answer,
+            link.call_timeout,
+            "the Redis batching task stopped before answering",
+        )
+        .await
     }
 }
 
-type InFlight = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The background task: see the module docs. Ends when the store (every clone) is dropped and
-/// the batches on the wire are answered.
-async fn run(link: Arc<Link>, mut receiver: mpsc::UnboundedReceiver<Request>) {
-    let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-    let mut open = true;
-    loop {
-        // Finish batches, and take a request when there is room on the wire.
-        let first = futures::future::poll_fn(|cx| {
-            while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
-            if open && in_flight.len() < MAX_IN_FLIGHT {
-                match receiver.poll_next_unpin(cx) {
-                    Poll::Ready(Some(request)) => return Poll::Ready(Some(request)),
-                    Poll::Ready(None) => open = false,
-                    Poll::Pending => {}
-                }
-            }
-            if !open && in_flight.is_empty() {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
-        let Some(first) = first else {
-            return;
-        };
-        let batch = take_batch(first, &mut receiver);
-        if batch.is_empty() {
-            continue;
-        }
-        let groups = if link.conn.is_cluster() {
-            group_by_slot(batch)
-        } else {
-            vec![batch]
-        };
-        let link = Arc::clone(&link);
-        in_flight.push(Box::pin(async move {
-            futures::future::join_all(groups.into_iter().map(|group| send(&link, group))).await;
-        }));
-    }
+/// The background task's context: single checks, sent as `independent` script calls.
+struct Checks {
+    link: Arc<Link>,
 }
 
-/// `first` and whatever else is queued now, within the caps, without the requests whose caller
-/// has gone.
-fn take_batch(first: Request, receiver: &mut mpsc::UnboundedReceiver<Request>) -> Vec<Request> {
-    let now = Instant::now();
-    let mut bytes = first.check.storage_key.len();
-    let mut batch = Vec::with_capacity(16);
-    let keep = |request: Request, batch: &mut Vec<Request>| {
-        if !request.reply.is_canceled() && request.deadline > now {
-            batch.push(request);
-        }
-    };
-    keep(first, &mut batch);
-    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-        match receiver.try_recv() {
-            Ok(request) => {
-                bytes += request.check.storage_key.len();
-                keep(request, &mut batch);
-            }
-            // Empty or closed.
-            Err(_) => break,
-        }
-    }
-    batch
-}
+impl Batch for Checks {
+    type Request = Request;
 
-/// Splits a batch by cluster slot, keeping queue order within each slot.
-fn group_by_slot(batch: Vec<Request>) -> Vec<Vec<Request>> {
-    let mut groups: Vec<Vec<Request>> = Vec::new();
-    for request in batch {
-        match groups.iter_mut().find(|g| g[0].slot == request.slot) {
-            Some(group) => group.push(request),
-            None => groups.push(vec![request]),
-        }
+    const MAX_BATCH: usize = MAX_BATCH;
+    const MAX_BATCH_BYTES: usize = MAX_BATCH_BYTES;
+    const MAX_IN_FLIGHT: usize = MAX_IN_FLIGHT;
+
+    fn link(&self) -> &Link {
+        &self.link
     }
-    groups
+
+    fn slot(request: &Request) -> u16 {
+        request.slot
+    }
+
+    fn weight(request: &Request) -> usize {
+        request.check.storage_key.len()
+    }
+
+    fn is_abandoned(request: &Request, now: Instant) -> bool {
+        request.reply.is_canceled() || request.deadline <= now
+    }
+
+    fn send(&self, group: Vec<Request>) -> impl Future<Output = ()> + Send {
+        send(&self.link, group)
+    }
 }
 
 /// Sends one group (one slot) as one `independent` script call and answers its callers.

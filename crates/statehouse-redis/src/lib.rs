@@ -61,6 +61,7 @@
 
 mod batch;
 mod builder;
+mod coalesce;
 mod connection;
 mod error;
 mod hash_slot;

@@ -25,18 +25,16 @@
 //!
 //! Only loads are coalesced: they are the hot path, and the other operations are rare.
 
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::Poll;
+use std::sync::Arc;
 
-use futures::channel::{mpsc, oneshot};
-use futures::stream::FuturesUnordered;
-use futures::{Future, StreamExt};
+use futures::Future;
+use futures::channel::oneshot;
 use redis::Value;
 use statehouse_core::session::SessionConfig;
 use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
+use crate::coalesce::{self, Batch, Coalescer};
 use crate::link::Link;
 use crate::session_script::{array, invocation, uint};
 
@@ -61,15 +59,14 @@ pub(crate) struct LoadRequest {
 
 /// The queue of a store's loads and its background task; see the module docs.
 pub(crate) struct LoadBatcher {
-    /// The queue's sending end, or `None` before the task is started. A std `Mutex`: held only
-    /// to send (which never blocks) or to start the task.
-    queue: Mutex<Option<mpsc::UnboundedSender<LoadRequest>>>,
+    /// The queue and its task (see [`crate::coalesce`]).
+    queue: Coalescer<Loads>,
 }
 
 impl LoadBatcher {
     pub(crate) fn new() -> Self {
         LoadBatcher {
-            queue: Mutex::new(None),
+            queue: Coalescer::new(),
         }
     }
 
@@ -83,121 +80,56 @@ impl LoadBatcher {
         answer: oneshot::Receiver<Result<Value>>,
     ) -> Result<Value> {
         let deadline = request.deadline;
-        self.submit(link, config, request);
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(oneshot::Canceled)) => Err(Error::Unavailable {
-                message: "the Redis session batching task stopped before answering".into(),
-                source: None,
-            }),
-            Err(_) => Err(Error::Timeout {
-                deadline: link.call_timeout,
-            }),
-        }
-    }
-
-    fn submit(&self, link: &Arc<Link>, config: &SessionConfig, request: LoadRequest) {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        let request = match queue.as_ref() {
-            Some(sender) => match sender.unbounded_send(request) {
-                Ok(()) => return,
-                // The task is gone (its runtime shut down): start another below.
-                Err(err) => err.into_inner(),
+        self.queue.submit(
+            || Loads {
+                link: Arc::clone(link),
+                config: config.clone(),
             },
-            None => request,
-        };
-        let (sender, receiver) = mpsc::unbounded();
-        tokio::spawn(run(Arc::clone(link), config.clone(), receiver));
-        // The receiver is alive: it was just made.
-        let _ = sender.unbounded_send(request);
-        *queue = Some(sender);
+            request,
+        );
+        coalesce::answer(
+            deadline,
+            answer,
+            link.call_timeout,
+            "the Redis session batching task stopped before answering",
+        )
+        .await
     }
 }
 
-type InFlight = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The background task; ends when every clone of the store is dropped and the batches on the
-/// wire are answered.
-async fn run(
+/// The background task's context: loads, sent as `load_many` script calls. Loads have no byte
+/// cap: only [`MAX_BATCH`] bounds a call.
+struct Loads {
     link: Arc<Link>,
     config: SessionConfig,
-    mut receiver: mpsc::UnboundedReceiver<LoadRequest>,
-) {
-    let config = Arc::new(config);
-    let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-    let mut open = true;
-    loop {
-        let first = futures::future::poll_fn(|cx| {
-            while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
-            if open && in_flight.len() < MAX_IN_FLIGHT {
-                match receiver.poll_next_unpin(cx) {
-                    Poll::Ready(Some(request)) => return Poll::Ready(Some(request)),
-                    Poll::Ready(None) => open = false,
-                    Poll::Pending => {}
-                }
-            }
-            if !open && in_flight.is_empty() {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
-        let Some(first) = first else {
-            return;
-        };
-        let batch = take_batch(first, &mut receiver);
-        if batch.is_empty() {
-            continue;
-        }
-        let groups = if link.conn.is_cluster() {
-            group_by_slot(batch)
-        } else {
-            vec![batch]
-        };
-        let (link, config) = (Arc::clone(&link), Arc::clone(&config));
-        in_flight.push(Box::pin(async move {
-            futures::future::join_all(groups.into_iter().map(|group| send(&link, &config, group)))
-                .await;
-        }));
-    }
 }
 
-/// `first` and whatever else is queued now, up to [`MAX_BATCH`], without the loads whose
-/// caller has gone.
-fn take_batch(
-    first: LoadRequest,
-    receiver: &mut mpsc::UnboundedReceiver<LoadRequest>,
-) -> Vec<LoadRequest> {
-    let now = Instant::now();
-    let mut batch = Vec::with_capacity(16);
-    let alive = |r: &LoadRequest| !r.reply.is_canceled() && r.deadline > now;
-    if alive(&first) {
-        batch.push(first);
-    }
-    while batch.len() < MAX_BATCH {
-        match receiver.try_recv() {
-            Ok(request) => {
-                if alive(&request) {
-                    batch.push(request);
-                }
-            }
-            // Empty for now, or closed: send what we have.
-            Err(_) => break,
-        }
-    }
-    batch
-}
+impl Batch for Loads {
+    type Request = LoadRequest;
 
-/// Groups by slot, keeping queue order within each group.
-fn group_by_slot(batch: Vec<LoadRequest>) -> Vec<Vec<LoadRequest>> {
-    let mut groups: Vec<(u16, Vec<LoadRequest>)> = Vec::new();
-    for request in batch {
-        match groups.iter_mut().find(|(slot, _)| *slot == request.slot) {
-            Some((_, group)) => group.push(request),
-            None => groups.push((request.slot, vec![request])),
-        }
+    const MAX_BATCH: usize = MAX_BATCH;
+    const MAX_BATCH_BYTES: usize = usize::MAX;
+    const MAX_IN_FLIGHT: usize = MAX_IN_FLIGHT;
+
+    fn link(&self) -> &Link {
+        &self.link
     }
-    groups.into_iter().map(|(_, group)| group).collect()
+
+    fn slot(request: &LoadRequest) -> u16 {
+        request.slot
+    }
+
+    fn weight(_: &LoadRequest) -> usize {
+        0
+    }
+
+    fn is_abandoned(request: &LoadRequest, now: Instant) -> bool {
+        request.reply.is_canceled() || request.deadline <= now
+    }
+
+    fn send(&self, group: Vec<LoadRequest>) -> impl Future<Output = ()> + Send {
+        send(&self.link, &self.config, group)
+    }
 }
 
 /// Sends one group as one `load_many` call and answers its callers.
