@@ -20,7 +20,7 @@ use crate::hash_slot::hash_slot;
 use crate::link::Link;
 use crate::session_batch::{LoadBatcher, LoadRequest};
 use crate::session_script::{
-    DATA_FIELD_PREFIX, Status, array, invocation, parse_expired, parse_lists, parse_record,
+    DATA_FIELD_PREFIX, Reply, Status, array, invocation, parse_expired, parse_lists, parse_record,
     parse_reply, session_id, string, uint,
 };
 use crate::store::RedisStore;
@@ -253,6 +253,23 @@ impl RedisSessionStore {
         Ok(())
     }
 
+    /// The answer of a revoking script (`revoke`, `revoke_id`): whether a session was revoked,
+    /// with its event; an expired session found on the way is reported as expired, not revoked.
+    fn revocation_outcome(&self, reply: Reply, op: &str) -> Result<bool> {
+        match reply.status {
+            Status::Done => {
+                self.emit_revoked(reply.rest)?;
+                Ok(true)
+            }
+            Status::Gone => Ok(false),
+            Status::Expired => {
+                self.emit_expired(reply.rest)?;
+                Ok(false)
+            }
+            Status::Collision => Err(unexpected_reply(format!("{op} answered a collision"))),
+        }
+    }
+
     /// Reports `{ id, user }` after a `Done` revocation.
     fn emit_revoked(&self, rest: Vec<Value>) -> Result<()> {
         for (id, user_id) in parse_expired(rest)? {
@@ -474,18 +491,7 @@ impl SessionStore for RedisSessionStore {
             .key(format!("{base}idx"))
             .arg(id.as_str());
         let reply = parse_reply(self.run(&inv, self.deadline()).await?)?;
-        match reply.status {
-            Status::Done => {
-                self.emit_revoked(reply.rest)?;
-                Ok(true)
-            }
-            Status::Gone => Ok(false),
-            Status::Expired => {
-                self.emit_expired(reply.rest)?;
-                Ok(false)
-            }
-            Status::Collision => Err(unexpected_reply("revoke answered a collision")),
-        }
+        self.revocation_outcome(reply, "revoke")
     }
 
     async fn list_for_user(&self, user_id: &str) -> Result<Vec<SessionInfo>> {
@@ -532,18 +538,7 @@ impl SessionStore for RedisSessionStore {
             .arg(id.as_str())
             .arg(user_id);
         let reply = parse_reply(self.run(&inv, self.deadline()).await?)?;
-        match reply.status {
-            Status::Done => {
-                self.emit_revoked(reply.rest)?;
-                Ok(true)
-            }
-            Status::Gone => Ok(false),
-            Status::Expired => {
-                self.emit_expired(reply.rest)?;
-                Ok(false)
-            }
-            Status::Collision => Err(unexpected_reply("revoke_by_id answered a collision")),
-        }
+        self.revocation_outcome(reply, "revoke_by_id")
     }
 
     async fn revoke_all_for_user(&self, user_id: &str, keep: Option<&SessionId>) -> Result<u64> {
