@@ -17,6 +17,7 @@
 //! ```
 
 pub mod algorithm;
+pub mod cache;
 mod clock;
 mod decision;
 mod error;
