@@ -37,6 +37,10 @@
 //! [`SessionStore`](statehouse_core::session::SessionStore), sharded by user and bounded the
 //! same way; its [module](session) states the session semantics it shares with the Redis store.
 //!
+//! [`EmbeddedCacheStore`] is the in-process [`CacheStore`](statehouse_core::cache::CacheStore):
+//! sharded, bounded in bytes, with leases, tag versions, prefix purges and synchronous
+//! invalidations; its [module](cache) states its semantics and its memory bound.
+//!
 //! ## Design
 //!
 //! - **Sharded, one lock per shard.** The store holds a power-of-two number of shards (64 by
@@ -70,11 +74,16 @@
 //! cryptographically collision-resistant; the random seed keeps keys that collide from being
 //! precomputed, and the per-shard cap bounds what any flood of keys can cost.
 
+pub mod cache;
 mod clock;
 pub mod session;
 mod shard;
 mod store;
 
+pub use cache::{
+    CacheStats, DEFAULT_CACHE_SHARDS, DEFAULT_MAX_BYTES, ENTRY_OVERHEAD_BYTES, EmbeddedCacheStore,
+    EmbeddedCacheStoreBuilder,
+};
 pub use clock::MonotonicClock;
 pub use session::{
     DEFAULT_MAX_SESSIONS, EmbeddedSessionStore, EmbeddedSessionStoreBuilder, MAX_USER_AGENT_LEN,

@@ -28,6 +28,12 @@
 //!   ([`RedisSessionStore::builder`]) or on a rate-limit store's connection
 //!   ([`RedisStore::session_store`]).
 //!
+//! * **Caching.** [`RedisCacheStore`] is the shared cache tier
+//!   ([`CacheStore`](statehouse_core::cache::CacheStore)) on the same connection
+//!   ([`RedisStore::cache_store`]): coalesced `GET`s on the hit path, one Lua script per write
+//!   that also publishes the invalidation, `SCAN`+`UNLINK` purges on every master, and an
+//!   invalidation listener that reports every loss of its channel.
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use statehouse_core::{LimitCheck, Mode, Policy, RateLimitStore};
@@ -61,6 +67,11 @@
 
 mod batch;
 mod builder;
+mod cache;
+mod cache_get;
+mod cache_nodes;
+mod cache_script;
+mod cache_subscribe;
 mod coalesce;
 mod connection;
 mod error;
@@ -76,6 +87,7 @@ pub use builder::{
     DEFAULT_CALL_TIMEOUT, DEFAULT_CALLER_SKEW_ALLOWANCE, DEFAULT_PREFIX, RedisStoreBuilder,
     RedisTopology, TimeSource,
 };
+pub use cache::RedisCacheStore;
 pub use hash_slot::{SLOT_COUNT, hash_slot};
 pub use session::{DEFAULT_SESSION_PREFIX, RedisSessionStore, RedisSessionStoreBuilder};
 pub use store::RedisStore;

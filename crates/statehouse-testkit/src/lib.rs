@@ -12,9 +12,10 @@
 //!   started on first use; isolate tests with [`unique_prefix`].
 //! * [`raw_command`] — a minimal RESP client to inspect server state without a
 //!   client crate.
-//! * [`ratelimit_suite`] and [`session_suite`] — the conformance suites every
-//!   backend runs, instantiated with [`ratelimit_conformance!`] and
-//!   [`session_conformance!`].
+//! * [`ratelimit_suite`], [`session_suite`] and [`cache_suite`] — the
+//!   conformance suites every backend runs, instantiated with
+//!   [`ratelimit_conformance!`], [`session_conformance!`] and
+//!   [`cache_conformance!`].
 //!
 //! Every server is supervised by a small `sh` watchdog that kills it once the
 //! test process is gone (normal exit, panic or SIGKILL), so the never-dropped
@@ -33,6 +34,7 @@
 //! assert_eq!(raw_command(server.port(), &["TYPE", &key]).unwrap(), "string");
 //! ```
 
+pub mod cache_suite;
 mod cluster;
 pub mod ratelimit_suite;
 mod resp;

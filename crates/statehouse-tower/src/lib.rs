@@ -120,9 +120,11 @@
 //!   `IntoResponse` for [`Error`]. Without it the layer works with any tower stack; handlers
 //!   take the [`Session`] from the request's extensions.
 
+pub mod cache;
 mod error;
 pub mod session;
 
+pub use cache::{HttpCache, HttpCacheLayer, HttpCachePurger};
 pub use error::Error;
 #[cfg(feature = "axum")]
 pub use session::AuthenticatedSession;

@@ -156,22 +156,61 @@
 //! # }
 //! ```
 //!
+//! ## Caching
+//!
+//! [`Cache`] is a typed cache of one key class over a [`CacheStore`] ([`EmbeddedCacheStore`],
+//! [`RedisCacheStore`] from [`RedisStore::cache_store`]): a near cache per replica kept
+//! honest by the store's invalidation channel, single flight in the process and a lease
+//! across replicas (a cold key is loaded once by the whole fleet), and a [`CachePolicy`] with
+//! TTL jitter, negative caching, stale-while-revalidate, stale-if-error and XFetch early
+//! refresh. Its [module](cache) states the consistency guarantees and the races it closes.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use statehouse::{Cache, CachePolicy, EmbeddedCacheStore};
+//!
+//! let policy = CachePolicy::builder(Duration::from_secs(60))
+//!     .stale_while_revalidate(Duration::from_secs(30))
+//!     .negative_ttl(Duration::from_secs(5))
+//!     .build()?;
+//! let products = Cache::<String>::builder(Arc::new(EmbeddedCacheStore::new()), "products")
+//!     .policy(policy)
+//!     .build()
+//!     .await?;
+//! let name = products
+//!     .get_or_load("7", || async { Ok::<_, std::io::Error>(Some("Lamp".to_string())) })
+//!     .await?;
+//! assert_eq!(name.as_deref().map(String::as_str), Some("Lamp"));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Features
 //!
-//! * `embedded` (default): [`EmbeddedStore`], [`EmbeddedSessionStore`] and
-//!   [`DegradedPolicy::LocalFallback`].
-//! * `redis` (default): [`RedisStore`], [`RedisSessionStore`], [`RedisTopology`],
-//!   [`TimeSource`].
+//! * `embedded` (default): [`EmbeddedStore`], [`EmbeddedSessionStore`],
+//!   [`EmbeddedCacheStore`] and [`DegradedPolicy::LocalFallback`].
+//! * `redis` (default): [`RedisStore`], [`RedisSessionStore`], [`RedisCacheStore`],
+//!   [`RedisTopology`], [`TimeSource`].
 //!
-//! Without either, [`RateLimiter`] works over any [`RateLimitStore`] implementation.
+//! Without either, [`RateLimiter`] works over any [`RateLimitStore`] implementation, and
+//! [`Cache`] over any [`CacheStore`].
 
 mod breaker;
+pub mod cache;
 mod degraded;
 mod limiter;
 mod session;
 mod stats;
 
 pub use breaker::{BreakerState, CircuitBreakerConfig};
+pub use cache::{
+    Cache, CacheBuilder, CacheCodec, CacheError, CacheStats, DEFAULT_CACHE_DEADLINE,
+    DEFAULT_COMPRESS_ABOVE, Fetched, Loaded, Lookup, MsgPackCodec, NearCacheConfig, RawCodec,
+    SetOptions, Source, Tier,
+};
 pub use degraded::DegradedPolicy;
 pub use limiter::{DEFAULT_DEADLINE, RateLimiter, RateLimiterBuilder};
 pub use session::{
@@ -183,6 +222,12 @@ pub use stats::LimiterStats;
 pub use statehouse_core::session::{
     LoadedSession, NewSession, SessionChanges, SessionConfig, SessionConfigBuilder, SessionEvent,
     SessionHooks, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, UserTag,
+};
+
+#[doc(no_inline)]
+pub use statehouse_core::cache::{
+    CachePolicy, CachePolicyBuilder, CacheStore, Freshness, Invalidation, InvalidationSink,
+    InvalidationSubscription, LeaseOutcome, LeaseToken,
 };
 
 #[doc(no_inline)]
@@ -198,8 +243,12 @@ pub use statehouse_core;
 
 #[cfg(feature = "embedded")]
 #[doc(no_inline)]
-pub use statehouse_embedded::{EmbeddedSessionStore, EmbeddedStore};
+pub use statehouse_embedded::{
+    EmbeddedCacheStore, EmbeddedCacheStoreBuilder, EmbeddedSessionStore, EmbeddedStore,
+};
 
 #[cfg(feature = "redis")]
 #[doc(no_inline)]
-pub use statehouse_redis::{RedisSessionStore, RedisStore, RedisTopology, TimeSource};
+pub use statehouse_redis::{
+    RedisCacheStore, RedisSessionStore, RedisStore, RedisTopology, TimeSource,
+};

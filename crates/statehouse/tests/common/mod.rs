@@ -215,3 +215,58 @@ impl statehouse_testkit::session_suite::SessionStoreFactory for RedisSessions {
         Arc::new(self.connect(&prefix, clock, config).await)
     }
 }
+
+/// Where a cache test's stores live.
+#[derive(Clone, Copy, Debug)]
+pub enum CacheBackend {
+    /// One `EmbeddedCacheStore` shared by every "replica" (one process).
+    Embedded,
+    /// Redis: each replica is its own connection (its own Pub/Sub subscription).
+    Redis(Deployment),
+}
+
+/// The stores of a cache test's replicas: same data, each with its own connection on Redis.
+pub struct CacheFleet {
+    /// One store per replica.
+    pub stores: Vec<Arc<dyn statehouse_core::cache::CacheStore>>,
+    /// The embedded store, for `reset_channel` (embedded backend only).
+    pub embedded: Option<Arc<statehouse_embedded::EmbeddedCacheStore>>,
+    /// The Redis key prefix (Redis backends only).
+    pub prefix: Option<String>,
+}
+
+impl CacheBackend {
+    /// `replicas` stores over one fresh, isolated data set, following `clock`.
+    pub async fn fleet(self, clock: &ManualClock, replicas: usize) -> CacheFleet {
+        match self {
+            CacheBackend::Embedded => {
+                let store = Arc::new(
+                    statehouse_embedded::EmbeddedCacheStore::builder()
+                        .clock(clock.clone())
+                        .build()
+                        .expect("embedded cache store"),
+                );
+                let shared: Arc<dyn statehouse_core::cache::CacheStore> = store.clone();
+                CacheFleet {
+                    stores: vec![shared; replicas],
+                    embedded: Some(store),
+                    prefix: None,
+                }
+            }
+            CacheBackend::Redis(deployment) => {
+                let prefix = format!("{}:", unique_prefix("cache"));
+                let redis = Redis::new(deployment);
+                let mut stores: Vec<Arc<dyn statehouse_core::cache::CacheStore>> = Vec::new();
+                for _ in 0..replicas {
+                    let store = redis.connect(&prefix, clock).await;
+                    stores.push(Arc::new(store.cache_store()));
+                }
+                CacheFleet {
+                    stores,
+                    embedded: None,
+                    prefix: Some(prefix),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! An RFC 9111 shared HTTP cache as tower middleware: [`HttpCacheLayer`] answers GET and HEAD
+//! from a [`CacheStore`](statehouse::CacheStore) (the embedded store, Redis, Redis Cluster),
+//! strict by default, with `Cache-Status` (RFC 9211) on every response.
+//!
+//! ## Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use axum::Router;
+//! use axum::body::Body;
+//! use axum::response::IntoResponse;
+//! use axum::routing::get;
+//! use http::{Request, header};
+//! use statehouse::{Clock, EmbeddedCacheStore, ManualClock};
+//! use statehouse_tower::cache::HttpCacheLayer;
+//! use tower::ServiceExt;
+//!
+//! async fn article() -> impl IntoResponse {
+//!     (
+//!         [(header::CACHE_CONTROL, "public, max-age=60"), (header::HeaderName::from_static("cache-tag"), "article-42")],
+//!         "the article",
+//!     )
+//! }
+//!
+//! // A manual clock so the numbers below are exact; production leaves the system clock.
+//! let clock = ManualClock::starting_now();
+//! // A fleet: `RedisStore::cache_store()` instead.
+//! let store = EmbeddedCacheStore::builder().clock(clock.clone()).build()?;
+//! let cache = HttpCacheLayer::builder(Arc::new(store))
+//!     .clock(Arc::new(clock.clone()) as Arc<dyn Clock>)
+//!     .cache_name("edge")
+//!     .build()?;
+//! let purger = cache.purger();
+//! let stats = cache.stats();
+//! let app = Router::new().route("/article", get(article)).layer(cache);
+//!
+//! let get = || Request::get("/article").header(header::HOST, "example.com").body(Body::empty());
+//! let first = app.clone().oneshot(get()?).await?;
+//! assert_eq!(first.headers()["cache-status"], "edge; fwd=uri-miss; fwd-status=200; stored");
+//! clock.advance(std::time::Duration::from_secs(15));
+//! let second = app.clone().oneshot(get()?).await?;
+//! assert_eq!(second.headers()["cache-status"], "edge; hit; ttl=45");
+//! assert_eq!(second.headers()[header::AGE], "15");
+//! assert!(second.headers().get("cache-tag").is_none()); // tags stay with the operator
+//!
+//! purger.purge_tag("article-42").await?;
+//! let third = app.oneshot(get()?).await?;
+//! assert_eq!(third.headers()["cache-status"], "edge; fwd=uri-miss; fwd-status=200; stored");
+//! assert_eq!((stats.hits(), stats.stored()), (1, 2));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## What is stored
+//!
+//! Only responses to GET, and only when all of these hold (RFC 9111 §3):
+//!
+//! * a final status other than 206 and 304;
+//! * **explicit freshness**: `s-maxage` (which wins: this is a shared cache), else `max-age`,
+//!   else `Expires` minus `Date`. There is no heuristic freshness, so a response without them
+//!   is never stored. A repeated or malformed `max-age`/`s-maxage` makes the response stale
+//!   (§4.2.1), and an invalid `Expires` (such as `0`) means "already expired";
+//! * no `no-store` (unless `must-understand` and a status understood: §5.2.2.3), no
+//!   unqualified `private` or `no-cache`. The qualified forms (`private="Set-Cookie"`) store
+//!   the response without the fields they name. An unqualified `no-cache` response is not
+//!   stored because this cache does not revalidate (no conditional requests), so it could
+//!   never use it;
+//! * no `Set-Cookie`, unless [`store_set_cookie(true)`](HttpCacheLayerBuilder::store_set_cookie);
+//! * for a request with `Authorization` (only handled at all with
+//!   [`cache_authorized(true)`](HttpCacheLayerBuilder::cache_authorized)): `public`,
+//!   `s-maxage` or `must-revalidate` on the response (§3.5);
+//! * not `Vary: *`, at most 8 `Vary` names ([`max_vary_headers`](HttpCacheLayerBuilder::max_vary_headers)),
+//!   and at most 16 variants per URI ([`max_variants`](HttpCacheLayerBuilder::max_variants));
+//! * a body of at most 1 MiB ([`max_body_bytes`](HttpCacheLayerBuilder::max_body_bytes)) and
+//!   no trailers. A larger body is read only up to the limit, then streams through unstored;
+//! * not already stale when received (its `Age`, and the delay, count: §4.2.3).
+//!
+//! Hop-by-hop fields, `Age` and upstream `Cache-Status` are not stored. Freshness and ages
+//! follow the injected [`Clock`](statehouse::Clock) ([`HttpCacheLayerBuilder::clock`]), so
+//! tests use a `ManualClock`; a hit carries `Age`.
+//!
+//! ## Requests
+//!
+//! * GET and HEAD are looked up; HEAD is answered from a stored GET without the body. A HEAD
+//!   miss goes to the origin as HEAD and stores nothing.
+//! * `Cache-Control: no-store`, a `Range`, or `Authorization` (unless allowed) bypass the
+//!   cache (`fwd=bypass`). `no-cache` or `max-age=0` go to the origin even when a fresh entry
+//!   exists (`fwd=request`), and the new response is stored; `max-age=N` and `min-fresh=N`
+//!   are honoured; `only-if-cached` gets a 504 when the cache cannot answer.
+//! * Any other method goes to the origin (`fwd=method`). An unsafe one (anything but GET,
+//!   HEAD, OPTIONS, TRACE) that succeeds (2xx, 3xx) drops the entry of its target URI
+//!   (§4.4). The URIs in `Location` and `Content-Location`, which §4.4 allows dropping too,
+//!   are left alone.
+//! * A stale entry is not revalidated: the request goes to the origin (`fwd=stale`) and the
+//!   new response replaces it. If the entry's `stale-if-error` window (RFC 5861) is still
+//!   open and the origin fails (an error, or 500, 502, 503, 504), the stale entry is served
+//!   instead. `must-revalidate`, `proxy-revalidate` and `s-maxage` close that window.
+//!   `stale-while-revalidate` is not implemented (it would need a copy of the request to
+//!   refresh in the background).
+//!
+//! ## Keys, `Vary`, coalescing, leases
+//!
+//! The key is the scheme (the URI's own, else [`default_scheme`](HttpCacheLayerBuilder::default_scheme)),
+//! the host (lowercase, default port dropped) and the exact path and query. A response with
+//! `Vary` stores a small *vary spec* at that key (the names and a random generation) and the
+//! response itself under a variant key made of the generation and a SHA-256 of the request's
+//! values of those fields.
+//!
+//! Concurrent misses for one key in one process make **one** upstream request; the others
+//! wait and get its response (`collapsed`), or go upstream themselves when it could not be
+//! stored. Across replicas, a filler takes the store's lease on the key before asking the
+//! origin and writes with it: a purge or an invalidation in between voids the lease, so an
+//! old response is never written back after it. A replica that finds the lease taken goes
+//! to the origin and does not store (`detail=lease-held`). A filler whose client goes away
+//! mid-fill gives its lease back from a background task, and its waiters look the key up
+//! again (one of them leads).
+//!
+//! ## Purging
+//!
+//! [`HttpCachePurger`] (from [`HttpCacheLayer::purger`]) drops a URI (every variant) or every
+//! response carrying a tag. Tags come from the `Cache-Tag` response header (comma-separated;
+//! [`tag_header`](HttpCacheLayerBuilder::tag_header)), are recorded with their versions in the
+//! stored entry, and are removed from responses sent to clients unless
+//! [`strip_tag_header(false)`](HttpCacheLayerBuilder::strip_tag_header).
+//!
+//! ## The store down or slow
+//!
+//! Every store call has a deadline (50 ms, [`store_deadline`](HttpCacheLayerBuilder::store_deadline)),
+//! kept with Tokio's timer: the layer runs inside a Tokio runtime with time enabled (as every
+//! axum and hyper server does).
+//! A failing or slow store never fails a request: it goes to the origin, is not stored
+//! (`detail=store-unavailable`), and [`HttpCacheStats::store_errors`] counts it. A stored value
+//! that does not decode is a miss, counted in [`HttpCacheStats::decode_errors`].
+//!
+//! ## `Cache-Status`
+//!
+//! Every response gets one member (RFC 9211), after any from upstream caches:
+//!
+//! | case | value |
+//! |---|---|
+//! | fresh hit | `statehouse; hit; ttl=42` |
+//! | miss, stored | `statehouse; fwd=uri-miss; fwd-status=200; stored` |
+//! | miss, not stored | `statehouse; fwd=uri-miss; fwd-status=200; detail=set-cookie` |
+//! | another variant | `statehouse; fwd=vary-miss; fwd-status=200; stored` |
+//! | waited for another request | `statehouse; fwd=uri-miss; fwd-status=200; collapsed` |
+//! | request directives | `statehouse; fwd=request; fwd-status=200; stored` |
+//! | stale entry | `statehouse; fwd=stale; fwd-status=200; stored` |
+//! | not handled | `statehouse; fwd=bypass; fwd-status=200; detail=no-store` |
+//! | other methods | `statehouse; fwd=method; fwd-status=204` |
+//!
+//! The `detail` of a response not stored is a [`NotStoredReason`].
+
+mod assess;
+mod body;
+mod control;
+mod flight;
+mod future;
+mod key;
+mod layer;
+mod purge;
+mod service;
+mod stats;
+mod stored;
+
+pub use body::CacheBody;
+pub use future::ResponseFuture;
+pub use layer::{
+    DEFAULT_LEASE_TTL, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_VARIANTS, DEFAULT_MAX_VARY_HEADERS,
+    DEFAULT_STORE_DEADLINE, HttpCacheLayer, HttpCacheLayerBuilder,
+};
+pub use purge::HttpCachePurger;
+pub use service::HttpCache;
+pub use stats::{HttpCacheStats, NotStoredReason};

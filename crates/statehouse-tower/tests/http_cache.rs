@@ -1,0 +1,1153 @@
+//! The HTTP cache layer, rule by rule (RFC 9111, RFC 9211), over the real embedded store and a
+//! `ManualClock`, through `tower::ServiceExt::oneshot` against a counting origin.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use axum::body::{Body, Bytes};
+use http::header::{
+    ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, HOST, SET_COOKIE,
+    VARY,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use statehouse::statehouse_core::cache::{
+    CacheStore, InvalidationSink, InvalidationSubscription, LeaseOutcome, LeaseToken,
+};
+use statehouse::{Clock, EmbeddedCacheStore, ManualClock, Timestamp};
+use statehouse_tower::cache::{CacheBody, HttpCacheLayer, HttpCacheLayerBuilder, NotStoredReason};
+use tokio::sync::Semaphore;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+
+const HOST_NAME: &str = "example.com";
+
+/// The origin's answer to the n-th call (from 1).
+type Respond = dyn Fn(&Request<Body>, usize, Timestamp) -> Response<Body> + Send + Sync;
+
+type Cached = BoxCloneSyncService<Request<Body>, Response<CacheBody<Body>>, Infallible>;
+
+struct Harness {
+    clock: ManualClock,
+    store: Arc<dyn CacheStore>,
+    calls: Arc<AtomicUsize>,
+    layer: HttpCacheLayer,
+    svc: Cached,
+    /// When set, the origin waits for a permit before answering.
+    gate: Option<Arc<Semaphore>>,
+}
+
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Got {
+    fn cache_status(&self) -> &str {
+        self.headers
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("<none>")
+    }
+    fn age(&self) -> Option<u64> {
+        self.headers
+            .get(AGE)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    }
+}
+
+fn start() -> ManualClock {
+    ManualClock::new(Timestamp::from_micros(1_000_000_000 * 1_000_000))
+}
+
+fn http_date(t: Timestamp) -> String {
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_micros(t.as_micros()))
+}
+
+fn embedded(clock: &ManualClock) -> Arc<dyn CacheStore> {
+    Arc::new(
+        EmbeddedCacheStore::builder()
+            .clock(clock.clone())
+            .build()
+            .expect("embedded cache store"),
+    )
+}
+
+fn harness_with(
+    store: Option<Arc<dyn CacheStore>>,
+    gated: bool,
+    configure: impl FnOnce(HttpCacheLayerBuilder) -> HttpCacheLayerBuilder,
+    respond: impl Fn(&Request<Body>, usize, Timestamp) -> Response<Body> + Send + Sync + 'static,
+) -> Harness {
+    let clock = start();
+    let store = store.unwrap_or_else(|| embedded(&clock));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = gated.then(|| Arc::new(Semaphore::new(0)));
+    let respond: Arc<Respond> = Arc::new(respond);
+    let origin = {
+        let (calls, gate, clock) = (calls.clone(), gate.clone(), clock.clone());
+        tower::service_fn(move |req: Request<Body>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let (respond, gate, clock) = (respond.clone(), gate.clone(), clock.clone());
+            async move {
+                if let Some(gate) = gate {
+                    gate.acquire().await.expect("gate open").forget();
+                }
+                Ok::<_, Infallible>(respond(&req, n, clock.now()))
+            }
+        })
+    };
+    let layer = configure(
+        HttpCacheLayer::builder(store.clone()).clock(Arc::new(clock.clone()) as Arc<dyn Clock>),
+    )
+    .build()
+    .expect("valid layer");
+    let svc = BoxCloneSyncService::new(layer.layer(origin));
+    Harness {
+        clock,
+        store,
+        calls,
+        layer,
+        svc,
+        gate,
+    }
+}
+
+fn harness(
+    respond: impl Fn(&Request<Body>, usize, Timestamp) -> Response<Body> + Send + Sync + 'static,
+) -> Harness {
+    harness_with(None, false, |b| b, respond)
+}
+
+/// A 200 with `Cache-Control: cc` (when not empty), a `Date`, and the call number as body.
+fn ok(cc: &str, n: usize, now: Timestamp) -> Response<Body> {
+    let mut b = Response::builder().header(DATE, http_date(now));
+    if !cc.is_empty() {
+        b = b.header(CACHE_CONTROL, cc);
+    }
+    b.body(Body::from(format!("response {n}")))
+        .expect("response")
+}
+
+fn get(path: &str) -> Request<Body> {
+    request(Method::GET, path)
+}
+
+fn request(method: Method, path: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, HOST_NAME)
+        .body(Body::empty())
+        .expect("request")
+}
+
+fn with(mut req: Request<Body>, name: http::HeaderName, value: &str) -> Request<Body> {
+    req.headers_mut()
+        .append(name, value.parse().expect("header value"));
+    req
+}
+
+impl Harness {
+    async fn send(&self, req: Request<Body>) -> Got {
+        let res = self.svc.clone().oneshot(req).await.expect("infallible");
+        let (parts, body) = res.into_parts();
+        let bytes = body.collect().await.expect("body").to_bytes();
+        Got {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Got {
+        self.send(get(path)).await
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn advance(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+}
+
+#[tokio::test]
+async fn a_stored_response_is_a_hit_with_age_and_cache_status() {
+    let h = harness(|_, n, now| ok("max-age=60", n, now));
+    let first = h.get("/a").await;
+    assert_eq!(first.body, "response 1");
+    assert_eq!(
+        first.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
+    assert_eq!(
+        first.age(),
+        None,
+        "a forwarded response keeps the origin's Age"
+    );
+
+    h.advance(12);
+    let second = h.get("/a").await;
+    assert_eq!(second.body, "response 1");
+    assert_eq!(second.cache_status(), "statehouse; hit; ttl=48");
+    assert_eq!(second.age(), Some(12));
+    assert_eq!(h.calls(), 1);
+
+    let stats = h.layer.stats();
+    assert_eq!((stats.hits(), stats.misses(), stats.stored()), (1, 1, 1));
+
+    // The query is part of the key, exactly.
+    let other = h.get("/a?x=1").await;
+    assert_eq!(other.body, "response 2");
+}
+
+#[tokio::test]
+async fn max_age_expires_with_the_clock() {
+    let h = harness(|_, n, now| ok("max-age=60", n, now));
+    h.get("/a").await;
+    h.advance(59);
+    assert_eq!(h.get("/a").await.cache_status(), "statehouse; hit; ttl=1");
+    h.advance(2);
+    let after = h.get("/a").await;
+    assert_eq!(after.body, "response 2");
+    assert!(
+        after.cache_status().starts_with("statehouse; fwd=uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(h.calls(), 2);
+}
+
+#[tokio::test]
+async fn s_maxage_wins_over_max_age_in_a_shared_cache() {
+    let h = harness(|_, n, now| ok("max-age=600, s-maxage=10", n, now));
+    h.get("/a").await;
+    assert_eq!(h.get("/a").await.cache_status(), "statehouse; hit; ttl=10");
+    h.advance(11);
+    assert_eq!(h.get("/a").await.body, "response 2");
+}
+
+#[tokio::test]
+async fn an_upstream_age_counts() {
+    let h = harness(|_, n, now| {
+        let mut res = ok("max-age=60", n, now);
+        res.headers_mut().insert(AGE, "20".parse().unwrap());
+        res
+    });
+    h.get("/a").await;
+    let hit = h.get("/a").await;
+    assert_eq!(hit.cache_status(), "statehouse; hit; ttl=40");
+    assert_eq!(hit.age(), Some(20));
+}
+
+#[tokio::test]
+async fn expires_minus_date_is_explicit_freshness() {
+    let h = harness(|_, n, now| {
+        Response::builder()
+            .header(DATE, http_date(now))
+            .header(
+                "expires",
+                http_date(now.saturating_add(Duration::from_secs(30))),
+            )
+            .body(Body::from(format!("response {n}")))
+            .unwrap()
+    });
+    h.get("/a").await;
+    assert_eq!(h.get("/a").await.cache_status(), "statehouse; hit; ttl=30");
+}
+
+#[tokio::test]
+async fn without_explicit_freshness_nothing_is_stored() {
+    let h = harness(|_, n, now| ok("public", n, now));
+    let first = h.get("/a").await;
+    assert_eq!(
+        first.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=no-freshness"
+    );
+    h.get("/a").await;
+    assert_eq!(h.calls(), 2);
+}
+
+#[tokio::test]
+async fn no_store_on_the_response_is_not_stored() {
+    let h = harness(|_, n, now| ok("max-age=60, no-store", n, now));
+    assert_eq!(
+        h.get("/a").await.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=no-store"
+    );
+    assert_eq!(h.get("/a").await.body, "response 2");
+    assert_eq!(h.layer.stats().not_stored(NotStoredReason::NoStore), 2);
+}
+
+#[tokio::test]
+async fn no_store_on_the_request_bypasses_the_cache() {
+    let h = harness(|_, n, now| ok("max-age=60", n, now));
+    h.get("/a").await;
+    let bypass = h.send(with(get("/a"), CACHE_CONTROL, "no-store")).await;
+    assert_eq!(bypass.body, "response 2");
+    assert_eq!(
+        bypass.cache_status(),
+        "statehouse; fwd=bypass; fwd-status=200; detail=no-store"
+    );
+    // Nor was it stored: the first response is still the one served.
+    assert_eq!(h.get("/a").await.body, "response 1");
+    assert_eq!(h.layer.stats().bypassed(), 1);
+}
+
+#[tokio::test]
+async fn private_is_not_stored_by_a_shared_cache() {
+    let h = harness(|_, n, now| ok("private, max-age=60", n, now));
+    assert_eq!(
+        h.get("/a").await.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=private"
+    );
+    h.get("/a").await;
+    assert_eq!(h.calls(), 2);
+}
+
+#[tokio::test]
+async fn no_cache_response_goes_to_the_origin_every_time() {
+    let h = harness(|_, n, now| ok("no-cache, max-age=60", n, now));
+    assert_eq!(
+        h.get("/a").await.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=no-cache"
+    );
+    assert_eq!(h.get("/a").await.body, "response 2");
+}
+
+#[tokio::test]
+async fn no_cache_or_max_age_zero_request_forwards_and_stores_the_new_response() {
+    let h = harness(|_, n, now| ok("max-age=60", n, now));
+    h.get("/a").await;
+    let forced = h.send(with(get("/a"), CACHE_CONTROL, "no-cache")).await;
+    assert_eq!(forced.body, "response 2");
+    assert_eq!(
+        forced.cache_status(),
+        "statehouse; fwd=request; fwd-status=200; stored"
+    );
+    assert_eq!(h.get("/a").await.body, "response 2");
+
+    let zero = h.send(with(get("/a"), CACHE_CONTROL, "max-age=0")).await;
+    assert_eq!(zero.body, "response 3");
+    assert!(zero.cache_status().starts_with("statehouse; fwd=request"));
+
+    // max-age=N accepts a response up to N seconds old; min-fresh asks for remaining life.
+    h.advance(30);
+    let young_enough = h.send(with(get("/a"), CACHE_CONTROL, "max-age=40")).await;
+    assert_eq!(young_enough.body, "response 3");
+    let too_old = h.send(with(get("/a"), CACHE_CONTROL, "max-age=20")).await;
+    assert_eq!(too_old.body, "response 4");
+    h.advance(30);
+    let min_fresh = h.send(with(get("/a"), CACHE_CONTROL, "min-fresh=50")).await;
+    assert_eq!(min_fresh.body, "response 5");
+    assert_eq!(h.calls(), 5);
+}
+
+#[tokio::test]
+async fn set_cookie_is_refused_by_default() {
+    let h = harness(|_, n, now| {
+        let mut res = ok("max-age=60", n, now);
+        res.headers_mut()
+            .insert(SET_COOKIE, "id=secret".parse().unwrap());
+        res
+    });
+    let first = h.get("/a").await;
+    assert_eq!(
+        first.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=set-cookie"
+    );
+    assert_eq!(first.headers[SET_COOKIE], "id=secret");
+    assert_eq!(h.get("/a").await.body, "response 2");
+    assert_eq!(h.layer.stats().not_stored(NotStoredReason::SetCookie), 2);
+}
+
+#[tokio::test]
+async fn set_cookie_is_stored_when_configured() {
+    let h = harness_with(
+        None,
+        false,
+        |b| b.store_set_cookie(true),
+        |_, n, now| {
+            let mut res = ok("max-age=60", n, now);
+            res.headers_mut()
+                .insert(SET_COOKIE, "theme=dark".parse().unwrap());
+            res
+        },
+    );
+    h.get("/a").await;
+    let hit = h.get("/a").await;
+    assert_eq!(hit.cache_status(), "statehouse; hit; ttl=60");
+    assert_eq!(hit.headers[SET_COOKIE], "theme=dark");
+}
+
+#[tokio::test]
+async fn a_qualified_private_stores_the_rest() {
+    let h = harness(|_, n, now| {
+        let mut res = ok("max-age=60, private=\"Set-Cookie\"", n, now);
+        res.headers_mut()
+            .insert(SET_COOKIE, "id=secret".parse().unwrap());
+        res
+    });
+    assert_eq!(h.get("/a").await.headers[SET_COOKIE], "id=secret");
+    let hit = h.get("/a").await;
+    assert_eq!(hit.cache_status(), "statehouse; hit; ttl=60");
+    assert!(hit.headers.get(SET_COOKIE).is_none());
+}
+
+#[tokio::test]
+async fn authorization_bypasses_unless_configured() {
+    let h = harness(|_, n, now| ok("public, max-age=60", n, now));
+    h.get("/a").await;
+    let authed = h.send(with(get("/a"), AUTHORIZATION, "Bearer alice")).await;
+    assert_eq!(authed.body, "response 2", "never served from the cache");
+    assert_eq!(
+        authed.cache_status(),
+        "statehouse; fwd=bypass; fwd-status=200; detail=authorization"
+    );
+    assert_eq!(h.calls(), 2);
+}
+
+#[tokio::test]
+async fn authorized_responses_need_public_s_maxage_or_must_revalidate() {
+    let h = harness_with(
+        None,
+        false,
+        |b| b.cache_authorized(true),
+        |req, n, now| match req.uri().path() {
+            "/plain" => ok("max-age=60", n, now),
+            "/public" => ok("public, max-age=60", n, now),
+            "/shared" => ok("s-maxage=60", n, now),
+            _ => ok("must-revalidate, max-age=60", n, now),
+        },
+    );
+    let authed = |path| with(get(path), AUTHORIZATION, "Bearer alice");
+    assert_eq!(
+        h.send(authed("/plain")).await.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=authorization"
+    );
+    assert_eq!(h.send(authed("/plain")).await.body, "response 2");
+    for path in ["/public", "/shared", "/revalidate"] {
+        h.send(authed(path)).await;
+        let hit = h.send(authed(path)).await;
+        assert!(
+            hit.cache_status().contains("; hit"),
+            "{path}: {}",
+            hit.cache_status()
+        );
+    }
+    assert_eq!(h.calls(), 5);
+}
+
+#[tokio::test]
+async fn vary_stores_one_variant_per_value() {
+    let h = harness(|req, n, now| {
+        let mut res = ok("max-age=60", n, now);
+        res.headers_mut()
+            .insert(VARY, "Accept-Encoding".parse().unwrap());
+        let enc = req
+            .headers()
+            .get(ACCEPT_ENCODING)
+            .map_or("none", |v| v.to_str().unwrap());
+        *res.body_mut() = Body::from(format!("response {n} for {enc}"));
+        res
+    });
+    let gzip = || with(get("/a"), ACCEPT_ENCODING, "gzip");
+    let br = || with(get("/a"), ACCEPT_ENCODING, "br");
+    let first = h.send(gzip()).await;
+    assert_eq!(
+        first.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
+    let second = h.send(br()).await;
+    assert_eq!(second.body, "response 2 for br");
+    assert_eq!(
+        second.cache_status(),
+        "statehouse; fwd=vary-miss; fwd-status=200; stored"
+    );
+    assert_eq!(h.send(gzip()).await.body, "response 1 for gzip");
+    assert_eq!(h.send(br()).await.body, "response 2 for br");
+    // No Accept-Encoding at all is a third variant.
+    assert_eq!(h.get("/a").await.body, "response 3 for none");
+    assert_eq!(h.get("/a").await.body, "response 3 for none");
+    assert_eq!(h.calls(), 3);
+}
+
+#[tokio::test]
+async fn vary_star_and_too_many_vary_names_are_never_stored() {
+    let h = harness(|req, n, now| {
+        let mut res = ok("max-age=60", n, now);
+        let vary = if req.uri().path() == "/star" {
+            "Accept, *"
+        } else {
+            "a, b, c, d, e, f, g, h, i"
+        };
+        res.headers_mut().insert(VARY, vary.parse().unwrap());
+        res
+    });
+    assert_eq!(
+        h.get("/star").await.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=vary-star"
+    );
+    assert_eq!(h.get("/star").await.body, "response 2");
+    assert_eq!(
+        h.get("/many").await.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=too-many-vary"
+    );
+}
+
+#[tokio::test]
+async fn head_is_answered_from_a_stored_get() {
+    let h = harness(|_, n, now| ok("max-age=60", n, now));
+    // A HEAD miss goes to the origin as HEAD and stores nothing.
+    let miss = h.send(request(Method::HEAD, "/a")).await;
+    assert_eq!(
+        miss.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=head"
+    );
+    h.get("/a").await;
+    let head = h.send(request(Method::HEAD, "/a")).await;
+    assert_eq!(head.cache_status(), "statehouse; hit; ttl=60");
+    assert_eq!(head.body, "");
+    assert_eq!(
+        head.headers[CONTENT_LENGTH], "10",
+        "the stored GET's length"
+    );
+    assert_eq!(h.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_successful_unsafe_method_invalidates_its_uri() {
+    let h = harness(|req, n, now| match *req.method() {
+        Method::GET => ok("max-age=60", n, now),
+        Method::PUT => Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Body::empty())
+            .unwrap(),
+        _ => Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(Body::empty())
+            .unwrap(),
+    });
+    h.get("/a").await;
+    // A failed unsafe request changes nothing.
+    let put = h.send(request(Method::PUT, "/a")).await;
+    assert_eq!(put.cache_status(), "statehouse; fwd=method; fwd-status=500");
+    assert_eq!(h.get("/a").await.body, "response 1");
+
+    let post = h.send(request(Method::POST, "/a")).await;
+    assert_eq!(
+        post.cache_status(),
+        "statehouse; fwd=method; fwd-status=204"
+    );
+    assert_eq!(h.get("/a").await.body, "response 4");
+    assert_eq!(h.layer.stats().invalidations(), 1);
+    // OPTIONS is safe: nothing invalidated.
+    h.send(request(Method::OPTIONS, "/a")).await;
+    assert_eq!(h.get("/a").await.body, "response 4");
+}
+
+#[tokio::test]
+async fn purge_by_uri_drops_every_variant() {
+    let h = harness(|req, n, now| {
+        let mut res = ok("max-age=60", n, now);
+        if req.uri().path() == "/v" {
+            res.headers_mut()
+                .insert(VARY, "Accept-Encoding".parse().unwrap());
+        }
+        res
+    });
+    h.get("/a").await;
+    h.send(with(get("/v"), ACCEPT_ENCODING, "gzip")).await;
+    h.send(with(get("/v"), ACCEPT_ENCODING, "br")).await;
+    assert_eq!(h.calls(), 3);
+
+    let purger = h.layer.purger();
+    let uri: http::Uri = "http://Example.com:80/a".parse().unwrap();
+    assert!(purger.purge(&uri).await.unwrap());
+    assert!(purger.purge_path(HOST_NAME, "/v").await.unwrap());
+    assert!(!purger.purge_path(HOST_NAME, "/never").await.unwrap());
+    assert!(purger.purge_path("bad host", "/a").await.is_err());
+    assert!(purger.purge(&"/relative".parse().unwrap()).await.is_err());
+
+    assert_eq!(h.get("/a").await.body, "response 4");
+    assert_eq!(
+        h.send(with(get("/v"), ACCEPT_ENCODING, "gzip")).await.body,
+        "response 5"
+    );
+    assert_eq!(
+        h.send(with(get("/v"), ACCEPT_ENCODING, "br")).await.body,
+        "response 6"
+    );
+    assert_eq!(h.layer.stats().purges(), 3);
+}
+
+#[tokio::test]
+async fn purge_by_tag_drops_every_tagged_response() {
+    let h = harness(|req, n, now| {
+        let mut res = ok("max-age=60", n, now);
+        let tags = match req.uri().path() {
+            "/one" => "product-1, list",
+            "/two" => "product-2,list",
+            _ => "other",
+        };
+        res.headers_mut().insert("cache-tag", tags.parse().unwrap());
+        res
+    });
+    let first = h.get("/one").await;
+    assert!(
+        first.headers.get("cache-tag").is_none(),
+        "stripped by default"
+    );
+    h.get("/two").await;
+    h.get("/three").await;
+    assert!(h.get("/one").await.cache_status().contains("; hit"));
+
+    h.layer.purger().purge_tag("list").await.unwrap();
+    assert_eq!(h.get("/one").await.body, "response 4");
+    assert_eq!(h.get("/two").await.body, "response 5");
+    let untouched = h.get("/three").await;
+    assert_eq!(untouched.body, "response 3");
+    assert!(untouched.cache_status().contains("; hit"));
+    // The refilled entries carry the new version: hits again.
+    assert!(h.get("/one").await.cache_status().contains("; hit"));
+    assert!(h.layer.purger().purge_tag("").await.is_err());
+}
+
+#[tokio::test]
+async fn the_tag_header_is_kept_when_configured() {
+    let h = harness_with(
+        None,
+        false,
+        |b| {
+            b.strip_tag_header(false)
+                .tag_header("surrogate-key".parse().unwrap())
+        },
+        |_, n, now| {
+            let mut res = ok("max-age=60", n, now);
+            res.headers_mut()
+                .insert("surrogate-key", "k1 k2".parse().unwrap());
+            res
+        },
+    );
+    assert_eq!(h.get("/a").await.headers["surrogate-key"], "k1 k2");
+    let hit = h.get("/a").await;
+    assert!(hit.cache_status().contains("; hit"));
+    assert_eq!(hit.headers["surrogate-key"], "k1 k2");
+}
+
+/// Lets every spawned task run until it blocks (single-threaded runtime).
+async fn settle() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_misses_make_one_upstream_call() {
+    let h = Arc::new(harness_with(
+        None,
+        true,
+        |b| b,
+        |_, n, now| ok("max-age=60", n, now),
+    ));
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { h.get("/a").await })
+        })
+        .collect();
+    settle().await;
+    assert_eq!(h.calls(), 1, "one leader at the origin, nine waiting");
+    h.gate.as_ref().unwrap().add_permits(100);
+    let mut collapsed = 0;
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.body, "response 1");
+        if got.cache_status() == "statehouse; fwd=uri-miss; fwd-status=200; collapsed" {
+            collapsed += 1;
+        } else {
+            assert_eq!(
+                got.cache_status(),
+                "statehouse; fwd=uri-miss; fwd-status=200; stored"
+            );
+        }
+    }
+    assert_eq!(collapsed, 9);
+    assert_eq!(h.calls(), 1);
+    assert_eq!(h.layer.stats().coalesced(), 9);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn waiters_go_upstream_themselves_when_the_response_is_not_storable() {
+    let h = Arc::new(harness_with(
+        None,
+        true,
+        |b| b,
+        |_, n, now| ok("no-store", n, now),
+    ));
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { h.get("/a").await })
+        })
+        .collect();
+    settle().await;
+    assert_eq!(h.calls(), 1);
+    h.gate.as_ref().unwrap().add_permits(100);
+    let mut bodies: Vec<String> = Vec::new();
+    for t in tasks {
+        bodies.push(t.await.unwrap().body);
+    }
+    bodies.sort();
+    assert_eq!(bodies, ["response 1", "response 2", "response 3"]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_purge_during_a_fill_keeps_the_old_response_out() {
+    let h = Arc::new(harness_with(
+        None,
+        true,
+        |b| b,
+        |_, n, now| {
+            let mut res = ok("max-age=60", n, now);
+            res.headers_mut().insert("cache-tag", "t".parse().unwrap());
+            res
+        },
+    ));
+    // By URI: the purge voids the filler's lease.
+    let filling = {
+        let h = h.clone();
+        tokio::spawn(async move { h.get("/a").await })
+    };
+    settle().await;
+    h.layer.purger().purge_path(HOST_NAME, "/a").await.unwrap();
+    h.gate.as_ref().unwrap().add_permits(1);
+    let got = filling.await.unwrap();
+    assert_eq!(
+        got.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=purged-during-fill"
+    );
+    h.gate.as_ref().unwrap().add_permits(1);
+    assert_eq!(h.get("/a").await.body, "response 2");
+
+    // By tag: the epoch moved while the response was on its way.
+    let filling = {
+        let h = h.clone();
+        tokio::spawn(async move { h.get("/b").await })
+    };
+    settle().await;
+    h.layer.purger().purge_tag("t").await.unwrap();
+    h.gate.as_ref().unwrap().add_permits(1);
+    assert!(
+        filling
+            .await
+            .unwrap()
+            .cache_status()
+            .ends_with("detail=purged-during-fill")
+    );
+    h.gate.as_ref().unwrap().add_permits(1);
+    assert_eq!(h.get("/b").await.body, "response 4");
+    assert!(h.get("/b").await.cache_status().contains("; hit"));
+}
+
+/// A body of several chunks and no length: only reading it tells its size.
+struct Chunks(VecDeque<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::new()
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_body_streams_through_unstored() {
+    let h = harness_with(
+        None,
+        false,
+        |b| b.max_body_bytes(1000),
+        |req, n, now| {
+            let mut res = ok("max-age=60", n, now);
+            let chunk = Bytes::from(vec![b'x'; 300]);
+            *res.body_mut() = match req.uri().path() {
+                "/known" => Body::from(vec![b'y'; 5000]),
+                "/small" => Body::new(Chunks(VecDeque::from(vec![chunk.clone(); 3]))),
+                _ => Body::new(Chunks(VecDeque::from(vec![chunk; 10]))),
+            };
+            res
+        },
+    );
+    let known = h.get("/known").await;
+    assert_eq!(known.body.len(), 5000);
+    assert_eq!(
+        known.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=too-large"
+    );
+    let streamed = h.get("/streamed").await;
+    assert_eq!(streamed.body, "x".repeat(3000), "every byte, in order");
+    assert!(streamed.cache_status().ends_with("detail=too-large"));
+    h.get("/streamed").await;
+    assert_eq!(h.calls(), 3);
+    assert_eq!(h.layer.stats().not_stored(NotStoredReason::TooLarge), 3);
+
+    // Within the limit, a chunked body is stored whole.
+    h.get("/small").await;
+    let hit = h.get("/small").await;
+    assert_eq!(hit.body, "x".repeat(900));
+    assert_eq!(hit.headers[CONTENT_LENGTH], "900");
+}
+
+#[tokio::test]
+async fn garbage_in_the_store_is_a_counted_miss() {
+    let h = harness(|_, n, now| ok("max-age=60", n, now));
+    let key = "http:http://example.com/a";
+    for garbage in [&b"garbage"[..], b"", &[1u8; 40][..]] {
+        h.store
+            .set(key, garbage, Duration::from_secs(60), None)
+            .await
+            .unwrap();
+        let got = h.get("/a").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert!(got.cache_status().starts_with("statehouse; fwd=uri-miss"));
+        h.store.delete(key).await.unwrap();
+    }
+    assert_eq!(h.layer.stats().decode_errors(), 3);
+    h.get("/a").await;
+    assert!(h.get("/a").await.cache_status().contains("; hit"));
+}
+
+#[tokio::test]
+async fn only_if_cached_gets_a_504_on_a_miss() {
+    let h = harness(|_, n, now| ok("max-age=60", n, now));
+    let miss = h
+        .send(with(get("/a"), CACHE_CONTROL, "only-if-cached"))
+        .await;
+    assert_eq!(miss.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(h.calls(), 0);
+    h.get("/a").await;
+    let hit = h
+        .send(with(get("/a"), CACHE_CONTROL, "only-if-cached"))
+        .await;
+    assert_eq!(hit.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_stale_entry_when_the_origin_fails() {
+    let h = harness(|req, n, now| {
+        if n > 2 {
+            return Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .body(Body::from("down"))
+                .unwrap();
+        }
+        match req.uri().path() {
+            "/strict" => ok("max-age=10, stale-if-error=60, must-revalidate", n, now),
+            _ => ok("max-age=10, stale-if-error=60", n, now),
+        }
+    });
+    h.get("/lenient").await;
+    h.get("/strict").await;
+    h.advance(20);
+    let stale = h.get("/lenient").await;
+    assert_eq!(stale.body, "response 1");
+    assert_eq!(
+        stale.cache_status(),
+        "statehouse; fwd=stale; fwd-status=503; ttl=-10; detail=stale-if-error"
+    );
+    assert_eq!(stale.age(), Some(20));
+    let strict = h.get("/strict").await;
+    assert_eq!(strict.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        strict
+            .cache_status()
+            .starts_with("statehouse; fwd=uri-miss")
+    );
+    assert_eq!(h.layer.stats().stale_served(), 1);
+}
+
+/// A store that fails every call, or never answers.
+#[derive(Debug)]
+struct BrokenStore {
+    hang: bool,
+    calls: AtomicUsize,
+}
+
+impl BrokenStore {
+    async fn fail<T>(&self) -> statehouse::Result<T> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        Err(statehouse::Error::Unavailable {
+            message: "connection refused".into(),
+            source: None,
+        })
+    }
+}
+
+#[async_trait]
+impl CacheStore for BrokenStore {
+    async fn get(&self, _: &str) -> statehouse::Result<Option<Vec<u8>>> {
+        self.fail().await
+    }
+    async fn set(
+        &self,
+        _: &str,
+        _: &[u8],
+        _: Duration,
+        _: Option<&LeaseToken>,
+    ) -> statehouse::Result<bool> {
+        self.fail().await
+    }
+    async fn delete(&self, _: &str) -> statehouse::Result<bool> {
+        self.fail().await
+    }
+    async fn acquire_lease(
+        &self,
+        _: &str,
+        _: Timestamp,
+        _: Duration,
+    ) -> statehouse::Result<LeaseOutcome> {
+        self.fail().await
+    }
+    async fn release_lease(&self, _: &str, _: &LeaseToken) -> statehouse::Result<bool> {
+        self.fail().await
+    }
+    async fn tag_versions(&self, _: &[String]) -> statehouse::Result<Vec<u64>> {
+        self.fail().await
+    }
+    async fn bump_tag(&self, _: &str) -> statehouse::Result<u64> {
+        self.fail().await
+    }
+    async fn purge_prefix(&self, _: &str) -> statehouse::Result<u64> {
+        self.fail().await
+    }
+    async fn subscribe(
+        &self,
+        _: Arc<dyn InvalidationSink>,
+    ) -> statehouse::Result<InvalidationSubscription> {
+        self.fail().await
+    }
+}
+
+async fn store_down(hang: bool) {
+    let store = Arc::new(BrokenStore {
+        hang,
+        calls: AtomicUsize::new(0),
+    });
+    let h = harness_with(
+        Some(store.clone()),
+        false,
+        |b| b.store_deadline(Duration::from_millis(50)),
+        |_, n, now| ok("max-age=60", n, now),
+    );
+    for i in 1..=3 {
+        let got = h.get("/a").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body, format!("response {i}"));
+        assert_eq!(
+            got.cache_status(),
+            "statehouse; fwd=uri-miss; fwd-status=200; detail=store-unavailable"
+        );
+    }
+    let post = h.send(request(Method::POST, "/a")).await;
+    assert_eq!(post.status, StatusCode::OK);
+    assert_eq!(h.layer.stats().store_errors(), 4);
+    assert_eq!(store.calls.load(Ordering::SeqCst), 4);
+    let purge = h.layer.purger().purge_path(HOST_NAME, "/a").await;
+    assert!(purge.expect_err("the store is down").is_unavailable());
+}
+
+#[tokio::test]
+async fn a_failing_store_never_fails_a_request() {
+    store_down(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_never_answers_costs_one_deadline() {
+    store_down(true).await;
+}
+
+#[tokio::test]
+async fn invalid_configuration_names_the_field() {
+    let clock = start();
+    let store = embedded(&clock);
+    let field = |b: HttpCacheLayerBuilder| match b.build() {
+        Err(statehouse::Error::InvalidPolicy { field, .. }) => field,
+        other => panic!("expected a rejected field, got {other:?}"),
+    };
+    let b = || HttpCacheLayer::builder(store.clone());
+    assert_eq!(field(b().cache_name("two words")), "cache_name");
+    assert_eq!(field(b().default_scheme("ftp")), "default_scheme");
+    assert_eq!(field(b().max_body_bytes(0)), "max_body_bytes");
+    assert_eq!(field(b().store_deadline(Duration::ZERO)), "store_deadline");
+    assert_eq!(field(b().lease_ttl(Duration::ZERO)), "lease_ttl");
+    assert_eq!(field(b().max_vary_headers(0)), "max_vary_headers");
+    assert_eq!(field(b().max_variants(0)), "max_variants");
+    assert_eq!(field(b().max_ttl(Duration::ZERO)), "max_ttl");
+    assert!(
+        b().cache_name("edge-1")
+            .default_scheme("HTTPS")
+            .build()
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn the_cache_name_is_configurable() {
+    let h = harness_with(
+        None,
+        false,
+        |b| b.cache_name("edge"),
+        |_, n, now| ok("max-age=60", n, now),
+    );
+    h.get("/a").await;
+    assert_eq!(h.get("/a").await.cache_status(), "edge; hit; ttl=60");
+    // A member from an upstream cache stays first.
+    let h = harness(|_, n, now| {
+        let mut res = ok("max-age=60", n, now);
+        res.headers_mut()
+            .insert("cache-status", "origin-cache; hit".parse().unwrap());
+        res
+    });
+    let got = h.get("/a").await;
+    let members: Vec<_> = got
+        .headers
+        .get_all("cache-status")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        members,
+        [
+            "origin-cache; hit",
+            "statehouse; fwd=uri-miss; fwd-status=200; stored"
+        ]
+    );
+    // The stored copy does not repeat the upstream member.
+    let hit = h.get("/a").await;
+    assert_eq!(hit.headers.get_all("cache-status").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn the_number_of_variants_is_bounded() {
+    let h = harness_with(
+        None,
+        false,
+        |b| b.max_variants(2),
+        |_, n, now| {
+            let mut res = ok("max-age=60", n, now);
+            res.headers_mut()
+                .insert(VARY, "Accept-Language".parse().unwrap());
+            res
+        },
+    );
+    let lang = |l: &str| with(get("/a"), http::header::ACCEPT_LANGUAGE, l);
+    assert!(h.send(lang("en")).await.cache_status().ends_with("stored"));
+    assert!(h.send(lang("fr")).await.cache_status().ends_with("stored"));
+    let third = h.send(lang("de")).await;
+    assert_eq!(
+        third.cache_status(),
+        "statehouse; fwd=vary-miss; fwd-status=200; detail=too-many-variants"
+    );
+    assert_eq!(h.send(lang("de")).await.body, "response 4");
+    // The two stored variants still hit.
+    assert_eq!(h.send(lang("en")).await.body, "response 1");
+    assert_eq!(h.send(lang("fr")).await.body, "response 2");
+    // A purge starts a new spec, and a new count.
+    h.layer.purger().purge_path(HOST_NAME, "/a").await.unwrap();
+    assert!(h.send(lang("de")).await.cache_status().ends_with("stored"));
+    assert_eq!(h.send(lang("de")).await.body, "response 5");
+}
+
+#[tokio::test]
+async fn any_http_body_works_not_only_axums() {
+    let clock = start();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let origin = tower::service_fn(move |_req: Request<http_body_util::Empty<Bytes>>| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let res = Response::builder()
+                .header(CACHE_CONTROL, "max-age=60")
+                .body(http_body_util::Full::new(Bytes::from(format!("plain {n}"))))
+                .unwrap();
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let layer = HttpCacheLayer::builder(embedded(&clock))
+        .clock(Arc::new(clock.clone()) as Arc<dyn Clock>)
+        .build()
+        .unwrap();
+    let svc = layer.layer(origin);
+    for _ in 0..2 {
+        let req = Request::get("/x")
+            .header(HOST, HOST_NAME)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"plain 1");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_cancelled_filler_gives_its_lease_and_its_flight_back() {
+    let h = Arc::new(harness_with(
+        None,
+        true,
+        |b| b,
+        |_, n, now| ok("max-age=60", n, now),
+    ));
+    // The lease: without it given back, the next fill would be refused as `lease-held`.
+    let filler = {
+        let h = h.clone();
+        tokio::spawn(async move { h.get("/a").await })
+    };
+    settle().await;
+    assert_eq!(h.calls(), 1);
+    filler.abort();
+    settle().await;
+    h.gate.as_ref().unwrap().add_permits(1);
+    let next = h.get("/a").await;
+    assert_eq!(next.body, "response 2");
+    assert_eq!(
+        next.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
+
+    // The flight: a waiter of a cancelled leader goes on and gets an answer.
+    let leader = {
+        let h = h.clone();
+        tokio::spawn(async move { h.get("/b").await })
+    };
+    settle().await;
+    let waiter = {
+        let h = h.clone();
+        tokio::spawn(async move { h.get("/b").await })
+    };
+    settle().await;
+    assert_eq!(h.calls(), 3, "the waiter waits");
+    leader.abort();
+    settle().await;
+    h.gate.as_ref().unwrap().add_permits(1);
+    assert_eq!(waiter.await.unwrap().body, "response 4");
+}

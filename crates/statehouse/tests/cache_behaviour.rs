@@ -1,0 +1,414 @@
+//! The typed cache's in-process behaviour on the embedded store: single flight (a cancelled
+//! leader, a shared error), the loader's choices, compression, the near cache's bounds and the
+//! store deadline. The cross-replica scenarios on every backend are in `cache_scenarios.rs`.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use statehouse::{
+    Cache, CachePolicy, CacheStore, EmbeddedCacheStore, InvalidationSink, InvalidationSubscription,
+    LeaseOutcome, LeaseToken, Loaded, Lookup, ManualClock, NearCacheConfig, SetOptions, Source,
+    Tier, Timestamp,
+};
+use statehouse_core::cache::Envelope;
+use tokio::sync::watch;
+
+const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+fn clock() -> ManualClock {
+    ManualClock::new(Timestamp::from_micros(1_800_000_000_000_000))
+}
+
+fn store(clock: &ManualClock) -> Arc<EmbeddedCacheStore> {
+    Arc::new(
+        EmbeddedCacheStore::builder()
+            .clock(clock.clone())
+            .build()
+            .expect("store"),
+    )
+}
+
+fn policy(secs: u64) -> CachePolicy {
+    CachePolicy::builder(Duration::from_secs(secs))
+        .jitter(0.0)
+        .build()
+        .expect("policy")
+}
+
+async fn cache(store: Arc<dyn CacheStore>, clock: &ManualClock) -> Cache<String> {
+    Cache::<String>::builder(store, "t")
+        .policy(policy(60))
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .await
+        .expect("cache")
+}
+
+async fn poll<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let began = Instant::now();
+    while !done().await {
+        assert!(began.elapsed() < EVENT_WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[derive(Clone)]
+struct Gate(watch::Sender<bool>);
+
+impl Gate {
+    fn new() -> Gate {
+        Gate(watch::channel(false).0)
+    }
+    fn open(&self) {
+        self.0.send_replace(true);
+    }
+    async fn wait(&self) {
+        let _ = self.0.subscribe().wait_for(|o| *o).await;
+    }
+}
+
+/// A leader whose future is dropped hands the load to a waiter, which loads with its own
+/// loader instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_takes_over_from_a_cancelled_leader() {
+    let clock = clock();
+    let cache = cache(store(&clock), &clock).await;
+    let leader = {
+        let c = cache.clone();
+        tokio::spawn(async move {
+            c.get_or_load("k", || async {
+                std::future::pending::<()>().await;
+                Ok::<_, io::Error>(Some("leader".to_string()))
+            })
+            .await
+        })
+    };
+    poll("the leader's load", || {
+        let c = cache.clone();
+        async move { c.stats().loads == 1 }
+    })
+    .await;
+    let waiter = {
+        let c = cache.clone();
+        tokio::spawn(async move {
+            c.get_or_load_with("k", || async {
+                Ok::<_, io::Error>(Loaded::found("waiter".to_string()))
+            })
+            .await
+        })
+    };
+    poll("the waiter", || {
+        let c = cache.clone();
+        async move { c.stats().coalesced_waiters == 1 }
+    })
+    .await;
+    leader.abort();
+    let fetched = tokio::time::timeout(EVENT_WAIT, waiter)
+        .await
+        .expect("the waiter took over")
+        .expect("task")
+        .expect("load");
+    assert_eq!(fetched.source, Source::Loaded);
+    assert_eq!(fetched.value.as_deref().map(String::as_str), Some("waiter"));
+    assert_eq!(cache.stats().loads, 2);
+}
+
+/// One failed load answers every caller that waited for it: the loader runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_share_the_leaders_error() {
+    let clock = clock();
+    let cache = cache(store(&clock), &clock).await;
+    let gate = Gate::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let c = cache.clone();
+        let gate = gate.clone();
+        let calls = calls.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get_or_load("k", move || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                gate.wait().await;
+                Err::<Option<String>, _>(io::Error::other("boom"))
+            })
+            .await
+        }));
+    }
+    poll("the waiters", || {
+        let c = cache.clone();
+        async move { c.stats().coalesced_waiters == 19 }
+    })
+    .await;
+    gate.open();
+    for t in tasks {
+        let err = t.await.expect("task").expect_err("error");
+        assert_eq!(
+            err.load_error().map(|e| e.to_string()).as_deref(),
+            Some("boom")
+        );
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats().load_errors, 1);
+}
+
+/// The loader decides: its own TTL, tags, or no caching at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loader_chooses_ttl_tags_and_whether_to_store() {
+    let clock = clock();
+    let cache = cache(store(&clock), &clock).await;
+    let f = cache
+        .get_or_load_with("private", || async {
+            Ok::<_, io::Error>(Loaded::found("p".to_string()).do_not_store())
+        })
+        .await
+        .expect("load");
+    assert_eq!(f.source, Source::Loaded);
+    assert!(cache.get("private").await.expect("get").is_miss());
+
+    cache
+        .get_or_load_with("short", || async {
+            Ok::<_, io::Error>(
+                Loaded::found("s".to_string())
+                    .ttl(Duration::from_secs(2))
+                    .tag("group:1"),
+            )
+        })
+        .await
+        .expect("load");
+    assert!(cache.get("short").await.expect("get").is_hit());
+    cache.invalidate_tag("group:1").await.expect("bump");
+    assert!(cache.get("short").await.expect("get").is_miss());
+
+    cache
+        .get_or_load_with("short2", || async {
+            Ok::<_, io::Error>(Loaded::found("s".to_string()).ttl(Duration::from_secs(2)))
+        })
+        .await
+        .expect("load");
+    clock.advance(Duration::from_secs(2) - Duration::from_micros(1));
+    assert!(cache.get("short2").await.expect("get").is_hit());
+    clock.advance(Duration::from_micros(1));
+    assert!(cache.get("short2").await.expect("get").is_miss());
+}
+
+/// Large values are stored LZ4-compressed and read back; small and incompressible ones as
+/// they are; compression off stores everything plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_are_compressed() {
+    let clock = clock();
+    let s = store(&clock);
+    let cache = cache(s.clone(), &clock).await;
+    let big = "statehouse ".repeat(1000);
+    cache.set("big", &big).await.expect("set");
+    cache.set("small", &"tiny".to_string()).await.expect("set");
+    let raw = |key: &'static str| {
+        let s = s.clone();
+        let c = cache.clone();
+        async move {
+            let bytes = s
+                .get(&c.store_key(key))
+                .await
+                .expect("get")
+                .expect("stored");
+            Envelope::decode(&bytes).expect("envelope")
+        }
+    };
+    let e = raw("big").await;
+    assert!(e.flags.compressed);
+    assert!(e.payload.len() < big.len() / 5, "{}", e.payload.len());
+    assert!(!raw("small").await.flags.compressed);
+    // A fresh replica (empty near cache) decompresses.
+    let other = Cache::<String>::builder(s.clone(), "t")
+        .clock(Arc::new(clock.clone()))
+        .without_compression()
+        .build()
+        .await
+        .expect("cache");
+    assert_eq!(
+        other
+            .get("big")
+            .await
+            .expect("get")
+            .value()
+            .map(|v| v.len()),
+        Some(big.len())
+    );
+    other.set("big", &big).await.expect("set");
+    assert!(!raw("big").await.flags.compressed);
+}
+
+/// The near cache stays within its byte bound, counts evictions, and keeps nothing longer
+/// than its `max_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_near_cache_is_bounded_in_bytes_and_time() {
+    let clock = clock();
+    let s = store(&clock);
+    let cache = Cache::<String>::builder(s, "t")
+        .policy(policy(600))
+        .clock(Arc::new(clock.clone()))
+        .near_cache(NearCacheConfig {
+            max_bytes: 64 * 1024,
+            max_ttl: Duration::from_secs(5),
+        })
+        .build()
+        .await
+        .expect("cache");
+    let value = "x".repeat(500);
+    for i in 0..1000 {
+        let key = format!("k{i}");
+        cache.set(&key, &value).await.expect("set");
+        cache.get(&key).await.expect("get");
+    }
+    let held = cache.near_cache_len();
+    // About 640 bytes an entry: at most about 100 fit in 64 KiB.
+    assert!(held > 20 && held <= 110, "{held}");
+    assert!(cache.stats().l1_evictions >= 890);
+    let near = |key: &'static str| {
+        let c = cache.clone();
+        async move { c.get(key).await.expect("get").tier() == Some(Tier::Near) }
+    };
+    cache.get("k999").await.expect("get");
+    assert!(near("k999").await);
+    clock.advance(Duration::from_secs(5));
+    // Past the near cache's max_ttl: read from the store again (still fresh there).
+    assert!(!near("k999").await);
+}
+
+/// A near-cache entry never outlives the stored entry it copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_entry_ends_with_its_stored_entry() {
+    let clock = clock();
+    let cache = cache(store(&clock), &clock).await;
+    cache
+        .set_with(
+            "k",
+            &"v".to_string(),
+            &SetOptions::default().ttl(Duration::from_secs(3)),
+        )
+        .await
+        .expect("set");
+    cache.get("k").await.expect("get");
+    assert!(matches!(
+        cache.get("k").await.expect("get"),
+        Lookup::Hit {
+            tier: Tier::Near,
+            ..
+        }
+    ));
+    clock.advance(Duration::from_secs(3));
+    assert!(cache.get("k").await.expect("get").is_miss());
+}
+
+/// A store that answers `get` only after a long time: the cache's deadline cuts it.
+#[derive(Debug)]
+struct Slow {
+    inner: Arc<dyn CacheStore>,
+    slow: AtomicBool,
+}
+
+#[async_trait]
+impl CacheStore for Slow {
+    async fn get(&self, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
+        if self.slow.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        self.inner.get(key).await
+    }
+    async fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        lease: Option<&LeaseToken>,
+    ) -> statehouse::Result<bool> {
+        self.inner.set(key, value, ttl, lease).await
+    }
+    async fn delete(&self, key: &str) -> statehouse::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn acquire_lease(
+        &self,
+        key: &str,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> statehouse::Result<LeaseOutcome> {
+        self.inner.acquire_lease(key, now, ttl).await
+    }
+    async fn release_lease(&self, key: &str, token: &LeaseToken) -> statehouse::Result<bool> {
+        self.inner.release_lease(key, token).await
+    }
+    async fn tag_versions(&self, tags: &[String]) -> statehouse::Result<Vec<u64>> {
+        self.inner.tag_versions(tags).await
+    }
+    async fn bump_tag(&self, tag: &str) -> statehouse::Result<u64> {
+        self.inner.bump_tag(tag).await
+    }
+    async fn purge_prefix(&self, prefix: &str) -> statehouse::Result<u64> {
+        self.inner.purge_prefix(prefix).await
+    }
+    async fn subscribe(
+        &self,
+        sink: Arc<dyn InvalidationSink>,
+    ) -> statehouse::Result<InvalidationSubscription> {
+        self.inner.subscribe(sink).await
+    }
+}
+
+/// A store slower than the deadline is an outage: `get` reports it, `get_or_load` serves the
+/// loader's value uncached.
+#[tokio::test(start_paused = true)]
+async fn a_store_past_the_deadline_is_bypassed() {
+    let clock = clock();
+    let slow = Arc::new(Slow {
+        inner: store(&clock),
+        slow: AtomicBool::new(true),
+    });
+    let cache = Cache::<String>::builder(slow.clone(), "t")
+        .clock(Arc::new(clock.clone()))
+        .deadline(Duration::from_millis(50))
+        .build()
+        .await
+        .expect("cache");
+    let err = cache.get("k").await.expect_err("deadline");
+    assert!(err.is_unavailable(), "{err}");
+    let f = cache
+        .get_or_load_with("k", || async {
+            Ok::<_, io::Error>(Loaded::found("db".to_string()))
+        })
+        .await
+        .expect("bypassed");
+    assert_eq!(f.source, Source::Bypassed);
+    assert_eq!(cache.stats().store_errors, 2);
+    slow.slow.store(false, Ordering::SeqCst);
+    assert!(
+        cache.get("k").await.expect("get").is_miss(),
+        "cached while bypassed"
+    );
+}
+
+/// Stats count what happened, tier by tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_each_tier() {
+    let clock = clock();
+    let s = store(&clock);
+    let a = cache(s.clone(), &clock).await;
+    a.set("k", &"v".to_string()).await.expect("set");
+    assert!(a.get("missing").await.expect("get").is_miss());
+    assert_eq!(a.get("k").await.expect("get").tier(), Some(Tier::Remote));
+    assert_eq!(a.get("k").await.expect("get").tier(), Some(Tier::Near));
+    let st = a.stats();
+    assert_eq!((st.l2_hits, st.l2_misses), (1, 1));
+    assert_eq!((st.l1_hits, st.l1_misses), (1, 2));
+    assert_eq!(st.invalidations_sent, 1);
+    assert!(st.invalidations_received >= 1);
+    // Own writes are dropped from the near cache before returning; the message does it again.
+    s.delete(&a.store_key("k")).await.expect("raw delete");
+    assert!(a.get("k").await.expect("get").is_miss());
+}
