@@ -75,6 +75,14 @@ impl Connection {
         }
     }
 
+    /// Runs a plain command and returns its reply.
+    pub(crate) async fn query(&self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Connection::Standalone(conn) => cmd.query_async(&mut conn.manager()).await,
+            Connection::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+        }
+    }
+
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Connection::Cluster(_))
     }
