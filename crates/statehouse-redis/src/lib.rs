@@ -89,5 +89,8 @@ pub use builder::{
 };
 pub use cache::RedisCacheStore;
 pub use hash_slot::{SLOT_COUNT, hash_slot};
-pub use session::{DEFAULT_SESSION_PREFIX, RedisSessionStore, RedisSessionStoreBuilder};
+pub use session::{
+    DEFAULT_SESSION_PREFIX, RedisSessionStore, RedisSessionStoreBuilder,
+    SERVER_TIME_FAST_PATH_MARGIN,
+};
 pub use store::RedisStore;

@@ -203,8 +203,8 @@ if deferred then
   loops = 2 * n
 end
 local all_allowed = true
--- Cleared when SET ... NX GET turns out unsupported (Redis before 7.0).
-local set_nx_get = true
+-- Cleared when SET ... GET turns out unsupported (Redis before 6.2).
+local set_get = true
 local reply = { 0 }
 local r = 1
 
@@ -253,25 +253,29 @@ for i = 1, loops do
       -- gcra, leaky bucket: one STRING, the theoretical arrival time.
       local tat = now
       local raw = false
-      -- Whether the key was absent and this check's state is already written.
-      local created = false
-      if write and not deferred and set_nx_get and (code == 5 or cost <= a) then
-        -- An absent key decides as tat = now, which always admits (gcra: cost <= burst; leaky
-        -- bucket: no delay), so its state can be written before deciding: SET NX GET creates
-        -- the key, or sets nothing and returns the value there (Redis 7+; WRONGTYPE on a key of
-        -- another type). One command instead of GET then SET for a key that has expired.
+      -- Whether this check's optimistic state is already written (see below).
+      local written = false
+      if write and not deferred and set_get and (code == 5 or cost <= a) then
+        -- Optimistic write: a key that is absent or whose theoretical arrival time has passed
+        -- decides as tat = now, which always admits (gcra: cost <= burst; leaky bucket: no
+        -- delay) and leaves now + cost * interval behind. That is by far the common case, so
+        -- that state is written first, and `SET ... GET` returns what was there: one command
+        -- instead of GET then SET. When the old time turns out to be later than now, the
+        -- decision below is made on it and the key is written again (admitted) or given its
+        -- old time back (denied): the script is atomic, so no client ever sees the guess.
+        -- A key of another type fails with WRONGTYPE and is not touched.
         local new_tat = now + cost * p
         local ttl = floor((new_tat - now + 999) / 1000) + slack_ms
         if ttl < 1 then
           ttl = 1
         end
-        raw = pcall_redis('SET', key, format('%d', new_tat), 'NX', 'PX', format('%d', ttl), 'GET')
-        if raw == false then
-          created = true
-        elseif type(raw) == 'table' and not match(raw.err or '', 'WRONGTYPE') then
-          -- A server before 7.0 (syntax error) or one refusing writes: read, as they do.
-          set_nx_get = false
+        raw = pcall_redis('SET', key, format('%d', new_tat), 'PX', format('%d', ttl), 'GET')
+        if type(raw) == 'table' and not match(raw.err or '', 'WRONGTYPE') then
+          -- A server before 6.2 (syntax error) or one refusing writes: read, as they do.
+          set_get = false
           raw = pcall_redis('GET', key)
+        elseif type(raw) ~= 'table' then
+          written = true
         end
       else
         raw = pcall_redis('GET', key)
@@ -330,10 +334,18 @@ for i = 1, loops do
             retry_after = wait - a
           end
         end
-        if created then
-          -- Written above, with the same value and expiry.
-          wcode = nil
+        if written then
+          if tat == now then
+            -- The guess was right: written above, with the same value and expiry.
+            wcode = nil
+          elseif not allowed then
+            -- Denied on a later arrival time: put it back (with the expiry it calls for).
+            wcode, w1, wexp = code, tat, tat
+          end
         end
+      elseif written then
+        -- Corrupt state stays as it was, to be reported again; it keeps the expiry just set.
+        call('SET', key, raw, 'KEEPTTL')
       end
     elseif code == 1 or code == 3 or code == 4 then
       -- fixed window, sliding counter, token bucket: one HASH of integers.

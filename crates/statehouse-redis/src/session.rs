@@ -11,14 +11,14 @@ use statehouse_core::session::{
     LoadedSession, NewSession, SessionChanges, SessionConfig, SessionEvent, SessionHooks,
     SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, UserTag, expires_at,
 };
-use statehouse_core::{Error, Result, Timestamp};
+use statehouse_core::{Clock, Error, Result, Timestamp};
 use tokio::time::Instant;
 
 use crate::builder::{DEFAULT_CALL_TIMEOUT, RedisTopology, TimeSource};
 use crate::error::unexpected_reply;
 use crate::hash_slot::hash_slot;
 use crate::link::Link;
-use crate::session_batch::{LoadBatcher, LoadRequest};
+use crate::session_batch::{LoadBatcher, LoadRequest, ReadBatcher};
 use crate::session_script::{
     DATA_FIELD_PREFIX, Reply, Status, array, invocation, parse_expired, parse_lists, parse_record,
     parse_reply, session_id, string, uint,
@@ -27,6 +27,12 @@ use crate::store::RedisStore;
 
 /// The key prefix of a session store unless another is set.
 pub const DEFAULT_SESSION_PREFIX: &str = "sh:s:";
+
+/// With server time, how far from an expiry or a due refresh a session must be for
+/// [`RedisSessionStore`]'s read-only fast path to answer it with the local clock (which may
+/// differ from Redis's `TIME` by this much without changing any answer); closer ones go to the
+/// script, which reads `TIME`.
+pub const SERVER_TIME_FAST_PATH_MARGIN: Duration = Duration::from_secs(2);
 
 /// The stored user agent is cut to this many bytes (at a character boundary).
 const MAX_STORED_USER_AGENT: usize = 512;
@@ -112,6 +118,8 @@ struct Inner {
     link: Arc<Link>,
     /// Coalesces concurrent loads; shared by the clones and the `with_*` variants of a store.
     loads: Arc<LoadBatcher>,
+    /// Coalesces the fast path's concurrent `HGETALL`s into pipelines; shared like `loads`.
+    reads: Arc<ReadBatcher>,
     prefix: String,
     config: SessionConfig,
     hooks: Option<Arc<dyn SessionHooks>>,
@@ -147,6 +155,7 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 link: Arc::clone(self.link()),
                 loads: Arc::new(LoadBatcher::new()),
+                reads: Arc::new(ReadBatcher::new()),
                 prefix: DEFAULT_SESSION_PREFIX.to_owned(),
                 config,
                 hooks: None,
@@ -230,6 +239,73 @@ impl RedisSessionStore {
     async fn run(&self, inv: &ScriptInvocation<'_>, deadline: Instant) -> Result<Value> {
         let link = &self.inner.link;
         link.bounded(deadline, link.conn.invoke(inv)).await
+    }
+
+    /// The common load, answered without a script: one plain `HGETALL` of the presented id's
+    /// key (automatically pipelined with every other call on the multiplexed connection).
+    ///
+    /// `Some(answer)` when the hash alone settles the load: the key is absent (`None`: unknown,
+    /// revoked or expired; an alias or a dead session is never absent-but-alive), or it holds a
+    /// session that is alive and whose refresh is not due (`Some(session)`, nothing to write:
+    /// exactly what the script would answer). Everything else — an alias (rotation grace), a
+    /// session at or near its expiry, a refresh that is due, a hash the fast path cannot parse —
+    /// returns `None` and goes to the script, which decides, writes and reports errors exactly
+    /// as before. Reads write nothing, so this path can never resurrect a session.
+    ///
+    /// Time: with [`TimeSource::Caller`] the caller's clock decides, exactly. With server time
+    /// the script's `TIME` is not available here, so the local clock is used with a margin of
+    /// [`SERVER_TIME_FAST_PATH_MARGIN`] on both edges: a session within the margin of its expiry
+    /// or of its refresh goes to the script. Redis's own key expiry (`PEXPIREAT` at the logical
+    /// expiry) still removes a dead session whatever a replica's clock says.
+    async fn load_read_only(&self, token: &SessionToken) -> Result<Option<Option<LoadedSession>>> {
+        let link = &self.inner.link;
+        let id = token.id();
+        let key = format!("{}{}", self.key_base(token.user_tag()), id.as_str());
+        let (now, margin) = match &link.time_source {
+            TimeSource::Caller(clock) => (clock.now(), 0),
+            TimeSource::Server => (
+                statehouse_core::SystemClock.now(),
+                SERVER_TIME_FAST_PATH_MARGIN.as_micros() as u64,
+            ),
+        };
+        let slot = hash_slot(key.as_bytes());
+        let value = self.inner.reads.read(link, key, slot).await?;
+        let flat = match value {
+            Value::Array(items) => items,
+            Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+            // A key of another type answers an error reply: the script reports it properly.
+            _ => return Ok(None),
+        };
+        if flat.is_empty() {
+            return Ok(Some(None));
+        }
+        let is_alias = flat
+            .iter()
+            .step_by(2)
+            .any(|f| matches!(f, Value::BulkString(b) if b.as_slice() == b"a"));
+        if is_alias {
+            return Ok(None);
+        }
+        let Ok(record) = parse_record(id, flat) else {
+            return Ok(None);
+        };
+        let config = &self.inner.config;
+        let now_us = now.as_micros().saturating_add(margin);
+        let alive = now_us < expires_at(record.created_at, record.last_seen, config).as_micros();
+        let refresh_not_due = now_us
+            < record
+                .last_seen
+                .as_micros()
+                .saturating_add(config.touch_after_micros());
+        if alive && refresh_not_due {
+            Ok(Some(Some(LoadedSession {
+                record,
+                touched: false,
+                via_rotation_alias: false,
+            })))
+        } else {
+            Ok(None)
+        }
     }
 
     fn deadline(&self) -> Instant {
@@ -367,6 +443,10 @@ impl SessionStore for RedisSessionStore {
     }
 
     async fn load(&self, token: &SessionToken) -> Result<Option<LoadedSession>> {
+        // The read-only fast path first: one plain `HGETALL`, no script (see `load_read_only`).
+        if let Some(answer) = self.load_read_only(token).await? {
+            return Ok(answer);
+        }
         // Through the batcher: see `session_batch`. One script call either way.
         let base = self.key_base(token.user_tag());
         let link = &self.inner.link;
@@ -651,6 +731,7 @@ impl RedisSessionStoreBuilder {
             inner: Arc::new(Inner {
                 link: Arc::new(link),
                 loads: Arc::new(LoadBatcher::new()),
+                reads: Arc::new(ReadBatcher::new()),
                 prefix: self.prefix,
                 config: self.config,
                 hooks: self.hooks,

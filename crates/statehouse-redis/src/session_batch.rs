@@ -214,3 +214,125 @@ fn clone_error(err: &Error) -> Error {
         },
     }
 }
+
+/// The most reads in one pipeline.
+pub(crate) const MAX_READ_BATCH: usize = 256;
+
+/// One caller's read-only load (the fast path's `HGETALL`), waiting in the queue.
+pub(crate) struct ReadRequest {
+    /// The presented id's session key.
+    pub(crate) key: String,
+    /// Its cluster slot (0 on standalone).
+    pub(crate) slot: u16,
+    pub(crate) deadline: Instant,
+    /// The `HGETALL` reply (an error reply comes back as a value, for the caller to judge).
+    pub(crate) reply: oneshot::Sender<Result<Value>>,
+}
+
+/// The queue of a store's read-only loads and its background task: the reads queued while
+/// earlier ones are on the wire go out together, per Cluster slot, as one pipeline of
+/// `HGETALL`s (one write, one stream of replies, one wake-up per batch instead of per read).
+pub(crate) struct ReadBatcher {
+    queue: Coalescer<Reads>,
+}
+
+impl ReadBatcher {
+    pub(crate) fn new() -> Self {
+        ReadBatcher {
+            queue: Coalescer::new(),
+        }
+    }
+
+    /// `HGETALL key`, coalesced with whatever other reads are queued.
+    pub(crate) async fn read(&self, link: &Arc<Link>, key: String, slot: u16) -> Result<Value> {
+        let deadline = Instant::now() + link.call_timeout;
+        let (reply, answer) = oneshot::channel();
+        self.queue.submit(
+            || Reads {
+                link: Arc::clone(link),
+            },
+            ReadRequest {
+                key,
+                slot,
+                deadline,
+                reply,
+            },
+        );
+        coalesce::answer(
+            deadline,
+            answer,
+            link.call_timeout,
+            "the Redis session read task stopped before answering",
+        )
+        .await
+    }
+}
+
+/// The background task's context: reads, sent as pipelines.
+struct Reads {
+    link: Arc<Link>,
+}
+
+impl Batch for Reads {
+    type Request = ReadRequest;
+
+    const MAX_BATCH: usize = MAX_READ_BATCH;
+    const MAX_BATCH_BYTES: usize = usize::MAX;
+    const MAX_IN_FLIGHT: usize = MAX_IN_FLIGHT;
+
+    fn link(&self) -> &Link {
+        &self.link
+    }
+
+    fn slot(request: &ReadRequest) -> u16 {
+        request.slot
+    }
+
+    fn weight(_: &ReadRequest) -> usize {
+        0
+    }
+
+    fn is_abandoned(request: &ReadRequest, now: Instant) -> bool {
+        request.reply.is_canceled() || request.deadline <= now
+    }
+
+    fn send(&self, group: Vec<ReadRequest>) -> impl Future<Output = ()> + Send {
+        send_reads(&self.link, group)
+    }
+}
+
+async fn send_reads(link: &Link, group: Vec<ReadRequest>) {
+    let deadline = group
+        .iter()
+        .map(|r| r.deadline)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for request in &group {
+        pipe.cmd("HGETALL").arg(request.key.as_str());
+    }
+    let result = link.bounded(deadline, link.conn.pipeline(&pipe)).await;
+    match result {
+        Ok(values) if values.len() == group.len() => {
+            for (request, value) in group.into_iter().zip(values) {
+                let _ = request.reply.send(Ok(value));
+            }
+        }
+        Ok(values) => {
+            let err = crate::error::unexpected_reply(format!(
+                "{} replies for {} reads",
+                values.len(),
+                group.len()
+            ));
+            for request in group {
+                let _ = request.reply.send(Err(clone_error(&err)));
+            }
+        }
+        Err(err) => {
+            for request in group {
+                let _ = request.reply.send(Err(clone_error(&err)));
+            }
+        }
+    }
+}

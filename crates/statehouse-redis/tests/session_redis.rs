@@ -488,3 +488,42 @@ async fn concurrent_loads_answer_each_caller_on_the_cluster() {
     let raw = move |args: &[&str]| cluster_command(cluster_ref, args);
     concurrent_loads_answer_each_caller(cluster(), &raw).await;
 }
+
+/// With server time, the read-only fast path (a plain `HGETALL`, local clock with a margin)
+/// answers loads of fresh sessions, and a due refresh still goes to the script and is written.
+#[tokio::test]
+async fn server_time_loads_use_the_fast_path_and_still_refresh_when_due() {
+    for (topology, name) in [(standalone(), "fast-s"), (cluster(), "fast-c")] {
+        for (share, expect_touch) in [((1, 4), false), ((0, 1), true)] {
+            let config = SessionConfig::builder()
+                .idle_timeout(Duration::from_secs(60))
+                .touch_after_share(share.0, share.1)
+                .build()
+                .expect("config");
+            let store = RedisSessionStore::builder(topology.clone())
+                .prefix(&store_prefix(name))
+                .config(config)
+                .connect()
+                .await
+                .expect("connect");
+            let (token, created) = store.create(&new_session("fast")).await.expect("create");
+            for _ in 0..3 {
+                let loaded = store.load(&token).await.expect("load").expect("alive");
+                assert_eq!(loaded.touched, expect_touch, "share {share:?}");
+                assert!(!loaded.via_rotation_alias);
+                assert_eq!(loaded.record.user_id, created.user_id);
+                assert_eq!(loaded.record.roles, created.roles);
+                assert_eq!(loaded.record.data, created.data);
+                assert_eq!(loaded.record.ip, created.ip);
+                assert_eq!(loaded.record.user_agent, created.user_agent);
+                assert_eq!(loaded.record.created_at, created.created_at);
+                if !expect_touch {
+                    assert_eq!(loaded.record.last_seen, created.last_seen);
+                }
+            }
+            // A revoked session is gone for the fast path too.
+            assert!(store.revoke(&token).await.expect("revoke"));
+            assert!(store.load(&token).await.expect("load").is_none());
+        }
+    }
+}

@@ -77,9 +77,14 @@ pub async fn run(
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // With the peer address in every request, so new sessions record the client's IP
+    // (`ClientIp::Peer`, the layer's default).
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 #[derive(Deserialize)]
@@ -127,6 +132,7 @@ async fn list_sessions(auth: AuthenticatedSession) -> Result<Json<Value>, Error>
                 "last_seen_us": d.last_seen.as_micros(),
                 "expires_at_us": d.expires_at.as_micros(),
                 "user_agent": d.user_agent,
+                "ip": d.ip,
             })
         })
         .collect();

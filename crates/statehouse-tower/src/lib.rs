@@ -129,7 +129,7 @@ pub use error::Error;
 #[cfg(feature = "axum")]
 pub use session::AuthenticatedSession;
 pub use session::{
-    CookieConfig, CookieConfigBuilder, ResponseFuture, SameSite, Session, SessionLayer,
+    ClientIp, CookieConfig, CookieConfigBuilder, ResponseFuture, SameSite, Session, SessionLayer,
     SessionService,
 };
 

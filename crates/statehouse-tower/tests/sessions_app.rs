@@ -69,6 +69,14 @@ async fn logout_everywhere(backend: Backend, via: Via) {
     let devices = devices.as_array().expect("a list");
     assert_eq!(devices.len(), 2);
     assert_eq!(devices.iter().filter(|d| d["current"] == true).count(), 1);
+    // The client's IP comes from the connection: known over a real socket, absent through
+    // `oneshot` (no connection, and no header is trusted by default).
+    for device in devices {
+        match via {
+            Via::Socket => assert_eq!(device["ip"], "127.0.0.1", "{device}"),
+            Via::Oneshot => assert!(device["ip"].is_null(), "{device}"),
+        }
+    }
 
     let out = phone.post("/logout-everywhere", None).await;
     assert_eq!(out.status, StatusCode::OK);

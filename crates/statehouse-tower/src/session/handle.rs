@@ -71,6 +71,8 @@ struct Shared<C> {
     /// Whether the cookie is persistent: then a refresh of the session re-sends it.
     persistent_cookie: bool,
     user_agent: Option<String>,
+    /// The client's IP address as the layer's [`ClientIp`](super::ClientIp) source found it.
+    ip: Option<String>,
     /// An async mutex, held across the store call of the first load: concurrent first reads
     /// in one request wait for that one load instead of each calling the store.
     state: tokio::sync::Mutex<State>,
@@ -126,12 +128,14 @@ impl<C: SessionCodec> Session<C> {
         token: Option<SessionToken>,
         persistent_cookie: bool,
         user_agent: Option<String>,
+        ip: Option<String>,
     ) -> Self {
         Session {
             shared: Arc::new(Shared {
                 sessions,
                 persistent_cookie,
                 user_agent,
+                ip,
                 state: tokio::sync::Mutex::new(State {
                     token,
                     loaded: Loaded::NotYet,
@@ -422,6 +426,7 @@ impl<C: SessionCodec> Session<C> {
             user_id: user_id.to_owned(),
             roles,
             user_agent: self.shared.user_agent.clone(),
+            ip: self.shared.ip.clone(),
             ..NewSession::default()
         };
         let (token, record) = sessions.create(&new).await?;

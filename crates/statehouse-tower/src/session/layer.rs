@@ -5,6 +5,7 @@ use std::sync::Arc;
 use statehouse::{JsonCodec, SessionCodec, Sessions};
 use tower_layer::Layer;
 
+use super::ClientIp;
 use super::cookie::CookieConfig;
 use super::service::SessionService;
 
@@ -67,6 +68,7 @@ pub(crate) struct LayerConfig<C> {
     pub(crate) sessions: Sessions<C>,
     pub(crate) cookie: CookieConfig,
     pub(crate) no_store_on_set_cookie: bool,
+    pub(crate) client_ip: ClientIp,
 }
 
 impl<C: SessionCodec> SessionLayer<C> {
@@ -79,6 +81,7 @@ impl<C: SessionCodec> SessionLayer<C> {
                 sessions,
                 cookie: CookieConfig::default(),
                 no_store_on_set_cookie: true,
+                client_ip: ClientIp::default(),
             }),
         }
     }
@@ -100,6 +103,16 @@ impl<C: SessionCodec> SessionLayer<C> {
     /// the session to the next visitor. A handler that sets its own `Cache-Control` keeps it.
     pub fn no_store_on_set_cookie(mut self, enabled: bool) -> Self {
         self.config_mut().no_store_on_set_cookie = enabled;
+        self
+    }
+}
+
+impl<C: SessionCodec> SessionLayer<C> {
+    /// Where the client's IP address of a new session comes from (default
+    /// [`ClientIp::Peer`], the connection's peer address). Behind a load balancer, say which
+    /// header your proxies set: see [`ClientIp`] for why a header is never trusted by default.
+    pub fn client_ip(mut self, source: ClientIp) -> Self {
+        self.config_mut().client_ip = source;
         self
     }
 }

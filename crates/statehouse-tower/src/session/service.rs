@@ -99,6 +99,7 @@ where
             token,
             config.cookie.max_age().is_some(),
             user_agent(&req),
+            config.client_ip.resolve(&req),
         );
         req.extensions_mut().insert(session.clone());
         ResponseFuture::new(self.inner.call(req), session, self.config.clone())
