@@ -199,6 +199,19 @@ pub fn redis_benchmark(
         .command(&probe)
         .context("a trial call of the benchmarked script")?;
     target.flush()?;
+    let mut command = vec!["EVALSHA", &sha, "1", call.key];
+    command.extend_from_slice(call.args);
+    run_redis_benchmark(target, &command, shape)
+}
+
+/// Runs `redis-benchmark` once with `command` (where `__rand_int__` in an argument becomes a
+/// random number below `shape.keys`) against whatever the server holds now: nothing is
+/// flushed or loaded. The server's CPU time is sampled around the run.
+pub fn run_redis_benchmark(
+    target: &RedisTarget,
+    command: &[&str],
+    shape: CeilingShape,
+) -> anyhow::Result<CeilingRun> {
     let before = target.server_cpu();
     let out = Command::new("redis-benchmark")
         .arg("-u")
@@ -208,8 +221,7 @@ pub fn redis_benchmark(
         .args(["-P", &shape.pipeline.to_string()])
         .args(["-r", &shape.keys.to_string()])
         .arg("--csv")
-        .args(["EVALSHA", &sha, "1", call.key])
-        .args(call.args)
+        .args(command)
         .output()
         .context("running redis-benchmark (install redis-tools)")?;
     let after = target.server_cpu();
