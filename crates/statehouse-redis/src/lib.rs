@@ -80,6 +80,7 @@ mod limiter_script;
 mod link;
 mod session;
 mod session_batch;
+mod session_record;
 mod session_script;
 mod store;
 
