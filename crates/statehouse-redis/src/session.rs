@@ -269,12 +269,12 @@ impl RedisSessionStore {
     /// The common load, answered without a script: one plain `GET` of the presented id's key
     /// (concurrent ones go out together as one `MGET` per slot).
     ///
-    /// `Some(answer)` when the record alone settles the load: the key is absent (`None`:
+    /// `Ok(answer)` when the record alone settles the load: the key is absent (`None`:
     /// unknown, revoked or expired; an alias or a dead session is never absent-but-alive), or it
     /// holds a session that is alive and whose refresh is not due (`Some(session)`, nothing to
     /// write: exactly what the script would answer). Everything else — an alias (rotation
     /// grace), a session at or near its expiry, a refresh that is due, a record the fast path
-    /// cannot decode — returns `None` and goes to the script, which decides, writes and reports
+    /// cannot decode — returns `Err(key)` (the key handed back) and goes to the script, which decides, writes and reports
     /// errors exactly as before. Reads write nothing, so this path can never resurrect a
     /// session.
     ///
@@ -285,9 +285,9 @@ impl RedisSessionStore {
     /// expiry) still removes a dead session whatever a replica's clock says.
     async fn load_read_only(
         &self,
-        id: &SessionId,
-        key: &str,
-    ) -> Result<Option<Option<LoadedSession>>> {
+        id: SessionId,
+        key: String,
+    ) -> Result<std::result::Result<Option<LoadedSession>, String>> {
         let link = &self.inner.link;
         let (now, margin) = match &link.time_source {
             TimeSource::Caller(clock) => (clock.now(), 0),
@@ -297,14 +297,15 @@ impl RedisSessionStore {
             ),
         };
         let slot = hash_slot(key.as_bytes());
-        let Some(value) = self.inner.reads.read(link, key.to_owned(), slot).await? else {
-            return Ok(Some(None));
+        let (key, value) = self.inner.reads.read(link, key, slot).await?;
+        let Some(value) = value else {
+            return Ok(Ok(None));
         };
         if is_alias(&value) {
-            return Ok(None);
+            return Ok(Err(key));
         }
-        let Ok(record) = decode(id.clone(), &value) else {
-            return Ok(None);
+        let Ok(record) = decode(id, &value) else {
+            return Ok(Err(key));
         };
         let config = &self.inner.config;
         let now_us = now.as_micros().saturating_add(margin);
@@ -315,13 +316,13 @@ impl RedisSessionStore {
                 .as_micros()
                 .saturating_add(config.touch_after_micros());
         if alive && refresh_not_due {
-            Ok(Some(Some(LoadedSession {
+            Ok(Ok(Some(LoadedSession {
                 record,
                 touched: false,
                 via_rotation_alias: false,
             })))
         } else {
-            Ok(None)
+            Ok(Err(key))
         }
     }
 
@@ -456,9 +457,16 @@ impl SessionStore for RedisSessionStore {
         let id = token.id();
         let (key, base_len) = self.session_key_of(token.user_tag(), &id);
         // The read-only fast path first: one plain `GET`, no script (see `load_read_only`).
-        if let Some(answer) = self.load_read_only(&id, &key).await? {
-            return Ok(answer);
-        }
+        // When every load refreshes (`touch_after` zero), it could never answer a live session:
+        // straight to the script then, saving a round trip.
+        let key = if self.inner.config.touch_after_micros() > 0 {
+            match self.load_read_only(id, key).await? {
+                Ok(answer) => return Ok(answer),
+                Err(key) => key,
+            }
+        } else {
+            key
+        };
         // Through the batcher: see `session_batch`. One script call either way.
         let link = &self.inner.link;
         let (reply, answer) = futures::channel::oneshot::channel();

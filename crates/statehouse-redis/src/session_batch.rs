@@ -236,8 +236,8 @@ pub(crate) struct ReadRequest {
     /// Its cluster slot (0 on standalone).
     pub(crate) slot: u16,
     pub(crate) deadline: Instant,
-    /// The stored value, `None` when the key is absent.
-    pub(crate) reply: oneshot::Sender<Result<Option<Vec<u8>>>>,
+    /// The key, handed back, and its stored value (`None` when the key is absent).
+    pub(crate) reply: oneshot::Sender<Result<(String, Option<Vec<u8>>)>>,
 }
 
 /// The queue of a store's read-only loads and its background task: the reads queued while
@@ -260,13 +260,14 @@ impl ReadBatcher {
         }
     }
 
-    /// `GET key`, coalesced with whatever other reads are queued.
+    /// `GET key`, coalesced with whatever other reads are queued. Hands the key back with the
+    /// value, so a caller that needs it afterwards does not have to copy it first.
     pub(crate) async fn read(
         &self,
         link: &Arc<Link>,
         key: String,
         slot: u16,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<(String, Option<Vec<u8>>)> {
         let deadline = Instant::now() + link.call_timeout;
         let (reply, answer) = oneshot::channel();
         self.queue.submit(
@@ -346,7 +347,7 @@ async fn send_reads(link: &Link, group: Vec<ReadRequest>) {
     match replies {
         Ok(values) => {
             for (request, value) in group.into_iter().zip(values) {
-                let _ = request.reply.send(value);
+                let _ = request.reply.send(value.map(|value| (request.key, value)));
             }
         }
         Err(err) => {
