@@ -68,10 +68,13 @@ const TOKEN_ATTEMPTS: usize = 4;
 ///   of the rotation grace (µs, 16 digits), the new id. It expires with the grace.
 /// * `{prefix}{<tag hex>}:idx`: the user's index, a ZSET of session id → expires_at (µs).
 ///
-/// A key that holds anything else (another type, such as the HASH sessions of development
-/// builds before this layout, or a value that does not decode) is corrupt data: the call that
-/// meets it fails with [`Error::Backend`], and a coalesced load fails alone. Nothing was
-/// released with the old layout, so there is no migration.
+/// The layout changed from one HASH per session to these records before any release, so
+/// there is no migration. A key that holds anything else (another type, such as one of those
+/// HASHes, or a value that does not decode) is corrupt data: the call that meets it fails with
+/// [`Error::Backend`], and in a coalesced script call only that load fails. One exception: the
+/// load fast path's coalesced `MGET` answers nil for a key of another type, so such a load
+/// reads as `None` (unknown) instead; a lone load (`GET`, `WRONGTYPE`) and every other
+/// operation report the error.
 ///
 /// Every key has a TTL: `PEXPIREAT` at the session's logical expiry (rounded up to the
 /// millisecond) plus the skew allowance (zero with server time, five seconds by default with

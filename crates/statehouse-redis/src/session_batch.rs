@@ -1,11 +1,14 @@
-//! Coalescing of concurrent session loads into one script call.
+//! Coalescing of concurrent session loads: the fast path's reads into one `MGET` per slot
+//! ([`ReadBatcher`], see its docs), and the loads that need the script into one script call.
 //!
-//! `load` is the per-request hot path, and on Redis most of its cost is the script call itself
-//! (the call's set-up, reading `TIME`, the client's encoding and reply routing), not the few
-//! commands inside. So every [`load`](statehouse_core::session::SessionStore::load) of a
-//! [`RedisSessionStore`](crate::RedisSessionStore) goes through a [`LoadBatcher`]: a queue and
-//! one background task per store (shared by its clones), started on first use on the caller's
-//! runtime and started again if that runtime went away. The task:
+//! `load` is the per-request hot path. Most loads are answered by a plain read of the session
+//! record; the others (a refresh that is due, an alias, an expiry edge) run the script, and
+//! there most of the cost is the script call itself (the call's set-up, reading `TIME`, the
+//! client's encoding and reply routing), not the few commands inside. So every
+//! [`load`](statehouse_core::session::SessionStore::load) of a
+//! [`RedisSessionStore`](crate::RedisSessionStore) that needs the script goes through a
+//! [`LoadBatcher`]: a queue and one background task per store (shared by its clones), started
+//! on first use on the caller's runtime and started again if that runtime went away. The task:
 //!
 //! 1. waits for a load, then takes **whatever else is queued right now**, up to [`MAX_BATCH`]
 //!    loads. There is no timer: under low load a batch is a single load, sent at once;
