@@ -5,7 +5,7 @@ use std::sync::{Mutex, PoisonError};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisResult, ScriptInvocation, Value};
+use redis::{Cmd, RedisResult, ScriptInvocation, Value};
 
 /// After this many calls in a row missed their deadline, the standalone connection is replaced.
 const REPLACE_AFTER_TIMEOUTS: u32 = 3;
@@ -80,14 +80,6 @@ impl Connection {
         match self {
             Connection::Standalone(conn) => cmd.query_async(&mut conn.manager()).await,
             Connection::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
-        }
-    }
-
-    /// Runs a pipeline whose commands' error replies come back as values (`ignore_errors`).
-    pub(crate) async fn pipeline(&self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
-        match self {
-            Connection::Standalone(conn) => pipe.query_async(&mut conn.manager()).await,
-            Connection::Cluster(conn) => pipe.query_async(&mut conn.clone()).await,
         }
     }
 

@@ -22,8 +22,9 @@
 //!   degraded mode can take over, and the connection is re-established in the background.
 //!
 //! * **Sessions.** [`RedisSessionStore`] is the
-//!   [`SessionStore`](statehouse_core::session::SessionStore) on the same deployments: one Lua
-//!   script (one round trip) per operation, every key of a user in one Cluster slot, a TTL on
+//!   [`SessionStore`](statehouse_core::session::SessionStore) on the same deployments: one
+//!   round trip per operation (a Lua script; most loads are a plain `GET` of the session's
+//!   compact record, coalesced into `MGET`s), every key of a user in one Cluster slot, a TTL on
 //!   every key, only SHA-256 ids at rest. Build it on its own
 //!   ([`RedisSessionStore::builder`]) or on a rate-limit store's connection
 //!   ([`RedisStore::session_store`]).
@@ -80,6 +81,7 @@ mod limiter_script;
 mod link;
 mod session;
 mod session_batch;
+mod session_record;
 mod session_script;
 mod store;
 

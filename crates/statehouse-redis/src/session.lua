@@ -1,16 +1,27 @@
 -- Statehouse sessions: every operation of `statehouse_core::session::SessionStore` in one atomic
 -- step on the Redis server. The expiry rules mirror crates/statehouse-core/src/session.rs
 -- (`expires_at`, `is_alive`, `touch_due`) with the same integer arithmetic: times are
--- microseconds since the epoch, integers below 2^53, exact in Lua's doubles.
+-- microseconds since the epoch, integers below 10^16 (16 decimal digits), exact in Lua's
+-- doubles.
 --
 -- Keys (all of one user share the hash tag `{<user tag hex>}`, hence one Cluster slot):
---   {prefix}{<tag>}:<id>   HASH, a session:
---                            u = user id, r = roles joined by "\n" (roles hold no control
---                            characters; '' = none), c = created_at µs, s = last_seen µs,
---                            ip, ua (absent when unknown), d:<name> = a data field (raw bytes)
+--   {prefix}{<tag>}:<id>   STRING, a session in one compact record:
+--                            byte 1      'S' (format 1)
+--                            bytes 2-17  created_at µs, 16 zero-padded decimal digits
+--                            bytes 18-33 last_seen µs, the same (a touch is one SETRANGE at
+--                                        offset 17, nothing decoded)
+--                            then fields, each a kind byte, for 'd' a 2-byte big-endian name
+--                            length and the name, then a 4-byte big-endian value length and
+--                            the value: 'u' user id, 'r' roles joined by "\n" (roles hold no
+--                            control characters; '' = none), 'i' ip, 'a' user agent (absent
+--                            when unknown), 'd' a data field (raw bytes). Kinds this script
+--                            does not know are kept as they are.
 --                          or, after a rotation, an alias of the old id (same key name):
---                            a = the new id, g = end of the rotation grace (µs)
+--                            'A', the end of the rotation grace (16 digits), the new id (64 hex)
 --   {prefix}{<tag>}:idx    ZSET, the user's index: member = session id, score = expires_at µs
+-- (Sessions were HASHes before this layout; nothing was released with that one, so there is no
+-- migration.) A key of another type, such as one of those HASHes, or a value that does not parse is
+-- corrupt data: the call that meets it fails with an error.
 -- Every write sets an expiry (PEXPIREAT at the logical expiry, rounded up to the millisecond,
 -- plus ARGV[3]); the index expires with its longest-lived member (a load's refresh only
 -- lengthens the index's TTL, `PEXPIREAT … GT`, so after a revocation it may outlive its members
@@ -35,16 +46,25 @@ if redis.replicate_commands then
   pcall(redis.replicate_commands)
 end
 
--- Cost notes (this script runs on every request): in Lua 5.1 every `local function` statement
--- below allocates a closure each time it runs, i.e. on every EVALSHA, and the garbage collector
--- then has to free it. So the load path (`load`, `load_many`) comes first, creates two closures
--- per call (not per load) and returns before the functions of the other operations are made.
+-- Cost notes (this script runs on every request that needs it): in Lua 5.1 every
+-- `local function` statement below allocates a closure each time it runs, i.e. on every
+-- EVALSHA, and the garbage collector then has to free it. So the load path (`load`,
+-- `load_many`) comes first, creates few closures per call (not per load) and returns before the
+-- functions of the other operations are made.
 local call = redis.call
-local tonumber, floor, ceil, find, format = tonumber, math.floor, math.ceil, string.find, string.format
+local tonumber, floor, ceil, format = tonumber, math.floor, math.ceil, string.format
+local byte, sub, find = string.byte, string.sub, string.find
 
 local GONE, DONE, EXPIRED, COLLISION, FAILED = 0, 1, 2, 3, 4
--- Fields per HSET / HDEL call: far below the Lua stack limit that `unpack` runs into.
-local CHUNK = 256
+-- 'S', 'A', and the field kinds.
+local K_SESSION, K_ALIAS = 83, 65
+local K_USER, K_ROLES, K_IP, K_AGENT, K_DATA = 117, 114, 105, 97, 100
+-- The header of a session: kind byte and two 16-digit times.
+local HEADER = 33
+-- An alias: kind byte, 16-digit grace end, 64-hex id.
+local ALIAS_LEN = 81
+-- Times are written as 16 digits: anything from here up cannot be.
+local MAX_TIME = 1e16
 
 local function arg_uint(i, what)
   local n = tonumber(ARGV[i])
@@ -54,6 +74,95 @@ local function arg_uint(i, what)
   return n
 end
 
+local function corrupt(key, what)
+  error(redis.error_reply('ERR statehouse: corrupt session data at ' .. key .. ': ' .. what))
+end
+
+-- The 16-digit time at byte `from` of the record `v`.
+local function digits(v, from, key, what)
+  local s = sub(v, from, from + 15)
+  if #s ~= 16 or not find(s, '^%d+$') then
+    corrupt(key, what .. ' is not a 16-digit time')
+  end
+  return tonumber(s)
+end
+
+-- `n` (µs) as the 16 digits of a record.
+local function pad(n)
+  if n >= MAX_TIME then
+    error(redis.error_reply('ERR statehouse: a time past 16 digits of microseconds'))
+  end
+  return format('%016.0f', n)
+end
+
+-- Decodes a session record: { c, s, u, r, i, a, d = { name = value }, x = { unknown fields } }.
+-- Fails (an error reply) on anything that is not a whole, well-formed session record.
+local function decode(v, key)
+  local n = #v
+  if n < HEADER or byte(v, 1) ~= K_SESSION then
+    corrupt(key, 'not a session record')
+  end
+  local f = { c = digits(v, 2, key, 'created_at'), s = digits(v, 18, key, 'last_seen'), d = {}, x = {} }
+  local pos = HEADER + 1
+  while pos <= n do
+    local start, k = pos, byte(v, pos)
+    pos = pos + 1
+    local name
+    if k == K_DATA then
+      if pos + 1 > n then
+        corrupt(key, 'a data field name is cut short')
+      end
+      local b1, b2 = byte(v, pos, pos + 1)
+      local len = b1 * 256 + b2
+      pos = pos + 2
+      if pos + len - 1 > n then
+        corrupt(key, 'a data field name is cut short')
+      end
+      name = sub(v, pos, pos + len - 1)
+      pos = pos + len
+    end
+    if pos + 3 > n then
+      corrupt(key, 'a field length is cut short')
+    end
+    local b1, b2, b3, b4 = byte(v, pos, pos + 3)
+    local len = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
+    pos = pos + 4
+    if pos + len - 1 > n then
+      corrupt(key, 'a field value is cut short')
+    end
+    local value = sub(v, pos, pos + len - 1)
+    pos = pos + len
+    if k == K_USER then
+      f.u = value
+    elseif k == K_ROLES then
+      f.r = value
+    elseif k == K_IP then
+      f.i = value
+    elseif k == K_AGENT then
+      f.a = value
+    elseif k == K_DATA then
+      f.d[name] = value
+    else
+      f.x[#f.x + 1] = sub(v, start, pos - 1)
+    end
+  end
+  if f.u == nil then
+    corrupt(key, 'no user id')
+  end
+  return f
+end
+
+-- load: KEYS[1] = key of the presented id, KEYS[2] = index; ARGV[9] = presented id.
+-- Reply { now, 1, id, via_alias, touched, record } or { now, 0 } or the EXPIRED reply
+-- { now, 2, id, user }. The record is the stored value as read: when `touched` is 1, its
+-- last_seen is the reply's `now` (the record carries the time before the touch).
+--
+-- load_many: n loads in one call (the store coalesces concurrent loads; on Redis Cluster, of
+-- one slot). Each is exactly a `load` of its own, in order, with its own key base and time.
+-- KEYS[2i-1], KEYS[2i] = session key and index of load i; ARGV[9] = n, then per load: its key
+-- base, its presented id, its now in µs or '' for the server's TIME (read once, ARGV[2] = '').
+-- Reply { now, { reply of load 1 }, ... }; a load that fails (corrupt data, wrong type) answers
+-- { now, 4, message } without affecting the others.
 local now
 if ARGV[2] == '' then
   local t = call('TIME')
@@ -69,98 +178,47 @@ local GRACE = arg_uint(7, 'rotation_grace')
 local base = ARGV[8]
 local op = ARGV[1]
 
--- load: KEYS[1] = key of the presented id, KEYS[2] = index; ARGV[9] = presented id.
--- Reply { now, 1, id, via_alias, touched, { flat fields (HGETALL) } } or { now, 0 } or the
--- EXPIRED reply { now, 2, id, user }.
---
--- load_many: n loads in one call (the store coalesces concurrent loads; on Redis Cluster, of
--- one slot). Each is exactly a `load` of its own, in order, with its own key base and time.
--- KEYS[2i-1], KEYS[2i] = session key and index of load i; ARGV[9] = n, then per load: its key
--- base, its presented id, its now in µs or '' for the server's TIME (read once, ARGV[2] = '').
--- Reply { now, { reply of load 1 }, ... }; a load that fails (corrupt data, wrong type) answers
--- { now, 4, message } without affecting the others.
 if op == 'load_many' or op == 'load' then
   -- One load (see `resolve` below for the rules, which this follows exactly, inlined). `t` is
-  -- `now` formatted. Reads the hash once (HGETALL, twice via an alias) and, when the touch is
-  -- due, writes HSET, PEXPIREAT, ZADD and the index's expiry.
+  -- `now` formatted. Reads the record once (twice via an alias) and, when the touch is due,
+  -- writes SETRANGE of last_seen, PEXPIREAT, ZADD and the index's expiry.
   local function load_one(key, idx, id, b, t, tn)
-    local flat = call('HGETALL', key)
-    if #flat == 0 then
+    local v = call('GET', key)
+    if not v then
       return { t, GONE }
     end
     local via_alias, alias_key = 0, nil
-    local u, c, s, si, a, g
-    for i = 1, #flat, 2 do
-      local f = flat[i]
-      if f == 's' then
-        s, si = flat[i + 1], i + 1
-      elseif f == 'c' then
-        c = flat[i + 1]
-      elseif f == 'u' then
-        u = flat[i + 1]
-      elseif f == 'a' then
-        a = flat[i + 1]
-      elseif f == 'g' then
-        g = flat[i + 1]
-      end
-    end
-    if a ~= nil then
+    if byte(v, 1) == K_ALIAS then
       -- A rotation alias: resolve one hop.
-      if not (type(g) == 'string' and #g <= 16 and find(g, '^%d+$')) then
-        error(redis.error_reply('ERR statehouse: corrupt session data at ' .. key ..
-          ': the alias grace end is not a non-negative integer'))
-      end
-      if tn >= tonumber(g) then
+      local g = digits(v, 2, key, 'the alias grace end')
+      if tn >= g then
         call('DEL', key)
         return { t, GONE }
       end
-      if not (#a == 64 and find(a, '^[0-9a-f]+$')) then
-        error(redis.error_reply('ERR statehouse: corrupt session data at ' .. key ..
-          ': the alias target is not a session id'))
+      local a = sub(v, 18)
+      if #v ~= ALIAS_LEN or not find(a, '^[0-9a-f]+$') then
+        corrupt(key, 'the alias target is not a session id')
       end
       alias_key = key
       id = a
       key = b .. id
-      flat = call('HGETALL', key)
-      if #flat == 0 then
-        call('DEL', alias_key)
-        return { t, GONE }
-      end
-      u, c, s, si, a = nil, nil, nil, nil, nil
-      for i = 1, #flat, 2 do
-        local f = flat[i]
-        if f == 's' then
-          s, si = flat[i + 1], i + 1
-        elseif f == 'c' then
-          c = flat[i + 1]
-        elseif f == 'u' then
-          u = flat[i + 1]
-        elseif f == 'a' then
-          a = flat[i + 1]
-        end
-      end
-      if a ~= nil then
+      v = call('GET', key)
+      if not v or byte(v, 1) == K_ALIAS then
         call('DEL', alias_key)
         return { t, GONE }
       end
       via_alias = 1
     end
-    if u == nil then
-      error(redis.error_reply('ERR statehouse: corrupt session data at ' .. key .. ': no user id'))
+    if #v < HEADER or byte(v, 1) ~= K_SESSION then
+      corrupt(key, 'not a session record')
     end
-    if not (type(c) == 'string' and #c <= 16 and find(c, '^%d+$')) then
-      error(redis.error_reply('ERR statehouse: corrupt session data at ' .. key ..
-        ': created_at is not a non-negative integer'))
-    end
-    if not (type(s) == 'string' and #s <= 16 and find(s, '^%d+$')) then
-      error(redis.error_reply('ERR statehouse: corrupt session data at ' .. key ..
-        ': last_seen is not a non-negative integer'))
-    end
-    local cn, sn = tonumber(c), tonumber(s)
+    local cn = digits(v, 2, key, 'created_at')
+    local sn = digits(v, 18, key, 'last_seen')
     local lifetime_end = cn + ABSOLUTE
     local idle_end = sn + IDLE
     if tn >= (idle_end < lifetime_end and idle_end or lifetime_end) then
       -- Dead: delete it (and the alias it was reached through), drop it from the index.
+      local u = decode(v, key).u
       call('DEL', key)
       if alias_key then
         call('DEL', alias_key)
@@ -171,7 +229,7 @@ if op == 'load_many' or op == 'load' then
     local touched = 0
     if tn >= sn + TOUCH_AFTER then
       -- The refresh: last_seen, the key's expiry, the index score and the index's expiry.
-      call('HSET', key, 's', t)
+      call('SETRANGE', key, 17, pad(tn))
       idle_end = tn + IDLE
       local exp = idle_end < lifetime_end and idle_end or lifetime_end
       local exp_ms = format('%.0f', ceil(exp / 1000) + slack_ms)
@@ -190,10 +248,9 @@ if op == 'load_many' or op == 'load' then
         local top = call('ZRANGE', idx, -1, -1, 'WITHSCORES')
         call('PEXPIREAT', idx, format('%.0f', ceil(tonumber(top[2]) / 1000) + slack_ms))
       end
-      flat[si] = t
       touched = 1
     end
-    return { t, DONE, id, via_alias, touched, flat }
+    return { t, DONE, id, via_alias, touched, v }
   end
 
   local server_t = format('%.0f', now)
@@ -227,14 +284,45 @@ end
 
 -- Never let Lua turn a number into a string by itself ('%.14g' would write 1.7e+15).
 local function fmt(n)
-  return string.format('%.0f', n)
+  return format('%.0f', n)
 end
 
-local function parse_uint(s, what, key)
-  if type(s) == 'string' and #s <= 16 and string.match(s, '^%d+$') then
-    return tonumber(s)
+-- A 4-byte big-endian length.
+local function len4(n)
+  return string.char(floor(n / 16777216) % 256, floor(n / 65536) % 256, floor(n / 256) % 256,
+    n % 256)
+end
+
+-- A field of a record: kind, 4-byte big-endian length, value.
+local function field(kind, value)
+  return string.char(kind) .. len4(#value) .. value
+end
+
+-- Encodes a decoded (and perhaps changed) session record; data fields in name order.
+local function encode(f)
+  local parts = { string.char(K_SESSION), pad(f.c), pad(f.s), field(K_USER, f.u) }
+  if f.r ~= nil then
+    parts[#parts + 1] = field(K_ROLES, f.r)
   end
-  raise('corrupt session data at ' .. key .. ': ' .. what .. ' is not a non-negative integer')
+  if f.i ~= nil then
+    parts[#parts + 1] = field(K_IP, f.i)
+  end
+  if f.a ~= nil then
+    parts[#parts + 1] = field(K_AGENT, f.a)
+  end
+  local names = {}
+  for name in pairs(f.d) do
+    names[#names + 1] = name
+  end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local n, value = #name, f.d[name]
+    parts[#parts + 1] = string.char(K_DATA, floor(n / 256), n % 256) .. name .. len4(#value) .. value
+  end
+  for _, raw in ipairs(f.x) do
+    parts[#parts + 1] = raw
+  end
+  return table.concat(parts)
 end
 
 local function expires_at(c, s)
@@ -242,190 +330,149 @@ local function expires_at(c, s)
 end
 
 local function expire_key_at(key, us)
-  redis.call('PEXPIREAT', key, fmt(math.ceil(us / 1000) + slack_ms))
+  call('PEXPIREAT', key, fmt(ceil(us / 1000) + slack_ms))
 end
 
 -- The index lives as long as its longest-lived member (scores only ever grow: a session's
 -- expiry never moves backwards).
 local function expire_index(idx)
-  local top = redis.call('ZRANGE', idx, -1, -1, 'WITHSCORES')
+  local top = call('ZRANGE', idx, -1, -1, 'WITHSCORES')
   if top[2] then
     expire_key_at(idx, tonumber(top[2]))
   end
-end
-
-local function to_map(flat)
-  local h = {}
-  for i = 1, #flat, 2 do
-    h[flat[i]] = flat[i + 1]
-  end
-  return h
-end
-
-local function hset_pairs(key, list, from)
-  local i = from
-  while i <= #list do
-    local last = math.min(i + 2 * CHUNK - 1, #list)
-    redis.call('HSET', key, unpack(list, i, last))
-    i = last + 1
-  end
-end
-
-local function hdel_fields(key, list, from)
-  local i = from
-  while i <= #list do
-    local last = math.min(i + CHUNK - 1, #list)
-    redis.call('HDEL', key, unpack(list, i, last))
-    i = last + 1
-  end
-end
-
-local function is_id(s)
-  return type(s) == 'string' and #s == 64 and string.match(s, '^[0-9a-f]+$') ~= nil
 end
 
 -- Reads the session a presented id stands for, following a rotation alias one hop: a live
 -- alias (within its grace) whose target holds a session resolves to that session. Returns nil
 -- when nothing resolves, deleting the dead alias met on the way (past its grace, its target
 -- gone, or its target itself an alias: aliases resolve one hop only). Else a table: key, id,
--- flat (HGETALL), h (map), c, s, via_alias, alias_key.
+-- f (the decoded record), via_alias, alias_key.
 local function resolve(key, id)
-  local flat = redis.call('HGETALL', key)
-  if #flat == 0 then
+  local v = call('GET', key)
+  if not v then
     return nil
   end
-  local h = to_map(flat)
   local via_alias, alias_key = 0, nil
-  if h['a'] ~= nil then
-    local grace_end = parse_uint(h['g'], 'the alias grace end', key)
+  if byte(v, 1) == K_ALIAS then
+    local grace_end = digits(v, 2, key, 'the alias grace end')
     if now >= grace_end then
-      redis.call('DEL', key)
+      call('DEL', key)
       return nil
     end
-    if not is_id(h['a']) then
-      raise('corrupt session data at ' .. key .. ': the alias target is not a session id')
+    local a = sub(v, 18)
+    if #v ~= ALIAS_LEN or not find(a, '^[0-9a-f]+$') then
+      corrupt(key, 'the alias target is not a session id')
     end
     alias_key = key
-    id = h['a']
+    id = a
     key = base .. id
-    flat = redis.call('HGETALL', key)
-    if #flat == 0 then
-      redis.call('DEL', alias_key)
-      return nil
-    end
-    h = to_map(flat)
-    if h['a'] ~= nil then
-      redis.call('DEL', alias_key)
+    v = call('GET', key)
+    if not v or byte(v, 1) == K_ALIAS then
+      call('DEL', alias_key)
       return nil
     end
     via_alias = 1
   end
-  if h['u'] == nil then
-    raise('corrupt session data at ' .. key .. ': no user id')
-  end
-  local c = parse_uint(h['c'], 'created_at', key)
-  local s = parse_uint(h['s'], 'last_seen', key)
-  return {
-    key = key, id = id, flat = flat, h = h, c = c, s = s, via_alias = via_alias,
-    alias_key = alias_key,
-  }
+  return { key = key, id = id, f = decode(v, key), via_alias = via_alias, alias_key = alias_key }
 end
 
 -- Deletes a session found dead (and the alias it was reached through) and drops it from the
 -- index.
 local function bury(idx, sess)
-  redis.call('DEL', sess.key)
+  call('DEL', sess.key)
   if sess.alias_key then
-    redis.call('DEL', sess.alias_key)
+    call('DEL', sess.alias_key)
   end
-  redis.call('ZREM', idx, sess.id)
-  return { fmt(now), EXPIRED, sess.id, sess.h['u'] }
+  call('ZREM', idx, sess.id)
+  return { fmt(now), EXPIRED, sess.id, sess.f.u }
 end
 
--- Moves last_seen to now: the field, the key's expiry, the index score and the index expiry.
-local function refresh(idx, key, id, c)
-  redis.call('HSET', key, 's', fmt(now))
+-- Sets the key's expiry, the index score and the index expiry for a session last seen now.
+local function refresh_expiry(idx, key, id, c)
   local exp = expires_at(c, now)
   expire_key_at(key, exp)
-  redis.call('ZADD', idx, fmt(exp), id)
+  call('ZADD', idx, fmt(exp), id)
   expire_index(idx)
 end
 
--- create: KEYS[1] = session key, KEYS[2] = index; ARGV[9] = id, then field/value pairs (u, r,
--- ip, ua, d:*; c and s are set here). Never overwrites: an existing key is a collision.
+-- create: KEYS[1] = session key, KEYS[2] = index; ARGV[9] = id, ARGV[10] = the record's fields
+-- (everything after the header; the times are set here). Never overwrites: an existing key is
+-- a collision.
 local function create()
   local key, idx, id = KEYS[1], KEYS[2], ARGV[9]
-  if redis.call('EXISTS', key) == 1 then
+  if call('EXISTS', key) == 1 then
     return { fmt(now), COLLISION }
   end
-  redis.call('HSET', key, 'c', fmt(now), 's', fmt(now))
-  hset_pairs(key, ARGV, 10)
+  local t = pad(now)
+  call('SET', key, string.char(K_SESSION) .. t .. t .. ARGV[10])
   local exp = expires_at(now, now)
   expire_key_at(key, exp)
   -- Members whose score has passed are dead (scores are expiries and never move back).
-  redis.call('ZREMRANGEBYSCORE', idx, '-inf', fmt(now))
-  redis.call('ZADD', idx, fmt(exp), id)
+  call('ZREMRANGEBYSCORE', idx, '-inf', fmt(now))
+  call('ZADD', idx, fmt(exp), id)
   expire_index(idx)
   return { fmt(now), DONE }
 end
 
 -- update: KEYS[1], KEYS[2] as load; ARGV[9] = presented id, ARGV[10] = '1' to replace the
--- roles by ARGV[11], ARGV[12] = number of fields to set, then that many field/value pairs
--- (names with their d: prefix), then the fields to delete. Writes only to a live session.
+-- roles by ARGV[11], ARGV[12] = number of fields to set, then that many name/value pairs of
+-- data fields, then the names of the data fields to delete. Writes only to a live session; the
+-- record is decoded, changed field by field and written back in this one atomic step, so
+-- concurrent updates of other fields are never lost.
 local function update()
   local idx = KEYS[2]
   local sess = resolve(KEYS[1], ARGV[9])
   if sess == nil then
     return { fmt(now), GONE }
   end
-  if now >= expires_at(sess.c, sess.s) then
+  local f = sess.f
+  if now >= expires_at(f.c, f.s) then
     return bury(idx, sess)
   end
   if ARGV[10] == '1' then
-    redis.call('HSET', sess.key, 'r', ARGV[11])
+    f.r = ARGV[11]
   end
   -- Removals first, then sets: a field named in both ends up set.
   local n_set = arg_uint(12, 'the number of fields to set')
   local first_del = 13 + 2 * n_set
-  hdel_fields(sess.key, ARGV, first_del)
-  local sets = {}
-  for i = 13, first_del - 1 do
-    sets[#sets + 1] = ARGV[i]
+  for i = first_del, #ARGV do
+    f.d[ARGV[i]] = nil
   end
-  hset_pairs(sess.key, sets, 1)
-  refresh(idx, sess.key, sess.id, sess.c)
+  for i = 13, first_del - 1, 2 do
+    f.d[ARGV[i]] = ARGV[i + 1]
+  end
+  f.s = now
+  call('SET', sess.key, encode(f))
+  refresh_expiry(idx, sess.key, sess.id, f.c)
   return { fmt(now), DONE }
 end
 
 -- rotate: KEYS[1], KEYS[2] as load, KEYS[3] = key of the new id; ARGV[9] = presented id,
 -- ARGV[10] = new id. Via a live alias, the alias's target is rotated; the presented alias then
--- points at an alias, so it is dead (one hop). Reply { now, 1, old id, flat fields of the new
--- session... }.
+-- points at an alias, so it is dead (one hop). Reply { now, 1, old id, record of the new
+-- session }.
 local function rotate()
   local idx, new_key, new_id = KEYS[2], KEYS[3], ARGV[10]
   local sess = resolve(KEYS[1], ARGV[9])
   if sess == nil then
     return { fmt(now), GONE }
   end
-  if now >= expires_at(sess.c, sess.s) then
+  local f = sess.f
+  if now >= expires_at(f.c, f.s) then
     return bury(idx, sess)
   end
-  if redis.call('RENAMENX', sess.key, new_key) == 0 then
+  if call('RENAMENX', sess.key, new_key) == 0 then
     return { fmt(now), COLLISION }
   end
-  refresh(idx, new_key, new_id, sess.c)
-  redis.call('ZREM', idx, sess.id)
+  call('SETRANGE', new_key, 17, pad(now))
+  refresh_expiry(idx, new_key, new_id, f.c)
+  call('ZREM', idx, sess.id)
   if GRACE > 0 then
     local grace_end = now + GRACE
-    redis.call('HSET', sess.key, 'a', new_id, 'g', fmt(grace_end))
+    call('SET', sess.key, string.char(K_ALIAS) .. pad(grace_end) .. new_id)
     expire_key_at(sess.key, grace_end)
   end
-  local reply = { fmt(now), DONE, sess.id }
-  local flat = redis.call('HGETALL', new_key)
-  for i = 1, #flat do
-    reply[3 + i] = flat[i]
-  end
-  return reply
+  return { fmt(now), DONE, sess.id, call('GET', new_key) }
 end
 
 -- revoke: KEYS[1], KEYS[2] as load; ARGV[9] = presented id. Via a live alias, revokes the
@@ -437,39 +484,38 @@ local function revoke()
   if sess == nil then
     return { fmt(now), GONE }
   end
-  if now >= expires_at(sess.c, sess.s) then
+  if now >= expires_at(sess.f.c, sess.f.s) then
     return bury(idx, sess)
   end
   if sess.alias_key then
-    redis.call('DEL', sess.alias_key)
+    call('DEL', sess.alias_key)
   end
-  redis.call('DEL', sess.key)
-  redis.call('ZREM', idx, sess.id)
-  return { fmt(now), DONE, sess.id, sess.h['u'] }
+  call('DEL', sess.key)
+  call('ZREM', idx, sess.id)
+  return { fmt(now), DONE, sess.id, sess.f.u }
 end
 
 -- Walks the index KEYS[1]: prunes members whose key is gone (or is an alias), deletes dead
--- sessions, and calls `live(id, fields)` for each live session of ARGV[9]'s user.
+-- sessions, and calls `live(id, key, f)` for each live session of ARGV[9]'s user.
 -- Returns the expired ones as a flat list id, user.
 local function walk(live)
   local idx, user = KEYS[1], ARGV[9]
   local expired = {}
-  local ids = redis.call('ZRANGE', idx, 0, -1)
+  local ids = call('ZRANGE', idx, 0, -1)
   for _, id in ipairs(ids) do
     local key = base .. id
-    local f = redis.call('HMGET', key, 'u', 'c', 's', 'ip', 'ua')
-    if not f[1] then
-      redis.call('ZREM', idx, id)
+    local v = call('GET', key)
+    if not v or byte(v, 1) == K_ALIAS then
+      call('ZREM', idx, id)
     else
-      local c = parse_uint(f[2], 'created_at', key)
-      local s = parse_uint(f[3], 'last_seen', key)
-      if now >= expires_at(c, s) then
-        redis.call('DEL', key)
-        redis.call('ZREM', idx, id)
+      local f = decode(v, key)
+      if now >= expires_at(f.c, f.s) then
+        call('DEL', key)
+        call('ZREM', idx, id)
         expired[#expired + 1] = id
-        expired[#expired + 1] = f[1]
-      elseif f[1] == user then
-        live(id, key, c, s, f)
+        expired[#expired + 1] = f.u
+      elseif f.u == user then
+        live(id, key, f)
       end
     end
   end
@@ -480,14 +526,14 @@ end
 -- last_seen, has_ip, ip, has_ua, ua ... }, { expired id, user ... } }.
 local function list()
   local out = {}
-  local expired = walk(function(id, _, c, s, f)
+  local expired = walk(function(id, _, f)
     out[#out + 1] = id
-    out[#out + 1] = fmt(c)
-    out[#out + 1] = fmt(s)
-    out[#out + 1] = f[4] and 1 or 0
-    out[#out + 1] = f[4] or ''
-    out[#out + 1] = f[5] and 1 or 0
-    out[#out + 1] = f[5] or ''
+    out[#out + 1] = fmt(f.c)
+    out[#out + 1] = fmt(f.s)
+    out[#out + 1] = f.i and 1 or 0
+    out[#out + 1] = f.i or ''
+    out[#out + 1] = f.a and 1 or 0
+    out[#out + 1] = f.a or ''
   end)
   return { fmt(now), out, expired }
 end
@@ -499,8 +545,8 @@ local function revoke_all()
   local revoked = {}
   local expired = walk(function(id, key)
     if id ~= keep then
-      redis.call('DEL', key)
-      redis.call('ZREM', idx, id)
+      call('DEL', key)
+      call('ZREM', idx, id)
       revoked[#revoked + 1] = id
     end
   end)
@@ -512,24 +558,23 @@ end
 -- id, user }.
 local function revoke_id()
   local key, idx, id, user = KEYS[1], KEYS[2], ARGV[9], ARGV[10]
-  local f = redis.call('HMGET', key, 'u', 'c', 's')
-  if not f[1] then
-    redis.call('ZREM', idx, id)
+  local v = call('GET', key)
+  if not v or byte(v, 1) == K_ALIAS then
+    call('ZREM', idx, id)
     return { fmt(now), GONE }
   end
-  local c = parse_uint(f[2], 'created_at', key)
-  local s = parse_uint(f[3], 'last_seen', key)
-  if now >= expires_at(c, s) then
-    redis.call('DEL', key)
-    redis.call('ZREM', idx, id)
-    return { fmt(now), EXPIRED, id, f[1] }
+  local f = decode(v, key)
+  if now >= expires_at(f.c, f.s) then
+    call('DEL', key)
+    call('ZREM', idx, id)
+    return { fmt(now), EXPIRED, id, f.u }
   end
-  if f[1] ~= user then
+  if f.u ~= user then
     return { fmt(now), GONE }
   end
-  redis.call('DEL', key)
-  redis.call('ZREM', idx, id)
-  return { fmt(now), DONE, id, f[1] }
+  call('DEL', key)
+  call('ZREM', idx, id)
+  return { fmt(now), DONE, id, f.u }
 end
 
 local ops = {

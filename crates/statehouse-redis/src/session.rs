@@ -9,7 +9,8 @@ use redis::{ScriptInvocation, Value};
 use statehouse_core::key::validate_prefix;
 use statehouse_core::session::{
     LoadedSession, NewSession, SessionChanges, SessionConfig, SessionEvent, SessionHooks,
-    SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, UserTag, expires_at,
+    SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, USER_TAG_LEN, UserTag,
+    expires_at,
 };
 use statehouse_core::{Clock, Error, Result, Timestamp};
 use tokio::time::Instant;
@@ -19,9 +20,10 @@ use crate::error::unexpected_reply;
 use crate::hash_slot::hash_slot;
 use crate::link::Link;
 use crate::session_batch::{LoadBatcher, LoadRequest, ReadBatcher};
+use crate::session_record::{decode, encode_fields, is_alias};
 use crate::session_script::{
-    DATA_FIELD_PREFIX, Reply, Status, array, invocation, parse_expired, parse_lists, parse_record,
-    parse_reply, session_id, string, uint,
+    Reply, Status, bytes, invocation, parse_expired, parse_lists, parse_reply, session_id, string,
+    uint,
 };
 use crate::store::RedisStore;
 
@@ -44,7 +46,8 @@ const TOKEN_ATTEMPTS: usize = 4;
 
 /// A session store on Redis or Redis Cluster.
 ///
-/// Every operation is one Lua script (`EVALSHA`, loaded on `NOSCRIPT`), one round trip, atomic.
+/// Every operation is one Lua script (`EVALSHA`, loaded on `NOSCRIPT`), one round trip, atomic,
+/// except the common `load`, which one plain `GET` answers (see below).
 /// By default the script reads the server's `TIME`; [`TimeSource::Caller`] passes the caller's
 /// clock instead. Concurrent `load`s (the per-request hot path) are coalesced: the loads queued
 /// while earlier ones are on the wire go out together as one script call (per Cluster slot),
@@ -56,12 +59,22 @@ const TOKEN_ATTEMPTS: usize = 4;
 /// All keys of one user share the hash tag of the user's [`UserTag`], so on Redis Cluster they
 /// live in one slot and every script touches one slot only:
 ///
-/// * `{prefix}{<tag hex>}:<session id>`: a HASH: `u` user id, `r` roles joined by `\n`,
-///   `c` created_at and `s` last_seen (µs since the epoch), `ip`, `ua` (absent when unknown),
-///   and `d:<name>` per data field (raw bytes, binary safe).
-/// * After a rotation, the old id's key (same name) becomes an **alias**: a HASH with `a`, the
-///   new id, and `g`, the end of the rotation grace (µs). It expires with the grace.
+/// * `{prefix}{<tag hex>}:<session id>`: a STRING, one compact record: `S`, created_at and
+///   last_seen (µs since the epoch, 16 decimal digits each, so a refresh is one `SETRANGE`),
+///   then length-prefixed fields: the user id, the roles, the IP address and user agent (absent
+///   when unknown) and each data field (raw bytes, binary safe). A load reads it with one `GET`
+///   (concurrent loads: one `MGET` per slot) and decodes it in one pass.
+/// * After a rotation, the old id's key (same name) becomes an **alias**: a STRING `A`, the end
+///   of the rotation grace (µs, 16 digits), the new id. It expires with the grace.
 /// * `{prefix}{<tag hex>}:idx`: the user's index, a ZSET of session id → expires_at (µs).
+///
+/// The layout changed from one HASH per session to these records before any release, so
+/// there is no migration. A key that holds anything else (another type, such as one of those
+/// HASHes, or a value that does not decode) is corrupt data: the call that meets it fails with
+/// [`Error::Backend`], and in a coalesced script call only that load fails. One exception: the
+/// load fast path's coalesced `MGET` answers nil for a key of another type, so such a load
+/// reads as `None` (unknown) instead; a lone load (`GET`, `WRONGTYPE`) and every other
+/// operation report the error.
 ///
 /// Every key has a TTL: `PEXPIREAT` at the session's logical expiry (rounded up to the
 /// millisecond) plus the skew allowance (zero with server time, five seconds by default with
@@ -118,7 +131,7 @@ struct Inner {
     link: Arc<Link>,
     /// Coalesces concurrent loads; shared by the clones and the `with_*` variants of a store.
     loads: Arc<LoadBatcher>,
-    /// Coalesces the fast path's concurrent `HGETALL`s into pipelines; shared like `loads`.
+    /// Coalesces the fast path's concurrent `GET`s into `MGET`s; shared like `loads`.
     reads: Arc<ReadBatcher>,
     prefix: String,
     config: SessionConfig,
@@ -223,6 +236,21 @@ impl RedisSessionStore {
         format!("{}{{{}}}:", self.inner.prefix, tag.to_hex())
     }
 
+    /// The session key of `id` under `tag`, built in one allocation, and the length of its key
+    /// base (`{prefix}{<tag hex>}:`).
+    fn session_key_of(&self, tag: UserTag, id: &SessionId) -> (String, usize) {
+        let prefix = &self.inner.prefix;
+        let id = id.as_str();
+        let mut key = String::with_capacity(prefix.len() + 2 * USER_TAG_LEN + 3 + id.len());
+        key.push_str(prefix);
+        key.push('{');
+        key.push_str(&tag.to_hex());
+        key.push_str("}:");
+        let base_len = key.len();
+        key.push_str(id);
+        (key, base_len)
+    }
+
     fn start(&self, op: &str, tag: UserTag) -> (ScriptInvocation<'static>, String) {
         let base = self.key_base(tag);
         let link = &self.inner.link;
@@ -241,26 +269,29 @@ impl RedisSessionStore {
         link.bounded(deadline, link.conn.invoke(inv)).await
     }
 
-    /// The common load, answered without a script: one plain `HGETALL` of the presented id's
-    /// key (automatically pipelined with every other call on the multiplexed connection).
+    /// The common load, answered without a script: one plain `GET` of the presented id's key
+    /// (concurrent ones go out together as one `MGET` per slot).
     ///
-    /// `Some(answer)` when the hash alone settles the load: the key is absent (`None`: unknown,
-    /// revoked or expired; an alias or a dead session is never absent-but-alive), or it holds a
-    /// session that is alive and whose refresh is not due (`Some(session)`, nothing to write:
-    /// exactly what the script would answer). Everything else — an alias (rotation grace), a
-    /// session at or near its expiry, a refresh that is due, a hash the fast path cannot parse —
-    /// returns `None` and goes to the script, which decides, writes and reports errors exactly
-    /// as before. Reads write nothing, so this path can never resurrect a session.
+    /// `Ok(answer)` when the record alone settles the load: the key is absent (`None`:
+    /// unknown, revoked or expired; an alias or a dead session is never absent-but-alive), or it
+    /// holds a session that is alive and whose refresh is not due (`Some(session)`, nothing to
+    /// write: exactly what the script would answer). Everything else — an alias (rotation
+    /// grace), a session at or near its expiry, a refresh that is due, a record the fast path
+    /// cannot decode — returns `Err(key)` (the key handed back) and goes to the script, which decides, writes and reports
+    /// errors exactly as before. Reads write nothing, so this path can never resurrect a
+    /// session.
     ///
     /// Time: with [`TimeSource::Caller`] the caller's clock decides, exactly. With server time
     /// the script's `TIME` is not available here, so the local clock is used with a margin of
     /// [`SERVER_TIME_FAST_PATH_MARGIN`] on both edges: a session within the margin of its expiry
     /// or of its refresh goes to the script. Redis's own key expiry (`PEXPIREAT` at the logical
     /// expiry) still removes a dead session whatever a replica's clock says.
-    async fn load_read_only(&self, token: &SessionToken) -> Result<Option<Option<LoadedSession>>> {
+    async fn load_read_only(
+        &self,
+        id: SessionId,
+        key: String,
+    ) -> Result<std::result::Result<Option<LoadedSession>, String>> {
         let link = &self.inner.link;
-        let id = token.id();
-        let key = format!("{}{}", self.key_base(token.user_tag()), id.as_str());
         let (now, margin) = match &link.time_source {
             TimeSource::Caller(clock) => (clock.now(), 0),
             TimeSource::Server => (
@@ -269,25 +300,15 @@ impl RedisSessionStore {
             ),
         };
         let slot = hash_slot(key.as_bytes());
-        let value = self.inner.reads.read(link, key, slot).await?;
-        let flat = match value {
-            Value::Array(items) => items,
-            Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-            // A key of another type answers an error reply: the script reports it properly.
-            _ => return Ok(None),
+        let (key, value) = self.inner.reads.read(link, key, slot).await?;
+        let Some(value) = value else {
+            return Ok(Ok(None));
         };
-        if flat.is_empty() {
-            return Ok(Some(None));
+        if is_alias(&value) {
+            return Ok(Err(key));
         }
-        let is_alias = flat
-            .iter()
-            .step_by(2)
-            .any(|f| matches!(f, Value::BulkString(b) if b.as_slice() == b"a"));
-        if is_alias {
-            return Ok(None);
-        }
-        let Ok(record) = parse_record(id, flat) else {
-            return Ok(None);
+        let Ok(record) = decode(id, &value) else {
+            return Ok(Err(key));
         };
         let config = &self.inner.config;
         let now_us = now.as_micros().saturating_add(margin);
@@ -298,13 +319,13 @@ impl RedisSessionStore {
                 .as_micros()
                 .saturating_add(config.touch_after_micros());
         if alive && refresh_not_due {
-            Ok(Some(Some(LoadedSession {
+            Ok(Ok(Some(LoadedSession {
                 record,
                 touched: false,
                 via_rotation_alias: false,
             })))
         } else {
-            Ok(None)
+            Ok(Err(key))
         }
     }
 
@@ -390,18 +411,13 @@ impl SessionStore for RedisSessionStore {
             .user_agent
             .as_deref()
             .map(|ua| truncate(ua, MAX_STORED_USER_AGENT).to_owned());
-        let mut fields: Vec<(Vec<u8>, &[u8])> = vec![(b"u".to_vec(), new.user_id.as_bytes())];
-        let roles = new.roles.join("\n");
-        fields.push((b"r".to_vec(), roles.as_bytes()));
-        if let Some(ip) = &new.ip {
-            fields.push((b"ip".to_vec(), ip.as_bytes()));
-        }
-        if let Some(ua) = &user_agent {
-            fields.push((b"ua".to_vec(), ua.as_bytes()));
-        }
-        for (name, value) in &new.data {
-            fields.push((format!("{DATA_FIELD_PREFIX}{name}").into_bytes(), value));
-        }
+        let fields = encode_fields(
+            &new.user_id,
+            &new.roles,
+            new.ip.as_deref(),
+            user_agent.as_deref(),
+            &new.data,
+        )?;
         let deadline = self.deadline();
         for _ in 0..TOKEN_ATTEMPTS {
             let token = SessionToken::generate(tag)?;
@@ -409,10 +425,8 @@ impl SessionStore for RedisSessionStore {
             let (mut inv, base) = self.start("create", tag);
             inv.key(format!("{base}{id}"))
                 .key(format!("{base}idx"))
-                .arg(id.as_str());
-            for (field, value) in &fields {
-                inv.arg(field.as_slice()).arg(*value);
-            }
+                .arg(id.as_str())
+                .arg(fields.as_slice());
             let reply = parse_reply(self.run(&inv, deadline).await?)?;
             match reply.status {
                 Status::Done => {
@@ -443,18 +457,26 @@ impl SessionStore for RedisSessionStore {
     }
 
     async fn load(&self, token: &SessionToken) -> Result<Option<LoadedSession>> {
-        // The read-only fast path first: one plain `HGETALL`, no script (see `load_read_only`).
-        if let Some(answer) = self.load_read_only(token).await? {
-            return Ok(answer);
-        }
+        let id = token.id();
+        let (key, base_len) = self.session_key_of(token.user_tag(), &id);
+        // The read-only fast path first: one plain `GET`, no script (see `load_read_only`).
+        // When every load refreshes (`touch_after` zero), it could never answer a live session:
+        // straight to the script then, saving a round trip.
+        let key = if self.inner.config.touch_after_micros() > 0 {
+            match self.load_read_only(id, key).await? {
+                Ok(answer) => return Ok(answer),
+                Err(key) => key,
+            }
+        } else {
+            key
+        };
         // Through the batcher: see `session_batch`. One script call either way.
-        let base = self.key_base(token.user_tag());
         let link = &self.inner.link;
         let (reply, answer) = futures::channel::oneshot::channel();
         let request = LoadRequest {
-            slot: hash_slot(base.as_bytes()),
-            base,
-            id: token.id().as_str().to_owned(),
+            slot: hash_slot(key.as_bytes()),
+            key,
+            base_len,
             now: link.caller_now(),
             deadline: self.deadline(),
             reply,
@@ -472,14 +494,18 @@ impl SessionStore for RedisSessionStore {
                 Ok(None)
             }
             Status::Done => {
-                // { id, via_alias, touched, { the hash's fields, flat } }
-                let Ok([id, via_alias, touched, flat]) = <[Value; 4]>::try_from(reply.rest) else {
+                // { id, via_alias, touched, the stored record (before a touch) }
+                let Ok([id, via_alias, touched, stored]) = <[Value; 4]>::try_from(reply.rest)
+                else {
                     return Err(unexpected_reply("a load reply of the wrong length"));
                 };
                 let id = session_id(id, "session id")?;
                 let via_rotation_alias = uint(&via_alias, "via_alias")? == 1;
                 let touched = uint(&touched, "touched")? == 1;
-                let record = parse_record(id, array(flat, "session fields")?)?;
+                let mut record = decode(id, &bytes(stored, "session record")?)?;
+                if touched {
+                    record.last_seen = Timestamp::from_micros(reply.now);
+                }
                 Ok(Some(LoadedSession {
                     record,
                     touched,
@@ -503,11 +529,10 @@ impl SessionStore for RedisSessionStore {
         };
         inv.arg(changes.set.len());
         for (name, value) in &changes.set {
-            inv.arg(format!("{DATA_FIELD_PREFIX}{name}"))
-                .arg(value.as_slice());
+            inv.arg(name.as_str()).arg(value.as_slice());
         }
         for name in &changes.remove {
-            inv.arg(format!("{DATA_FIELD_PREFIX}{name}"));
+            inv.arg(name.as_str());
         }
         let reply = parse_reply(self.run(&inv, self.deadline()).await?)?;
         match reply.status {
@@ -542,13 +567,11 @@ impl SessionStore for RedisSessionStore {
                     return Ok(None);
                 }
                 Status::Done => {
-                    let mut rest = reply.rest.into_iter();
-                    let from = session_id(
-                        rest.next()
-                            .ok_or_else(|| unexpected_reply("a short rotate reply"))?,
-                        "old id",
-                    )?;
-                    let record = parse_record(new_id.clone(), rest.collect())?;
+                    let Ok([from, stored]) = <[Value; 2]>::try_from(reply.rest) else {
+                        return Err(unexpected_reply("a rotate reply of the wrong length"));
+                    };
+                    let from = session_id(from, "old id")?;
+                    let record = decode(new_id.clone(), &bytes(stored, "session record")?)?;
                     self.emit(SessionEvent::Rotated {
                         from,
                         to: new_id,

@@ -1,11 +1,14 @@
-//! Coalescing of concurrent session loads into one script call.
+//! Coalescing of concurrent session loads: the fast path's reads into one `MGET` per slot
+//! ([`ReadBatcher`], see its docs), and the loads that need the script into one script call.
 //!
-//! `load` is the per-request hot path, and on Redis most of its cost is the script call itself
-//! (the call's set-up, reading `TIME`, the client's encoding and reply routing), not the few
-//! commands inside. So every [`load`](statehouse_core::session::SessionStore::load) of a
-//! [`RedisSessionStore`](crate::RedisSessionStore) goes through a [`LoadBatcher`]: a queue and
-//! one background task per store (shared by its clones), started on first use on the caller's
-//! runtime and started again if that runtime went away. The task:
+//! `load` is the per-request hot path. Most loads are answered by a plain read of the session
+//! record; the others (a refresh that is due, an alias, an expiry edge) run the script, and
+//! there most of the cost is the script call itself (the call's set-up, reading `TIME`, the
+//! client's encoding and reply routing), not the few commands inside. So every
+//! [`load`](statehouse_core::session::SessionStore::load) of a
+//! [`RedisSessionStore`](crate::RedisSessionStore) that needs the script goes through a
+//! [`LoadBatcher`]: a queue and one background task per store (shared by its clones), started
+//! on first use on the caller's runtime and started again if that runtime went away. The task:
 //!
 //! 1. waits for a load, then takes **whatever else is queued right now**, up to [`MAX_BATCH`]
 //!    loads. There is no timer: under low load a batch is a single load, sent at once;
@@ -45,16 +48,23 @@ pub(crate) const MAX_IN_FLIGHT: usize = 2;
 
 /// One caller's load, waiting in the queue.
 pub(crate) struct LoadRequest {
-    /// The user's key base, `{prefix}{<tag>}:`.
-    pub(crate) base: String,
-    /// The presented id.
-    pub(crate) id: String,
+    /// The presented id's session key, `{prefix}{<tag>}:<id>`.
+    pub(crate) key: String,
+    /// The length of its key base `{prefix}{<tag>}:` (the id follows).
+    pub(crate) base_len: usize,
     /// The caller's time in µs, or `None` for the server's.
     pub(crate) now: Option<u64>,
     /// The cluster slot of the user's keys (0 on standalone).
     pub(crate) slot: u16,
     pub(crate) deadline: Instant,
     pub(crate) reply: oneshot::Sender<Result<Value>>,
+}
+
+impl LoadRequest {
+    /// The user's key base, `{prefix}{<tag>}:`.
+    fn base(&self) -> &str {
+        &self.key[..self.base_len]
+    }
 }
 
 /// The queue of a store's loads and its background task; see the module docs.
@@ -145,14 +155,15 @@ async fn send(link: &Link, config: &SessionConfig, group: Vec<LoadRequest>) {
         script_now,
         link.skew_allowance_ms,
         config,
-        &group[0].base,
+        group[0].base(),
     );
     inv.arg(group.len());
     for request in &group {
-        inv.key(format!("{}{}", request.base, request.id))
-            .key(format!("{}idx", request.base))
-            .arg(request.base.as_str())
-            .arg(request.id.as_str());
+        let base = request.base();
+        inv.key(request.key.as_str())
+            .key(format!("{base}idx"))
+            .arg(base)
+            .arg(&request.key[request.base_len..]);
         match request.now {
             Some(now) => inv.arg(now),
             None => inv.arg(""),
@@ -215,23 +226,32 @@ fn clone_error(err: &Error) -> Error {
     }
 }
 
-/// The most reads in one pipeline.
+/// The most reads in one `MGET`.
 pub(crate) const MAX_READ_BATCH: usize = 256;
+/// The most bytes of keys in one `MGET` (a session key is at most about 150 bytes).
+const MAX_READ_BATCH_BYTES: usize = 256 * 1024;
 
-/// One caller's read-only load (the fast path's `HGETALL`), waiting in the queue.
+/// One caller's read-only load (the fast path's read of the session record), waiting in the
+/// queue.
 pub(crate) struct ReadRequest {
     /// The presented id's session key.
     pub(crate) key: String,
     /// Its cluster slot (0 on standalone).
     pub(crate) slot: u16,
     pub(crate) deadline: Instant,
-    /// The `HGETALL` reply (an error reply comes back as a value, for the caller to judge).
-    pub(crate) reply: oneshot::Sender<Result<Value>>,
+    /// The key, handed back, and its stored value (`None` when the key is absent).
+    pub(crate) reply: oneshot::Sender<Result<(String, Option<Vec<u8>>)>>,
 }
 
 /// The queue of a store's read-only loads and its background task: the reads queued while
-/// earlier ones are on the wire go out together, per Cluster slot, as one pipeline of
-/// `HGETALL`s (one write, one stream of replies, one wake-up per batch instead of per read).
+/// earlier ones are on the wire go out together, per Cluster slot, as **one `MGET`** (a lone
+/// read is a plain `GET`): one command for the server to parse and answer, one reply array of
+/// bulk strings for the client, like the cache's hit path ([`crate::cache_get`]).
+///
+/// `GET` of a key of another type (a HASH) is a `WRONGTYPE` error, which the lone read returns
+/// as [`Error::Backend`]; `MGET` answers nil for it, so a coalesced read of such a key reads as
+/// absent. Session keys hold only what this store writes; the difference matters only for a key
+/// written by something else (or by a development build before records were STRINGs).
 pub(crate) struct ReadBatcher {
     queue: Coalescer<Reads>,
 }
@@ -243,8 +263,14 @@ impl ReadBatcher {
         }
     }
 
-    /// `HGETALL key`, coalesced with whatever other reads are queued.
-    pub(crate) async fn read(&self, link: &Arc<Link>, key: String, slot: u16) -> Result<Value> {
+    /// `GET key`, coalesced with whatever other reads are queued. Hands the key back with the
+    /// value, so a caller that needs it afterwards does not have to copy it first.
+    pub(crate) async fn read(
+        &self,
+        link: &Arc<Link>,
+        key: String,
+        slot: u16,
+    ) -> Result<(String, Option<Vec<u8>>)> {
         let deadline = Instant::now() + link.call_timeout;
         let (reply, answer) = oneshot::channel();
         self.queue.submit(
@@ -268,7 +294,7 @@ impl ReadBatcher {
     }
 }
 
-/// The background task's context: reads, sent as pipelines.
+/// The background task's context: reads, sent as `GET` or `MGET`.
 struct Reads {
     link: Arc<Link>,
 }
@@ -277,7 +303,7 @@ impl Batch for Reads {
     type Request = ReadRequest;
 
     const MAX_BATCH: usize = MAX_READ_BATCH;
-    const MAX_BATCH_BYTES: usize = usize::MAX;
+    const MAX_BATCH_BYTES: usize = MAX_READ_BATCH_BYTES;
     const MAX_IN_FLIGHT: usize = MAX_IN_FLIGHT;
 
     fn link(&self) -> &Link {
@@ -288,8 +314,8 @@ impl Batch for Reads {
         request.slot
     }
 
-    fn weight(_: &ReadRequest) -> usize {
-        0
+    fn weight(request: &ReadRequest) -> usize {
+        request.key.len()
     }
 
     fn is_abandoned(request: &ReadRequest, now: Instant) -> bool {
@@ -301,32 +327,30 @@ impl Batch for Reads {
     }
 }
 
+/// Sends one group (one slot) as one `GET` or `MGET` and answers its callers.
 async fn send_reads(link: &Link, group: Vec<ReadRequest>) {
     let deadline = group
         .iter()
         .map(|r| r.deadline)
         .max()
         .unwrap_or_else(Instant::now);
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for request in &group {
-        pipe.cmd("HGETALL").arg(request.key.as_str());
-    }
-    let result = link.bounded(deadline, link.conn.pipeline(&pipe)).await;
-    match result {
-        Ok(values) if values.len() == group.len() => {
-            for (request, value) in group.into_iter().zip(values) {
-                let _ = request.reply.send(Ok(value));
-            }
+    let cmd = if let [only] = group.as_slice() {
+        redis::cmd("GET").arg(only.key.as_str()).to_owned()
+    } else {
+        let mut cmd = redis::cmd("MGET");
+        for request in &group {
+            cmd.arg(request.key.as_str());
         }
+        cmd
+    };
+    let replies = link
+        .bounded(deadline, link.conn.query(&cmd))
+        .await
+        .and_then(|value| split_values(value, group.len()));
+    match replies {
         Ok(values) => {
-            let err = crate::error::unexpected_reply(format!(
-                "{} replies for {} reads",
-                values.len(),
-                group.len()
-            ));
-            for request in group {
-                let _ = request.reply.send(Err(clone_error(&err)));
+            for (request, value) in group.into_iter().zip(values) {
+                let _ = request.reply.send(value.map(|value| (request.key, value)));
             }
         }
         Err(err) => {
@@ -334,5 +358,50 @@ async fn send_reads(link: &Link, group: Vec<ReadRequest>) {
                 let _ = request.reply.send(Err(clone_error(&err)));
             }
         }
+    }
+}
+
+/// The values of a `GET` (`n == 1`) or `MGET` reply, one result per key.
+fn split_values(value: Value, n: usize) -> Result<Vec<Result<Option<Vec<u8>>>>> {
+    if n == 1 {
+        return Ok(vec![one_value(value)]);
+    }
+    match value {
+        Value::Array(items) if items.len() == n => Ok(items.into_iter().map(one_value).collect()),
+        other => Err(crate::error::unexpected_reply(format!(
+            "MGET of {n} keys answered {other:?}"
+        ))),
+    }
+}
+
+fn one_value(value: Value) -> Result<Option<Vec<u8>>> {
+    match value {
+        Value::Nil => Ok(None),
+        Value::BulkString(bytes) => Ok(Some(bytes)),
+        Value::SimpleString(s) => Ok(Some(s.into_bytes())),
+        other => Err(crate::error::unexpected_reply(format!(
+            "GET answered {other:?} instead of a value"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_replies_split_into_one_result_per_key() {
+        let values = split_values(
+            Value::Array(vec![Value::Nil, Value::BulkString(vec![b'S', 255])]),
+            2,
+        )
+        .expect("two values");
+        assert!(matches!(values[0], Ok(None)));
+        assert_eq!(
+            values[1].as_ref().expect("a value").as_deref(),
+            Some(&[b'S', 255][..])
+        );
+        assert!(split_values(Value::Array(vec![Value::Nil]), 2).is_err());
+        assert!(split_values(Value::Int(3), 1).expect("one reply")[0].is_err());
     }
 }

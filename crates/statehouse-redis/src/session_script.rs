@@ -4,20 +4,16 @@
 //! operation in one atomic step; see the comments at its top for the key layout, the argument
 //! layout and the status codes.
 
-use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use redis::{Script, ScriptInvocation, Value};
-use statehouse_core::session::{SessionConfig, SessionId, SessionRecord};
-use statehouse_core::{Result, Timestamp};
+use statehouse_core::Result;
+use statehouse_core::session::{SessionConfig, SessionId};
 
 use crate::error::unexpected_reply;
 
 /// The script, hashed once. `Script` runs `EVALSHA` and loads the script on `NOSCRIPT`.
 static SESSION: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("session.lua")));
-
-/// The hash field that prefixes a data field's name, so data never collides with metadata.
-pub(crate) const DATA_FIELD_PREFIX: &str = "d:";
 
 /// What the script found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,137 +174,26 @@ pub(crate) fn parse_expired(values: Vec<Value>) -> Result<Vec<(SessionId, String
     Ok(out)
 }
 
-/// Builds a record from a session hash's fields (`HGETALL`, flat).
-pub(crate) fn parse_record(id: SessionId, flat: Vec<Value>) -> Result<SessionRecord> {
-    if !flat.len().is_multiple_of(2) {
-        return Err(unexpected_reply("an odd number of hash values"));
-    }
-    let mut user_id = None;
-    let mut roles = Vec::new();
-    let mut data = BTreeMap::new();
-    let (mut created_at, mut last_seen) = (None, None);
-    let (mut ip, mut user_agent) = (None, None);
-    let mut it = flat.into_iter();
-    while let (Some(field), Some(value)) = (it.next(), it.next()) {
-        let field = bytes(field, "hash field")?;
-        match field.as_slice() {
-            b"u" => user_id = Some(string(value, "user id")?),
-            b"r" => {
-                let joined = string(value, "roles")?;
-                roles = joined
-                    .split('\n')
-                    .filter(|r| !r.is_empty())
-                    .map(str::to_owned)
-                    .collect();
-            }
-            b"c" => created_at = Some(stored_time(value, "created_at")?),
-            b"s" => last_seen = Some(stored_time(value, "last_seen")?),
-            b"ip" => ip = Some(string(value, "ip")?),
-            b"ua" => user_agent = Some(string(value, "user agent")?),
-            name => {
-                if let Some(name) = name.strip_prefix(DATA_FIELD_PREFIX.as_bytes()) {
-                    let name = String::from_utf8(name.to_vec())
-                        .map_err(|_| corrupt("a data field name is not UTF-8"))?;
-                    data.insert(name, bytes(value, "data value")?);
-                }
-                // Other fields are left for newer versions of this store.
-            }
-        }
-    }
-    Ok(SessionRecord {
-        id,
-        user_id: user_id.ok_or_else(|| corrupt("no user id"))?,
-        roles,
-        data,
-        created_at: created_at.ok_or_else(|| corrupt("no created_at"))?,
-        last_seen: last_seen.ok_or_else(|| corrupt("no last_seen"))?,
-        ip,
-        user_agent,
-    })
-}
-
-fn stored_time(value: Value, what: &str) -> Result<Timestamp> {
-    let s = string(value, what)?;
-    s.parse::<u64>()
-        .map(Timestamp::from_micros)
-        .map_err(|_| corrupt(format!("{what} is not an integer")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
-    }
-
     #[test]
-    fn parses_a_record_and_keeps_binary_data() {
-        let id = SessionId::parse(&"a".repeat(64)).expect("id");
-        let flat = vec![
-            bulk("u"),
-            bulk("alice"),
-            bulk("r"),
-            bulk("admin\nuser"),
-            bulk("c"),
-            bulk("10"),
-            bulk("s"),
-            bulk("20"),
-            bulk("d:blob"),
-            Value::BulkString(vec![0, 159, 255]),
-            bulk("future"),
-            bulk("ignored"),
-        ];
-        let record = parse_record(id, flat).expect("parses");
-        assert_eq!(record.user_id, "alice");
-        assert_eq!(record.roles, vec!["admin".to_owned(), "user".to_owned()]);
-        assert_eq!(record.created_at, Timestamp::from_micros(10));
-        assert_eq!(record.last_seen, Timestamp::from_micros(20));
-        assert_eq!(record.data["blob"], vec![0, 159, 255]);
-        assert_eq!(record.ip, None);
-    }
-
-    #[test]
-    fn refuses_bad_shapes_without_panicking() {
-        let id = || SessionId::parse(&"b".repeat(64)).expect("id");
-        for flat in [
-            vec![bulk("u")],
-            vec![bulk("c"), bulk("1"), bulk("s"), bulk("1")],
-            vec![
-                bulk("u"),
-                bulk("x"),
-                bulk("c"),
-                bulk("one"),
-                bulk("s"),
-                bulk("1"),
-            ],
-            vec![
-                bulk("u"),
-                Value::BulkString(vec![255]),
-                bulk("c"),
-                bulk("1"),
-                bulk("s"),
-                bulk("1"),
-            ],
-            vec![
-                bulk("u"),
-                Value::Nil,
-                bulk("c"),
-                bulk("1"),
-                bulk("s"),
-                bulk("1"),
-            ],
-        ] {
-            let err = parse_record(id(), flat).expect_err("refused");
-            assert!(
-                matches!(err, statehouse_core::Error::Backend { .. }),
-                "{err:?}"
-            );
-        }
+    fn refuses_bad_replies_without_panicking() {
         for value in [Value::Nil, Value::Int(1), Value::Array(vec![Value::Int(1)])] {
             assert!(parse_reply(value).is_err());
         }
         assert!(parse_reply(Value::Array(vec![Value::Int(1), Value::Int(9)])).is_err());
+        let failed = parse_reply(Value::Array(vec![
+            Value::Int(1),
+            Value::Int(4),
+            Value::BulkString(b"ERR statehouse: corrupt".to_vec()),
+        ]))
+        .expect_err("a failed load");
+        assert!(
+            matches!(failed, statehouse_core::Error::Backend { .. }),
+            "{failed:?}"
+        );
         assert!(parse_lists(Value::Array(vec![Value::Int(1)])).is_err());
     }
 }

@@ -80,7 +80,12 @@ async fn main() -> anyhow::Result<()> {
             .build()?;
         let rate = session_loads(&server, config, options.sessions, options.seconds).await?;
         let stats = raw_command(port, &["INFO", "commandstats"]).context("INFO")?;
-        for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha")) {
+        // The script, and the load fast path's `GET`s and `MGET`s.
+        for line in stats.lines().filter(|l| {
+            ["cmdstat_evalsha:", "cmdstat_get:", "cmdstat_mget:"]
+                .iter()
+                .any(|c| l.starts_with(c))
+        }) {
             println!("  server: {line}");
         }
         println!(
