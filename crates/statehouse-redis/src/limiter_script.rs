@@ -174,6 +174,10 @@ pub(crate) fn independent_invocation(
 /// per check, an [`Error::Backend`](statehouse_core::Error::Backend) for a check the script
 /// refused (corrupt state, a key of the wrong type). An `Err` of the whole is a reply of the
 /// wrong shape.
+///
+/// Each check's values are packed (see `limiter.lua`): `remaining, reset_after` for a check
+/// admitted without delay, `-1` and the five values otherwise, the error message alone for a
+/// refused check.
 pub(crate) fn parse_independent_reply(
     value: Value,
     capacities: impl ExactSizeIterator<Item = u64>,
@@ -184,20 +188,27 @@ pub(crate) fn parse_independent_reply(
         )));
     };
     let count = capacities.len();
-    let expected = 1 + count * FIELDS_PER_CHECK;
-    if items.len() != expected {
-        return Err(unexpected_reply(format!(
-            "expected {expected} values for {count} checks, got {}",
+    match items.first() {
+        Some(Value::Int(now)) if *now >= 0 => {}
+        other => return Err(unexpected_reply(format!("now = {other:?}"))),
+    }
+    let short = || {
+        unexpected_reply(format!(
+            "a reply of {} values for {count} checks",
             items.len()
-        )));
-    }
-    match items[0] {
-        Value::Int(now) if now >= 0 => {}
-        ref other => return Err(unexpected_reply(format!("now = {other:?}"))),
-    }
+        ))
+    };
+    let int = |v: &Value| match v {
+        Value::Int(i) => Ok(*i),
+        other => Err(unexpected_reply(format!(
+            "expected integers, got {other:?}"
+        ))),
+    };
     let mut out = Vec::with_capacity(count);
-    for (capacity, fields) in capacities.zip(items[1..].chunks_exact(FIELDS_PER_CHECK)) {
-        let refused = match &fields[0] {
+    let mut rest = &items[1..];
+    for capacity in capacities {
+        let (first, tail) = rest.split_first().ok_or_else(short)?;
+        let refused = match first {
             Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
             Value::SimpleString(s) => Some(s.clone()),
             _ => None,
@@ -207,20 +218,32 @@ pub(crate) fn parse_independent_reply(
                 message: format!("the limiter script refused the check: {message}"),
                 source: None,
             }));
+            rest = tail;
             continue;
         }
-        let mut ints = [0i64; FIELDS_PER_CHECK];
-        for (slot, v) in ints.iter_mut().zip(fields) {
-            *slot = match v {
-                Value::Int(i) => *i,
-                other => {
-                    return Err(unexpected_reply(format!(
-                        "expected integers, got {other:?}"
-                    )));
+        let fields = match int(first)? {
+            -1 => {
+                let (fields, tail) = tail.split_at_checked(FIELDS_PER_CHECK).ok_or_else(short)?;
+                rest = tail;
+                let mut ints = [0i64; FIELDS_PER_CHECK];
+                for (slot, v) in ints.iter_mut().zip(fields) {
+                    *slot = int(v)?;
                 }
-            };
-        }
-        out.push(Ok(decision(capacity, ints)?));
+                ints
+            }
+            remaining => {
+                let (reset_after, tail) = tail.split_first().ok_or_else(short)?;
+                rest = tail;
+                [1, remaining, int(reset_after)?, -1, 0]
+            }
+        };
+        out.push(Ok(decision(capacity, fields)?));
+    }
+    if !rest.is_empty() {
+        return Err(unexpected_reply(format!(
+            "{} values left over after {count} checks",
+            rest.len()
+        )));
     }
     Ok(out)
 }
@@ -338,18 +361,28 @@ mod tests {
     fn parses_an_independent_reply_with_a_refused_check() {
         let reply = Value::Array(vec![
             Value::Int(1_000),
+            // Denied: the full form.
+            Value::Int(-1),
             Value::Int(0),
             Value::Int(0),
             Value::Int(50),
             Value::Int(70),
             Value::Int(0),
+            // Refused: the message alone.
             Value::BulkString(b"WRONGTYPE Operation against a key".to_vec()),
-            Value::Int(0),
-            Value::Int(0),
-            Value::Int(0),
-            Value::Int(0),
+            // Admitted at once: remaining and reset_after.
+            Value::Int(9),
+            Value::Int(100_000),
+            // Admitted with a delay (leaky bucket): the full form.
+            Value::Int(-1),
+            Value::Int(1),
+            Value::Int(3),
+            Value::Int(400),
+            Value::Int(-1),
+            Value::Int(200),
         ]);
-        let parsed = parse_independent_reply(reply, [10, 10].into_iter()).expect("parses");
+        let parsed = parse_independent_reply(reply, [10, 10, 10, 5].into_iter()).expect("parses");
+        assert_eq!(parsed.len(), 4);
         assert_eq!(
             parsed[0].as_ref().expect("decided"),
             &Decision::from_parts(false, 10, 0, 50, Some(70), 0)
@@ -359,9 +392,32 @@ mod tests {
             matches!(err, statehouse_core::Error::Backend { message, .. } if message.contains("WRONGTYPE")),
             "{err:?}"
         );
-        // A short reply is an error of the whole.
-        let short = Value::Array(vec![Value::Int(1), Value::Int(1)]);
-        assert!(parse_independent_reply(short, [10].into_iter()).is_err());
+        assert_eq!(
+            parsed[2].as_ref().expect("decided"),
+            &Decision::from_parts(true, 10, 9, 100_000, None, 0)
+        );
+        assert_eq!(
+            parsed[3].as_ref().expect("decided"),
+            &Decision::from_parts(true, 5, 3, 400, None, 200)
+        );
+        // Short, overlong or malformed replies are errors of the whole, never a panic.
+        let ints = |v: &[i64]| Value::Array(v.iter().copied().map(Value::Int).collect());
+        for (bad, checks) in [
+            (ints(&[1, 1]), 1),
+            (ints(&[1, 1, 2, 3]), 1),
+            (ints(&[1, 1, 2]), 2),
+            (ints(&[1, -1, 1, 2, 3, -1]), 1),
+            (ints(&[1, -2, 5]), 1),
+            (ints(&[-1, 1, 2]), 1),
+            (ints(&[]), 0),
+            (Value::Nil, 1),
+        ] {
+            let shown = format!("{bad:?}");
+            assert!(
+                parse_independent_reply(bad, std::iter::repeat_n(10, checks)).is_err(),
+                "{shown}"
+            );
+        }
     }
 
     #[test]
