@@ -62,7 +62,9 @@ pub struct PreparedCheck<'a> {
 /// # Ok::<(), statehouse_core::Error>(())
 /// ```
 pub fn prepare_checks<'a>(checks: &[LimitCheck<'a>]) -> Result<Vec<PreparedCheck<'a>>> {
-    let mut seen = HashSet::with_capacity(checks.len());
+    // Only a batch of several checks can repeat a state; a single check (the common case)
+    // allocates no set.
+    let mut seen = HashSet::with_capacity(if checks.len() > 1 { checks.len() } else { 0 });
     let mut out = Vec::with_capacity(checks.len());
     for check in checks {
         check.policy.check_cost(check.cost)?;

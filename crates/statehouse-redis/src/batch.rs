@@ -45,12 +45,13 @@ use std::sync::Arc;
 
 use futures::Future;
 use futures::channel::oneshot;
+use redis::{ErrorKind, ServerErrorKind};
 use statehouse_core::{Decision, Error, Mode, Result};
 use tokio::time::Instant;
 
 use crate::coalesce::{self, Batch, Coalescer};
 use crate::limiter_script::{
-    IndependentCheck, ScriptCheck, independent_invocation, parse_independent_reply,
+    IndependentCheck, ScriptCheck, independent_command, invocation_of, parse_independent_reply,
 };
 use crate::link::Link;
 
@@ -169,10 +170,19 @@ async fn send(link: &Link, group: Vec<Request>) {
             now: r.now,
         })
         .collect();
-    let inv = independent_invocation(link.skew_allowance_ms, &checks);
+    let cmd = independent_command(link.skew_allowance_ms, &checks);
     drop(checks);
+    let call = async {
+        match link.conn.query(&cmd).await {
+            // Not loaded yet (or flushed): the invocation loads it and calls again. Nothing ran.
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                link.conn.invoke(&invocation_of(&cmd)).await
+            }
+            other => other,
+        }
+    };
     let result = link
-        .bounded(deadline, link.conn.invoke(&inv))
+        .bounded(deadline, call)
         .await
         .and_then(|value| parse_independent_reply(value, group.iter().map(|r| r.check.capacity)));
     match result {

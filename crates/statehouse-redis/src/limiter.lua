@@ -37,8 +37,12 @@
 --
 -- Returns { now, then per check: allowed (1/0), remaining, reset_after_us, retry_after_us (-1 for
 -- none), delay_us }. Refund returns { now }. In independent mode `now` is the server's TIME if it
--- was read (0 otherwise), and a check that failed has its error message (a string) in place of
--- `allowed`, followed by four zeros.
+-- was read (0 otherwise), and each check's values are packed, since nearly every check admits
+-- at once: an admitted check without delay (retry_after -1, delay 0) is just
+-- { remaining, reset_after_us }; any other decision is -1 followed by the five values above; a
+-- check that failed is its error message (a string) alone. The first value tells them apart
+-- (remaining is never negative). Every value costs the server a conversion and the client a
+-- parse: this cuts the reply of a typical batch from 5 to 2 values per check.
 --
 -- State encodings (one key per check):
 --   fixed window (1)      HASH  w = window index (now / period), c = count
@@ -205,6 +209,12 @@ end
 local all_allowed = true
 -- Cleared when SET ... GET turns out unsupported (Redis before 6.2).
 local set_get = true
+-- Memos for the independent mode, whose checks mostly repeat the same few values: `tonumber`
+-- of an argument string (a policy number, a cost) and `format('%d', x)` of a number (the new
+-- arrival time and the expiry of a fresh key, shared by the checks of one policy and cost on
+-- the server's TIME). In Redis's Lua each costs far more than a table lookup (`tonumber` about
+-- 0.5 us, `format` about 0.7 us, a lookup about 0.03 us), and they were a quarter of a check.
+local number_of, string_of = {}, {}
 local reply = { 0 }
 local r = 1
 
@@ -217,14 +227,25 @@ for i = 1, loops do
     local consume, write = consume_all, write_all
     local code, a, p, cost
     if independent then
-      local spec = tonumber(ARGV[b + 1]) or 0
+      local s = ARGV[b + 1]
+      local spec = number_of[s]
+      if spec == nil then
+        spec = tonumber(s) or 0
+        number_of[s] = spec
+      end
       consume = spec > 0
       write = consume
       if spec < 0 then
         spec = -spec
       end
       code, a, p = policies[3 * spec - 2], policies[3 * spec - 1], policies[3 * spec]
-      cost = tonumber(ARGV[b + 2])
+      s = ARGV[b + 2]
+      cost = number_of[s]
+      if cost == nil then
+        -- nil (not a number) is not memoized: the check fails below.
+        cost = tonumber(s)
+        number_of[s] = cost
+      end
       local t = ''
       if caller_times then
         t = ARGV[b + 3]
@@ -269,7 +290,16 @@ for i = 1, loops do
         if ttl < 1 then
           ttl = 1
         end
-        raw = pcall_redis('SET', key, format('%d', new_tat), 'PX', format('%d', ttl), 'GET')
+        local new_tat_s, ttl_s = string_of[new_tat], string_of[ttl]
+        if new_tat_s == nil then
+          new_tat_s = format('%d', new_tat)
+          string_of[new_tat] = new_tat_s
+        end
+        if ttl_s == nil then
+          ttl_s = format('%d', ttl)
+          string_of[ttl] = ttl_s
+        end
+        raw = pcall_redis('SET', key, new_tat_s, 'PX', ttl_s, 'GET')
         if type(raw) == 'table' and not match(raw.err or '', 'WRONGTYPE') then
           -- A server before 6.2 (syntax error) or one refusing writes: read, as they do.
           set_get = false
@@ -571,13 +601,21 @@ for i = 1, loops do
       if not independent then
         error(redis.error_reply(bad))
       end
-      reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5] = bad, 0, 0, 0, 0
-      r = r + 5
+      reply[r + 1] = bad
+      r = r + 1
+    elseif independent and allowed and delay == 0 then
+      -- Admitted at once (retry_after is -1): the packed form.
+      reply[r + 1], reply[r + 2] = remaining, reset_after
+      r = r + 2
     else
       local flag = 1
       if not allowed then
         flag = 0
         all_allowed = false
+      end
+      if independent then
+        reply[r + 1] = -1
+        r = r + 1
       end
       reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5] =
         flag, remaining, reset_after, retry_after, delay

@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use redis::{Script, ScriptInvocation, Value};
+use redis::{Arg, Cmd, Script, ScriptInvocation, Value};
 use statehouse_core::{Algorithm, Decision, Mode, Policy};
 
 use crate::error::unexpected_reply;
@@ -119,52 +119,83 @@ pub(crate) struct IndependentCheck<'a> {
     pub(crate) now: Option<u64>,
 }
 
-/// Builds the `independent` invocation: every check is decided and committed on its own, in
-/// order, as if each were a call of its own (see `limiter.lua`). The batch's distinct policies
-/// are sent once, and each check names its policy by number.
-pub(crate) fn independent_invocation(
-    slack_ms: u64,
-    checks: &[IndependentCheck<'_>],
-) -> ScriptInvocation<'static> {
-    // The distinct (code, a, b) triples, and each check's (1-based) number among them.
+/// Builds the `independent` call as one `EVALSHA` command: every check is decided and
+/// committed on its own, in order, as if each were a call of its own (see `limiter.lua`). The
+/// batch's distinct policies are sent once, and each check names its policy by number.
+///
+/// A [`Cmd`] keeps its arguments in one buffer, where a [`ScriptInvocation`] makes a vector per
+/// argument and copies them all into a `Cmd` again: three allocations and copies per check
+/// saved. If the server answers `NOSCRIPT`, [`invocation_of`] turns the command into an
+/// invocation, which loads the script and retries.
+pub(crate) fn independent_command(slack_ms: u64, checks: &[IndependentCheck<'_>]) -> Cmd {
+    // The distinct (code, a, b) triples (few: a batch mostly shares one policy).
     let mut policies: Vec<[u64; 3]> = Vec::new();
-    let specs: Vec<i64> = checks
-        .iter()
-        .map(|c| {
-            let [code, a, b, _] = c.check.args;
-            let triple = [code, a, b];
-            let index = match policies.iter().position(|p| *p == triple) {
-                Some(index) => index,
-                None => {
-                    policies.push(triple);
-                    policies.len() - 1
-                }
-            };
-            // At most MAX_BATCH policies: the cast cannot wrap.
-            let number = index as i64 + 1;
-            match c.mode {
-                Mode::Consume => number,
-                Mode::Peek => -number,
-            }
-        })
-        .collect();
+    let mut key_bytes = 0;
+    for c in checks {
+        let [code, a, b, _] = c.check.args;
+        if !policies.contains(&[code, a, b]) {
+            policies.push([code, a, b]);
+        }
+        key_bytes += c.check.storage_key.len();
+    }
     let caller_times = checks.iter().any(|c| c.now.is_some());
-    let mut inv = LIMITER.prepare_invoke();
-    inv.arg("independent")
+    let per_check = if caller_times { 4 } else { 3 };
+    let arg_count = 7 + 3 * policies.len() + per_check * checks.len();
+    // Keys, the hash, and up to 20 digits per number.
+    let mut cmd = Cmd::with_capacity(arg_count, key_bytes + 64 + 20 * arg_count);
+    cmd.arg("EVALSHA").arg(LIMITER.get_hash()).arg(checks.len());
+    for c in checks {
+        cmd.arg(c.check.storage_key.as_str());
+    }
+    cmd.arg("independent")
         .arg(if caller_times { "caller" } else { "" })
         .arg(slack_ms)
         .arg(policies.len());
     for policy in &policies {
-        inv.arg(&policy[..]);
+        cmd.arg(&policy[..]);
     }
-    for (c, spec) in checks.iter().zip(specs) {
-        inv.key(c.check.storage_key.as_str());
-        inv.arg(spec).arg(c.check.args[3]);
+    for c in checks {
+        let [code, a, b, cost] = c.check.args;
+        // Present: every check's triple was collected above. At most MAX_BATCH policies, so
+        // the cast cannot wrap.
+        let number = policies
+            .iter()
+            .position(|p| *p == [code, a, b])
+            .map_or(0, |index| index as i64 + 1);
+        let spec = match c.mode {
+            Mode::Consume => number,
+            Mode::Peek => -number,
+        };
+        cmd.arg(spec).arg(cost);
         if caller_times {
             match c.now {
-                Some(now) => inv.arg(now),
-                None => inv.arg(""),
+                Some(now) => cmd.arg(now),
+                None => cmd.arg(""),
             };
+        }
+    }
+    cmd
+}
+
+/// The `EVALSHA` command of [`independent_command`] as a script invocation with the same keys
+/// and arguments, which loads the script when the server answers `NOSCRIPT` (on Redis Cluster,
+/// on every primary) and calls it again.
+pub(crate) fn invocation_of(cmd: &Cmd) -> ScriptInvocation<'static> {
+    let mut inv = LIMITER.prepare_invoke();
+    let mut args = cmd.args_iter().filter_map(|arg| match arg {
+        Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    });
+    // EVALSHA, the hash, the number of keys.
+    let keys = args
+        .nth(2)
+        .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+        .unwrap_or(0);
+    for (i, arg) in args.enumerate() {
+        if i < keys {
+            inv.key(arg);
+        } else {
+            inv.arg(arg);
         }
     }
     inv
@@ -174,6 +205,10 @@ pub(crate) fn independent_invocation(
 /// per check, an [`Error::Backend`](statehouse_core::Error::Backend) for a check the script
 /// refused (corrupt state, a key of the wrong type). An `Err` of the whole is a reply of the
 /// wrong shape.
+///
+/// Each check's values are packed (see `limiter.lua`): `remaining, reset_after` for a check
+/// admitted without delay, `-1` and the five values otherwise, the error message alone for a
+/// refused check.
 pub(crate) fn parse_independent_reply(
     value: Value,
     capacities: impl ExactSizeIterator<Item = u64>,
@@ -184,20 +219,27 @@ pub(crate) fn parse_independent_reply(
         )));
     };
     let count = capacities.len();
-    let expected = 1 + count * FIELDS_PER_CHECK;
-    if items.len() != expected {
-        return Err(unexpected_reply(format!(
-            "expected {expected} values for {count} checks, got {}",
+    match items.first() {
+        Some(Value::Int(now)) if *now >= 0 => {}
+        other => return Err(unexpected_reply(format!("now = {other:?}"))),
+    }
+    let short = || {
+        unexpected_reply(format!(
+            "a reply of {} values for {count} checks",
             items.len()
-        )));
-    }
-    match items[0] {
-        Value::Int(now) if now >= 0 => {}
-        ref other => return Err(unexpected_reply(format!("now = {other:?}"))),
-    }
+        ))
+    };
+    let int = |v: &Value| match v {
+        Value::Int(i) => Ok(*i),
+        other => Err(unexpected_reply(format!(
+            "expected integers, got {other:?}"
+        ))),
+    };
     let mut out = Vec::with_capacity(count);
-    for (capacity, fields) in capacities.zip(items[1..].chunks_exact(FIELDS_PER_CHECK)) {
-        let refused = match &fields[0] {
+    let mut rest = &items[1..];
+    for capacity in capacities {
+        let (first, tail) = rest.split_first().ok_or_else(short)?;
+        let refused = match first {
             Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
             Value::SimpleString(s) => Some(s.clone()),
             _ => None,
@@ -207,20 +249,32 @@ pub(crate) fn parse_independent_reply(
                 message: format!("the limiter script refused the check: {message}"),
                 source: None,
             }));
+            rest = tail;
             continue;
         }
-        let mut ints = [0i64; FIELDS_PER_CHECK];
-        for (slot, v) in ints.iter_mut().zip(fields) {
-            *slot = match v {
-                Value::Int(i) => *i,
-                other => {
-                    return Err(unexpected_reply(format!(
-                        "expected integers, got {other:?}"
-                    )));
+        let fields = match int(first)? {
+            -1 => {
+                let (fields, tail) = tail.split_at_checked(FIELDS_PER_CHECK).ok_or_else(short)?;
+                rest = tail;
+                let mut ints = [0i64; FIELDS_PER_CHECK];
+                for (slot, v) in ints.iter_mut().zip(fields) {
+                    *slot = int(v)?;
                 }
-            };
-        }
-        out.push(Ok(decision(capacity, ints)?));
+                ints
+            }
+            remaining => {
+                let (reset_after, tail) = tail.split_first().ok_or_else(short)?;
+                rest = tail;
+                [1, remaining, int(reset_after)?, -1, 0]
+            }
+        };
+        out.push(Ok(decision(capacity, fields)?));
+    }
+    if !rest.is_empty() {
+        return Err(unexpected_reply(format!(
+            "{} values left over after {count} checks",
+            rest.len()
+        )));
     }
     Ok(out)
 }
@@ -319,6 +373,76 @@ mod tests {
     }
 
     #[test]
+    fn the_independent_command_and_its_invocation_carry_the_same_call() {
+        let gcra = check();
+        let other = ScriptCheck::new(
+            "sh:rl:{j}:fixed_window:60000000".into(),
+            &Policy::fixed_window(5, Duration::from_secs(60)).expect("valid policy"),
+            2,
+        );
+        let checks = [
+            IndependentCheck {
+                check: &gcra,
+                mode: Mode::Consume,
+                now: None,
+            },
+            IndependentCheck {
+                check: &other,
+                mode: Mode::Peek,
+                now: Some(7),
+            },
+            IndependentCheck {
+                check: &gcra,
+                mode: Mode::Peek,
+                now: None,
+            },
+        ];
+        let cmd = independent_command(3, &checks);
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|a| match a {
+                Arg::Simple(bytes) => bytes.to_vec(),
+                _ => panic!("no cursor"),
+            })
+            .collect();
+        let expected: Vec<&[u8]> = vec![
+            b"EVALSHA",
+            LIMITER.get_hash().as_bytes(),
+            b"3",
+            b"sh:rl:{k}:gcra:1000000",
+            b"sh:rl:{j}:fixed_window:60000000",
+            b"sh:rl:{k}:gcra:1000000",
+            b"independent",
+            b"caller",
+            b"3",
+            b"2",
+            b"6",
+            b"10",
+            b"100000",
+            b"1",
+            b"5",
+            b"60000000",
+            b"1",
+            b"1",
+            b"",
+            b"-2",
+            b"2",
+            b"7",
+            b"-1",
+            b"1",
+            b"",
+        ];
+        assert_eq!(args, expected);
+        // The invocation (for NOSCRIPT) has the same keys and arguments (its Debug shows only
+        // their counts; redis-rs builds its EVALSHA from them in order).
+        let shown = format!("{:?}", invocation_of(&cmd));
+        assert!(
+            shown.contains("args: 19") && shown.contains("keys: 3"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn parses_a_well_formed_reply() {
         let reply = Value::Array(
             [1_000, 1, 9, 100_000, -1, 0]
@@ -338,18 +462,28 @@ mod tests {
     fn parses_an_independent_reply_with_a_refused_check() {
         let reply = Value::Array(vec![
             Value::Int(1_000),
+            // Denied: the full form.
+            Value::Int(-1),
             Value::Int(0),
             Value::Int(0),
             Value::Int(50),
             Value::Int(70),
             Value::Int(0),
+            // Refused: the message alone.
             Value::BulkString(b"WRONGTYPE Operation against a key".to_vec()),
-            Value::Int(0),
-            Value::Int(0),
-            Value::Int(0),
-            Value::Int(0),
+            // Admitted at once: remaining and reset_after.
+            Value::Int(9),
+            Value::Int(100_000),
+            // Admitted with a delay (leaky bucket): the full form.
+            Value::Int(-1),
+            Value::Int(1),
+            Value::Int(3),
+            Value::Int(400),
+            Value::Int(-1),
+            Value::Int(200),
         ]);
-        let parsed = parse_independent_reply(reply, [10, 10].into_iter()).expect("parses");
+        let parsed = parse_independent_reply(reply, [10, 10, 10, 5].into_iter()).expect("parses");
+        assert_eq!(parsed.len(), 4);
         assert_eq!(
             parsed[0].as_ref().expect("decided"),
             &Decision::from_parts(false, 10, 0, 50, Some(70), 0)
@@ -359,9 +493,32 @@ mod tests {
             matches!(err, statehouse_core::Error::Backend { message, .. } if message.contains("WRONGTYPE")),
             "{err:?}"
         );
-        // A short reply is an error of the whole.
-        let short = Value::Array(vec![Value::Int(1), Value::Int(1)]);
-        assert!(parse_independent_reply(short, [10].into_iter()).is_err());
+        assert_eq!(
+            parsed[2].as_ref().expect("decided"),
+            &Decision::from_parts(true, 10, 9, 100_000, None, 0)
+        );
+        assert_eq!(
+            parsed[3].as_ref().expect("decided"),
+            &Decision::from_parts(true, 5, 3, 400, None, 200)
+        );
+        // Short, overlong or malformed replies are errors of the whole, never a panic.
+        let ints = |v: &[i64]| Value::Array(v.iter().copied().map(Value::Int).collect());
+        for (bad, checks) in [
+            (ints(&[1, 1]), 1),
+            (ints(&[1, 1, 2, 3]), 1),
+            (ints(&[1, 1, 2]), 2),
+            (ints(&[1, -1, 1, 2, 3, -1]), 1),
+            (ints(&[1, -2, 5]), 1),
+            (ints(&[-1, 1, 2]), 1),
+            (ints(&[]), 0),
+            (Value::Nil, 1),
+        ] {
+            let shown = format!("{bad:?}");
+            assert!(
+                parse_independent_reply(bad, std::iter::repeat_n(10, checks)).is_err(),
+                "{shown}"
+            );
+        }
     }
 
     #[test]
