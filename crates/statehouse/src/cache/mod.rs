@@ -117,6 +117,8 @@ pub const DEFAULT_CACHE_DEADLINE: Duration = Duration::from_millis(100);
 pub const DEFAULT_COMPRESS_ABOVE: usize = 1024;
 
 /// The first poll for another replica's fill waits this long; each next one twice as long.
+/// Store keys (`<namespace>:<key>`) up to this many bytes are built on the stack for a read.
+const INLINE_STORE_KEY: usize = 128;
 const LEASE_POLL_START: Duration = Duration::from_millis(2);
 /// The longest wait between two polls for another replica's fill.
 const LEASE_POLL_MAX: Duration = Duration::from_millis(50);
@@ -1219,6 +1221,23 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
             .unwrap_or(Err(Error::Timeout {
                 deadline: inner.deadline,
             }));
+        self.counted(result)
+    }
+
+    /// The store's `get` under the deadline; failures counted. A store that bounds its own
+    /// calls takes the deadline along ([`CacheStore::get_within`]): one timer per read instead
+    /// of ours around its own.
+    async fn store_get(&self, store_key: &str) -> Result<Option<Vec<u8>>> {
+        let inner = &*self.inner;
+        match inner.store.get_within(store_key, inner.deadline).await {
+            Some(result) => self.counted(result),
+            None => self.call(inner.store.get(store_key)).await,
+        }
+    }
+
+    /// Counts (and traces) a failed store call; invalid input is the caller's, not the store's.
+    fn counted<T>(&self, result: Result<T>) -> Result<T> {
+        let inner = &*self.inner;
         if let Err(e) = &result
             && !e.is_invalid_input()
         {
@@ -1233,8 +1252,28 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     async fn read_remote(&self, key: &str, now: Timestamp) -> Result<Option<RemoteEntry<V>>> {
         let inner = &*self.inner;
         let ticket = inner.near.ticket();
-        let store_key = self.store_key(key);
-        let bytes = self.call(inner.store.get(&store_key)).await?;
+        // `<namespace>:<key>` in a stack buffer when it fits (keys are short as a rule): no
+        // allocation per read. Both parts are `str`s, so the check below cannot fail; it falls
+        // back to the allocated key all the same rather than assume it.
+        let mut buf = [0u8; INLINE_STORE_KEY];
+        let heap;
+        let prefix = inner.key_prefix.as_bytes();
+        let len = prefix.len() + key.len();
+        let inline = if len <= INLINE_STORE_KEY {
+            buf[..prefix.len()].copy_from_slice(prefix);
+            buf[prefix.len()..len].copy_from_slice(key.as_bytes());
+            std::str::from_utf8(&buf[..len]).ok()
+        } else {
+            None
+        };
+        let store_key: &str = match inline {
+            Some(k) => k,
+            None => {
+                heap = self.store_key(key);
+                &heap
+            }
+        };
+        let bytes = self.store_get(store_key).await?;
         let entry = match bytes {
             Some(bytes) => self.open(key, &bytes, now, ticket).await?,
             None => None,
@@ -1340,6 +1379,19 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
 
     /// Whether every recorded tag version is still current.
     async fn tags_current(&self, tags: &[(String, u64)]) -> Result<bool> {
+        // Every tag known locally (the channel live): no store call and no copy of the names.
+        let mut current = true;
+        for (tag, version) in tags {
+            match self.inner.near.known_tag(tag) {
+                Some(known) => current &= known == *version,
+                None => return self.tags_current_from_store(tags).await,
+            }
+        }
+        Ok(current)
+    }
+
+    /// [`tags_current`](Self::tags_current) when some version must come from the store.
+    async fn tags_current_from_store(&self, tags: &[(String, u64)]) -> Result<bool> {
         let names: Vec<String> = tags.iter().map(|(t, _)| t.clone()).collect();
         let current = self.tag_versions(&names).await?;
         Ok(tags.iter().zip(&current).all(|((_, v), c)| v == c))
