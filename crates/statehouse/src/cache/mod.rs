@@ -1229,9 +1229,12 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     /// of ours around its own.
     async fn store_get(&self, store_key: &str) -> Result<Option<Vec<u8>>> {
         let inner = &*self.inner;
-        match inner.store.get_within(store_key, inner.deadline).await {
+        // Called on the `dyn CacheStore` itself, not through the blanket `impl CacheStore for
+        // Arc<S>` that method resolution would pick: that one boxes a second future per read.
+        let store: &dyn CacheStore = &*inner.store;
+        match store.get_within(store_key, inner.deadline).await {
             Some(result) => self.counted(result),
-            None => self.call(inner.store.get(store_key)).await,
+            None => self.call(store.get(store_key)).await,
         }
     }
 
@@ -1305,8 +1308,27 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
             CacheCounters::bump(&inner.counters.decode_errors);
             tracing::debug!(namespace = %inner.namespace, error = %what, "statehouse: undecodable cache entry read as a miss");
         };
-        let envelope = match Envelope::decode(bytes) {
-            Ok(e) => e,
+        // The header and tags are decoded by `Envelope::decode`; the payload is read where it
+        // lies in `bytes` rather than copied out.
+        let whole;
+        let decoded = match payload_offset(bytes) {
+            Some(at) => Envelope::decode(&bytes[..at]).map(|e| (e, &bytes[at..])),
+            // Not a well-formed entry: `decode` says why (should it accept the bytes all the
+            // same, its own copy of the payload is used).
+            None => match Envelope::decode(bytes) {
+                Ok(mut e) => {
+                    whole = std::mem::take(&mut e.payload);
+                    Ok((e, &whole[..]))
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let (envelope, stored_payload) = match decoded {
+            Ok((e, payload)) if e.flags.negative && !payload.is_empty() => {
+                decode_error(&"cache entry: negative entry with a payload");
+                return Ok(None);
+            }
+            Ok(found) => found,
             Err(e) => {
                 decode_error(&e);
                 return Ok(None);
@@ -1332,7 +1354,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         } else {
             let plain;
             let payload = if envelope.flags.compressed {
-                match codec::decompress(&envelope.payload) {
+                match codec::decompress(stored_payload) {
                     Ok(p) => {
                         plain = p;
                         &plain[..]
@@ -1343,7 +1365,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
                     }
                 }
             } else {
-                &envelope.payload[..]
+                stored_payload
             };
             match inner.codec.decode(payload) {
                 Ok(v) => (Some(Arc::new(v)), payload.len()),
@@ -1822,6 +1844,28 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     }
 }
 
+/// Where the payload of a stored [`Envelope`] starts: after the 23-byte header (its last byte
+/// the tag count) and the tags, each a big-endian `u16` length, the name and a `u64` version
+/// (the layout documented in `statehouse_core::cache::envelope`). `None` when `bytes` cannot
+/// hold the tags it announces; [`Envelope::decode`] of the bytes up to the offset validates
+/// everything else.
+fn payload_offset(bytes: &[u8]) -> Option<usize> {
+    const TAG_COUNT_AT: usize = 22;
+    let tags = usize::from(*bytes.get(TAG_COUNT_AT)?);
+    if tags > MAX_TAGS {
+        return None;
+    }
+    let mut at = TAG_COUNT_AT + 1;
+    for _ in 0..tags {
+        let len = u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]);
+        at += 2 + usize::from(len) + 8;
+        if at > bytes.len() {
+            return None;
+        }
+    }
+    Some(at)
+}
+
 fn check_user_tag(tag: &str) -> Result<()> {
     validate_tag(tag)?;
     if tag.starts_with("ns:") {
@@ -1841,5 +1885,63 @@ fn share<V, E: Send + Sync + 'static>(
         Err(CacheError::Load(e)) => Err(e.clone() as Arc<dyn Any + Send + Sync>),
         // Invalid input is checked before a flight starts; a waiter retries on its own.
         Err(CacheError::Store(e)) => Err(Arc::new(e.to_string()) as Arc<dyn Any + Send + Sync>),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(tags: &[&str], payload: &[u8]) -> Vec<u8> {
+        Envelope {
+            flags: EnvelopeFlags::default(),
+            fresh_until: Timestamp::from_micros(1),
+            stale_until: Timestamp::from_micros(2),
+            load_micros: 3,
+            tags: tags.iter().map(|t| (t.to_string(), 7)).collect(),
+            payload: payload.to_vec(),
+        }
+        .encode()
+        .expect("test step")
+    }
+
+    #[test]
+    fn the_payload_offset_agrees_with_envelope_decode() {
+        for tags in [&[][..], &["ns:a"][..], &["ns:a", "", "team:{7}\n"][..]] {
+            for payload in [&b""[..], &b"x"[..], &[0u8; 300][..]] {
+                let bytes = envelope(tags, payload);
+                let at = payload_offset(&bytes).expect("a well-formed entry");
+                let whole = Envelope::decode(&bytes).expect("test step");
+                assert_eq!(&bytes[at..], &whole.payload[..]);
+                let head = Envelope::decode(&bytes[..at]).expect("test step");
+                assert_eq!(head.tags, whole.tags);
+                assert!(head.payload.is_empty());
+                // Every prefix: no offset past the end, and none where `decode` fails on the
+                // header and tags.
+                for cut in 0..bytes.len() {
+                    let prefix = &bytes[..cut];
+                    match payload_offset(prefix) {
+                        Some(at) => {
+                            assert!(at <= cut);
+                            assert!(Envelope::decode(&prefix[..at]).is_ok());
+                        }
+                        None => assert!(Envelope::decode(prefix).is_err()),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn foreign_bytes_have_no_payload_offset_or_fail_to_decode() {
+        let mut too_many_tags = envelope(&[], b"");
+        too_many_tags[22] = (MAX_TAGS + 1) as u8;
+        assert_eq!(payload_offset(&too_many_tags), None);
+        assert!(Envelope::decode(&too_many_tags).is_err());
+        for foreign in [&b""[..], &b"{\"json\":true}"[..], &[0xffu8; 64][..]] {
+            if let Some(at) = payload_offset(foreign) {
+                assert!(Envelope::decode(&foreign[..at]).is_err());
+            }
+        }
     }
 }
