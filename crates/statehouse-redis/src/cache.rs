@@ -242,6 +242,18 @@ impl RedisCacheStore {
         }
     }
 
+    /// A coalesced read (see `src/cache_get.rs`), answered within the call deadline or the
+    /// caller's shorter `timeout`.
+    async fn read(&self, key: &str, timeout: Option<Duration>) -> Result<Option<Vec<u8>>> {
+        validate_cache_key(key)?;
+        let data_key = self.data_key_unchecked(key);
+        let slot = self.slot(&data_key);
+        self.inner
+            .gets
+            .get(&self.inner.link, data_key, slot, timeout)
+            .await
+    }
+
     async fn run(&self, inv: &ScriptInvocation<'_>) -> Result<Value> {
         let link = &self.inner.link;
         link.bounded(self.deadline(), link.conn.invoke(inv)).await
@@ -261,10 +273,13 @@ impl RedisCacheStore {
 #[async_trait]
 impl CacheStore for RedisCacheStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        validate_cache_key(key)?;
-        let data_key = self.data_key_unchecked(key);
-        let slot = self.slot(&data_key);
-        self.inner.gets.get(&self.inner.link, data_key, slot).await
+        self.read(key, None).await
+    }
+
+    /// Always `Some`: every read is bounded by the store's call deadline already, so the
+    /// caller's `timeout` only shortens the wait on the same timer.
+    async fn get_within(&self, key: &str, timeout: Duration) -> Option<Result<Option<Vec<u8>>>> {
+        Some(self.read(key, Some(timeout)).await)
     }
 
     async fn set(

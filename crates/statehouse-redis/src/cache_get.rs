@@ -15,6 +15,7 @@
 //! are right for a cache: the key holds nothing this store wrote.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Future;
 use futures::channel::oneshot;
@@ -56,13 +57,24 @@ impl GetBatcher {
     }
 
     /// Reads one key, coalesced with whatever other reads are queued.
+    ///
+    /// The read goes on the wire under the link's call deadline, as every call; the caller
+    /// waits for it until that deadline or, when `timeout` is shorter, until `timeout` has
+    /// passed (one timer either way). A caller that stops waiting drops its receiver, which
+    /// is what lets the batcher skip its read if it is still queued.
     pub(crate) async fn get(
         &self,
         link: &Arc<Link>,
         key: String,
         slot: u16,
+        timeout: Option<Duration>,
     ) -> Result<Option<Vec<u8>>> {
-        let deadline = Instant::now() + link.call_timeout;
+        let now = Instant::now();
+        let deadline = now + link.call_timeout;
+        let (wait_until, waited) = match timeout {
+            Some(timeout) if timeout < link.call_timeout => (now + timeout, timeout),
+            _ => (deadline, link.call_timeout),
+        };
         let (reply, answer) = oneshot::channel();
         self.queue.submit(
             || Gets {
@@ -76,9 +88,9 @@ impl GetBatcher {
             },
         );
         coalesce::answer(
-            deadline,
+            wait_until,
             answer,
-            link.call_timeout,
+            waited,
             "the Redis cache read task stopped before answering",
         )
         .await

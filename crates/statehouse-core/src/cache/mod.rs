@@ -269,6 +269,19 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
     /// The value at `key`, or `None`.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
 
+    /// [`get`](Self::get) bounded by the caller's `timeout` as well as by the store's own call
+    /// deadline, on one timer: `Some` with the result, which is [`Error::Timeout`] carrying
+    /// the shorter of the two durations when that one passes first; or `None` (the default)
+    /// when the store does not bound its calls itself, and the caller must bound
+    /// [`get`](Self::get) on its own.
+    ///
+    /// This lets a caller with a deadline of its own (the `statehouse` facade's `Cache`) read
+    /// without arming a second timer around a call the store already times.
+    async fn get_within(&self, key: &str, timeout: Duration) -> Option<Result<Option<Vec<u8>>>> {
+        let _ = (key, timeout);
+        None
+    }
+
     /// Stores `value` at `key` for `ttl` and publishes `Invalidation::Keys([key])`.
     ///
     /// With `lease: None` this is a write: it always succeeds and voids any outstanding lease on
@@ -318,6 +331,9 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
 impl<S: CacheStore + ?Sized> CacheStore for Arc<S> {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         (**self).get(key).await
+    }
+    async fn get_within(&self, key: &str, timeout: Duration) -> Option<Result<Option<Vec<u8>>>> {
+        (**self).get_within(key, timeout).await
     }
     async fn set(
         &self,

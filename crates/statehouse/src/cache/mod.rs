@@ -117,6 +117,8 @@ pub const DEFAULT_CACHE_DEADLINE: Duration = Duration::from_millis(100);
 pub const DEFAULT_COMPRESS_ABOVE: usize = 1024;
 
 /// The first poll for another replica's fill waits this long; each next one twice as long.
+/// Store keys (`<namespace>:<key>`) up to this many bytes are built on the stack for a read.
+const INLINE_STORE_KEY: usize = 128;
 const LEASE_POLL_START: Duration = Duration::from_millis(2);
 /// The longest wait between two polls for another replica's fill.
 const LEASE_POLL_MAX: Duration = Duration::from_millis(50);
@@ -1219,6 +1221,26 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
             .unwrap_or(Err(Error::Timeout {
                 deadline: inner.deadline,
             }));
+        self.counted(result)
+    }
+
+    /// The store's `get` under the deadline; failures counted. A store that bounds its own
+    /// calls takes the deadline along ([`CacheStore::get_within`]): one timer per read instead
+    /// of ours around its own.
+    async fn store_get(&self, store_key: &str) -> Result<Option<Vec<u8>>> {
+        let inner = &*self.inner;
+        // Called on the `dyn CacheStore` itself, not through the blanket `impl CacheStore for
+        // Arc<S>` that method resolution would pick: that one boxes a second future per read.
+        let store: &dyn CacheStore = &*inner.store;
+        match store.get_within(store_key, inner.deadline).await {
+            Some(result) => self.counted(result),
+            None => self.call(store.get(store_key)).await,
+        }
+    }
+
+    /// Counts (and traces) a failed store call; invalid input is the caller's, not the store's.
+    fn counted<T>(&self, result: Result<T>) -> Result<T> {
+        let inner = &*self.inner;
         if let Err(e) = &result
             && !e.is_invalid_input()
         {
@@ -1233,8 +1255,28 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     async fn read_remote(&self, key: &str, now: Timestamp) -> Result<Option<RemoteEntry<V>>> {
         let inner = &*self.inner;
         let ticket = inner.near.ticket();
-        let store_key = self.store_key(key);
-        let bytes = self.call(inner.store.get(&store_key)).await?;
+        // `<namespace>:<key>` in a stack buffer when it fits (keys are short as a rule): no
+        // allocation per read. Both parts are `str`s, so the check below cannot fail; it falls
+        // back to the allocated key all the same rather than assume it.
+        let mut buf = [0u8; INLINE_STORE_KEY];
+        let heap;
+        let prefix = inner.key_prefix.as_bytes();
+        let len = prefix.len() + key.len();
+        let inline = if len <= INLINE_STORE_KEY {
+            buf[..prefix.len()].copy_from_slice(prefix);
+            buf[prefix.len()..len].copy_from_slice(key.as_bytes());
+            std::str::from_utf8(&buf[..len]).ok()
+        } else {
+            None
+        };
+        let store_key: &str = match inline {
+            Some(k) => k,
+            None => {
+                heap = self.store_key(key);
+                &heap
+            }
+        };
+        let bytes = self.store_get(store_key).await?;
         let entry = match bytes {
             Some(bytes) => self.open(key, &bytes, now, ticket).await?,
             None => None,
@@ -1266,8 +1308,27 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
             CacheCounters::bump(&inner.counters.decode_errors);
             tracing::debug!(namespace = %inner.namespace, error = %what, "statehouse: undecodable cache entry read as a miss");
         };
-        let envelope = match Envelope::decode(bytes) {
-            Ok(e) => e,
+        // The header and tags are decoded by `Envelope::decode`; the payload is read where it
+        // lies in `bytes` rather than copied out.
+        let whole;
+        let decoded = match payload_offset(bytes) {
+            Some(at) => Envelope::decode(&bytes[..at]).map(|e| (e, &bytes[at..])),
+            // Not a well-formed entry: `decode` says why (should it accept the bytes all the
+            // same, its own copy of the payload is used).
+            None => match Envelope::decode(bytes) {
+                Ok(mut e) => {
+                    whole = std::mem::take(&mut e.payload);
+                    Ok((e, &whole[..]))
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let (envelope, stored_payload) = match decoded {
+            Ok((e, payload)) if e.flags.negative && !payload.is_empty() => {
+                decode_error(&"cache entry: negative entry with a payload");
+                return Ok(None);
+            }
+            Ok(found) => found,
             Err(e) => {
                 decode_error(&e);
                 return Ok(None);
@@ -1293,7 +1354,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         } else {
             let plain;
             let payload = if envelope.flags.compressed {
-                match codec::decompress(&envelope.payload) {
+                match codec::decompress(stored_payload) {
                     Ok(p) => {
                         plain = p;
                         &plain[..]
@@ -1304,7 +1365,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
                     }
                 }
             } else {
-                &envelope.payload[..]
+                stored_payload
             };
             match inner.codec.decode(payload) {
                 Ok(v) => (Some(Arc::new(v)), payload.len()),
@@ -1340,6 +1401,19 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
 
     /// Whether every recorded tag version is still current.
     async fn tags_current(&self, tags: &[(String, u64)]) -> Result<bool> {
+        // Every tag known locally (the channel live): no store call and no copy of the names.
+        let mut current = true;
+        for (tag, version) in tags {
+            match self.inner.near.known_tag(tag) {
+                Some(known) => current &= known == *version,
+                None => return self.tags_current_from_store(tags).await,
+            }
+        }
+        Ok(current)
+    }
+
+    /// [`tags_current`](Self::tags_current) when some version must come from the store.
+    async fn tags_current_from_store(&self, tags: &[(String, u64)]) -> Result<bool> {
         let names: Vec<String> = tags.iter().map(|(t, _)| t.clone()).collect();
         let current = self.tag_versions(&names).await?;
         Ok(tags.iter().zip(&current).all(|((_, v), c)| v == c))
@@ -1770,6 +1844,28 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     }
 }
 
+/// Where the payload of a stored [`Envelope`] starts: after the 23-byte header (its last byte
+/// the tag count) and the tags, each a big-endian `u16` length, the name and a `u64` version
+/// (the layout documented in `statehouse_core::cache::envelope`). `None` when `bytes` cannot
+/// hold the tags it announces; [`Envelope::decode`] of the bytes up to the offset validates
+/// everything else.
+fn payload_offset(bytes: &[u8]) -> Option<usize> {
+    const TAG_COUNT_AT: usize = 22;
+    let tags = usize::from(*bytes.get(TAG_COUNT_AT)?);
+    if tags > MAX_TAGS {
+        return None;
+    }
+    let mut at = TAG_COUNT_AT + 1;
+    for _ in 0..tags {
+        let len = u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]);
+        at += 2 + usize::from(len) + 8;
+        if at > bytes.len() {
+            return None;
+        }
+    }
+    Some(at)
+}
+
 fn check_user_tag(tag: &str) -> Result<()> {
     validate_tag(tag)?;
     if tag.starts_with("ns:") {
@@ -1789,5 +1885,63 @@ fn share<V, E: Send + Sync + 'static>(
         Err(CacheError::Load(e)) => Err(e.clone() as Arc<dyn Any + Send + Sync>),
         // Invalid input is checked before a flight starts; a waiter retries on its own.
         Err(CacheError::Store(e)) => Err(Arc::new(e.to_string()) as Arc<dyn Any + Send + Sync>),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(tags: &[&str], payload: &[u8]) -> Vec<u8> {
+        Envelope {
+            flags: EnvelopeFlags::default(),
+            fresh_until: Timestamp::from_micros(1),
+            stale_until: Timestamp::from_micros(2),
+            load_micros: 3,
+            tags: tags.iter().map(|t| (t.to_string(), 7)).collect(),
+            payload: payload.to_vec(),
+        }
+        .encode()
+        .expect("test step")
+    }
+
+    #[test]
+    fn the_payload_offset_agrees_with_envelope_decode() {
+        for tags in [&[][..], &["ns:a"][..], &["ns:a", "", "team:{7}\n"][..]] {
+            for payload in [&b""[..], &b"x"[..], &[0u8; 300][..]] {
+                let bytes = envelope(tags, payload);
+                let at = payload_offset(&bytes).expect("a well-formed entry");
+                let whole = Envelope::decode(&bytes).expect("test step");
+                assert_eq!(&bytes[at..], &whole.payload[..]);
+                let head = Envelope::decode(&bytes[..at]).expect("test step");
+                assert_eq!(head.tags, whole.tags);
+                assert!(head.payload.is_empty());
+                // Every prefix: no offset past the end, and none where `decode` fails on the
+                // header and tags.
+                for cut in 0..bytes.len() {
+                    let prefix = &bytes[..cut];
+                    match payload_offset(prefix) {
+                        Some(at) => {
+                            assert!(at <= cut);
+                            assert!(Envelope::decode(&prefix[..at]).is_ok());
+                        }
+                        None => assert!(Envelope::decode(prefix).is_err()),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn foreign_bytes_have_no_payload_offset_or_fail_to_decode() {
+        let mut too_many_tags = envelope(&[], b"");
+        too_many_tags[22] = (MAX_TAGS + 1) as u8;
+        assert_eq!(payload_offset(&too_many_tags), None);
+        assert!(Envelope::decode(&too_many_tags).is_err());
+        for foreign in [&b""[..], &b"{\"json\":true}"[..], &[0xffu8; 64][..]] {
+            if let Some(at) = payload_offset(foreign) {
+                assert!(Envelope::decode(&foreign[..at]).is_err());
+            }
+        }
     }
 }
