@@ -46,7 +46,7 @@ use std::sync::Arc;
 use futures::Future;
 use futures::channel::oneshot;
 use redis::{ErrorKind, ServerErrorKind};
-use statehouse_core::{Decision, Error, Mode, Result};
+use statehouse_core::{Decision, Mode, Result};
 use tokio::time::Instant;
 
 use crate::coalesce::{self, Batch, Coalescer};
@@ -194,29 +194,8 @@ async fn send(link: &Link, group: Vec<Request>) {
         }
         Err(err) => {
             for request in group {
-                let _ = request.reply.send(Err(copy_error(&err)));
+                let _ = request.reply.send(Err(coalesce::copy_error(&err)));
             }
         }
-    }
-}
-
-/// The same error for another caller of a failed batch (errors do not clone: the client's
-/// source error is kept in the message only).
-fn copy_error(err: &Error) -> Error {
-    match err {
-        Error::Timeout { deadline } => Error::Timeout {
-            deadline: *deadline,
-        },
-        Error::Unavailable { message, .. } => Error::Unavailable {
-            message: message.clone(),
-            source: None,
-        },
-        other => Error::Backend {
-            message: match other {
-                Error::Backend { message, .. } => message.clone(),
-                _ => other.to_string(),
-            },
-            source: None,
-        },
     }
 }

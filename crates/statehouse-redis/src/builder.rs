@@ -131,7 +131,7 @@ impl RedisStoreBuilder {
     }
 
     /// The deadline of one call to Redis (default one second), including connecting or
-    /// reconnecting; a call that misses it returns [`Error::Timeout`]. Also bounds the initial
+    /// reconnecting; a call that misses it returns [`Error::Timeout`](statehouse_core::Error::Timeout). Also bounds the initial
     /// connection in [`connect`](Self::connect). Must not be zero.
     ///
     /// The `statehouse` facade adds its own, usually shorter, deadline and a circuit breaker.

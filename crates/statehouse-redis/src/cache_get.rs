@@ -1,7 +1,9 @@
-//! Coalescing of concurrent cache reads: the shared tier's hit path.
+//! Coalescing of concurrent plain reads: the cache's hit path, and the session store's
+//! read-only loads (a session is one STRING record).
 //!
 //! Every [`get`](statehouse_core::cache::CacheStore::get) of a
-//! [`RedisCacheStore`](crate::RedisCacheStore) goes through a [`GetBatcher`], the generic
+//! [`RedisCacheStore`](crate::RedisCacheStore), and every fast-path load of a
+//! [`RedisSessionStore`](crate::RedisSessionStore), goes through a [`GetBatcher`], the generic
 //! coalescer of [`crate::coalesce`]: a queue and one background task per store. The reads
 //! queued while earlier ones are on the wire go out together, per Cluster slot, as **one
 //! `MGET`** (a lone read is a plain `GET`). No script: a read changes nothing, and `GET`/`MGET`
@@ -20,7 +22,7 @@ use std::time::Duration;
 use futures::Future;
 use futures::channel::oneshot;
 use redis::Value;
-use statehouse_core::{Error, Result};
+use statehouse_core::Result;
 use tokio::time::Instant;
 
 use crate::coalesce::{self, Batch, Coalescer};
@@ -41,7 +43,9 @@ pub(crate) struct GetRequest {
     /// Its Cluster slot (0 on standalone).
     pub(crate) slot: u16,
     pub(crate) deadline: Instant,
-    pub(crate) reply: oneshot::Sender<Result<Option<Vec<u8>>>>,
+    /// The key, handed back with its value, so a caller that needs it afterwards (the session
+    /// store) does not have to copy it first.
+    pub(crate) reply: oneshot::Sender<Result<(String, Option<Vec<u8>>)>>,
 }
 
 /// The queue of a store's reads and its background task; see the module docs.
@@ -69,6 +73,17 @@ impl GetBatcher {
         slot: u16,
         timeout: Option<Duration>,
     ) -> Result<Option<Vec<u8>>> {
+        Ok(self.read(link, key, slot, timeout).await?.1)
+    }
+
+    /// [`get`](Self::get), handing the key back with the value.
+    pub(crate) async fn read(
+        &self,
+        link: &Arc<Link>,
+        key: String,
+        slot: u16,
+        timeout: Option<Duration>,
+    ) -> Result<(String, Option<Vec<u8>>)> {
         let now = Instant::now();
         let deadline = now + link.call_timeout;
         let (wait_until, waited) = match timeout {
@@ -91,7 +106,7 @@ impl GetBatcher {
             wait_until,
             answer,
             waited,
-            "the Redis cache read task stopped before answering",
+            "the Redis read task stopped before answering",
         )
         .await
     }
@@ -154,12 +169,12 @@ async fn send(link: &Link, group: Vec<GetRequest>) {
         Ok(values) => {
             for (request, value) in group.into_iter().zip(values) {
                 // A caller that stopped waiting has dropped its receiver: nothing to do.
-                let _ = request.reply.send(value);
+                let _ = request.reply.send(value.map(|value| (request.key, value)));
             }
         }
         Err(err) => {
             for request in group {
-                let _ = request.reply.send(Err(copy_error(&err)));
+                let _ = request.reply.send(Err(coalesce::copy_error(&err)));
             }
         }
     }
@@ -186,25 +201,6 @@ fn one(value: Value) -> Result<Option<Vec<u8>>> {
         other => Err(unexpected_reply(format!(
             "GET answered {other:?} instead of a value"
         ))),
-    }
-}
-
-/// The same error for every caller of a failed call (sources are not `Clone`; their text is
-/// kept in the message).
-pub(crate) fn copy_error(err: &Error) -> Error {
-    match err {
-        Error::Timeout { deadline } => Error::Timeout {
-            deadline: *deadline,
-        },
-        Error::Unavailable { message, .. } => Error::Unavailable {
-            message: message.clone(),
-            source: None,
-        },
-        Error::InvalidInput(message) => Error::InvalidInput(message.clone()),
-        other => Error::Backend {
-            message: other.to_string(),
-            source: None,
-        },
     }
 }
 

@@ -208,3 +208,27 @@ fn group_by_slot<B: Batch>(batch: Vec<B::Request>) -> Vec<Vec<B::Request>> {
     }
     groups.into_iter().map(|(_, group)| group).collect()
 }
+
+/// The same error for every caller of a failed call: errors do not clone, so the client's
+/// source error is kept in the message only. The kind (timeout, unavailable, invalid input,
+/// backend) is kept, so each caller's degraded-mode policy sees what really happened.
+pub(crate) fn copy_error(err: &Error) -> Error {
+    match err {
+        Error::Timeout { deadline } => Error::Timeout {
+            deadline: *deadline,
+        },
+        Error::Unavailable { message, .. } => Error::Unavailable {
+            message: message.clone(),
+            source: None,
+        },
+        Error::InvalidInput(message) => Error::InvalidInput(message.clone()),
+        Error::Backend { message, .. } => Error::Backend {
+            message: message.clone(),
+            source: None,
+        },
+        other => Error::Backend {
+            message: other.to_string(),
+            source: None,
+        },
+    }
+}

@@ -16,10 +16,11 @@ use statehouse_core::{Clock, Error, Result, Timestamp};
 use tokio::time::Instant;
 
 use crate::builder::{DEFAULT_CALL_TIMEOUT, RedisTopology, TimeSource};
+use crate::cache_get::GetBatcher;
 use crate::error::unexpected_reply;
 use crate::hash_slot::hash_slot;
 use crate::link::Link;
-use crate::session_batch::{LoadBatcher, LoadRequest, ReadBatcher};
+use crate::session_batch::{LoadBatcher, LoadRequest};
 use crate::session_record::{decode, encode_fields, is_alias};
 use crate::session_script::{
     Reply, Status, bytes, invocation, parse_expired, parse_lists, parse_reply, session_id, string,
@@ -132,7 +133,7 @@ struct Inner {
     /// Coalesces concurrent loads; shared by the clones and the `with_*` variants of a store.
     loads: Arc<LoadBatcher>,
     /// Coalesces the fast path's concurrent `GET`s into `MGET`s; shared like `loads`.
-    reads: Arc<ReadBatcher>,
+    reads: Arc<GetBatcher>,
     prefix: String,
     config: SessionConfig,
     hooks: Option<Arc<dyn SessionHooks>>,
@@ -168,7 +169,7 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 link: Arc::clone(self.link()),
                 loads: Arc::new(LoadBatcher::new()),
-                reads: Arc::new(ReadBatcher::new()),
+                reads: Arc::new(GetBatcher::new()),
                 prefix: DEFAULT_SESSION_PREFIX.to_owned(),
                 config,
                 hooks: None,
@@ -300,7 +301,7 @@ impl RedisSessionStore {
             ),
         };
         let slot = hash_slot(key.as_bytes());
-        let (key, value) = self.inner.reads.read(link, key, slot).await?;
+        let (key, value) = self.inner.reads.read(link, key, slot, None).await?;
         let Some(value) = value else {
             return Ok(Ok(None));
         };
@@ -754,7 +755,7 @@ impl RedisSessionStoreBuilder {
             inner: Arc::new(Inner {
                 link: Arc::new(link),
                 loads: Arc::new(LoadBatcher::new()),
-                reads: Arc::new(ReadBatcher::new()),
+                reads: Arc::new(GetBatcher::new()),
                 prefix: self.prefix,
                 config: self.config,
                 hooks: self.hooks,

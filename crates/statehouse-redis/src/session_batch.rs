@@ -1,5 +1,6 @@
 //! Coalescing of concurrent session loads: the fast path's reads into one `MGET` per slot
-//! ([`ReadBatcher`], see its docs), and the loads that need the script into one script call.
+//! (through the cache store's [`GetBatcher`](crate::cache_get::GetBatcher): the same plain
+//! reads), and the loads that need the script into one script call.
 //!
 //! `load` is the per-request hot path. Most loads are answered by a plain read of the session
 //! record; the others (a refresh that is due, an alias, an expiry edge) run the script, and
@@ -33,8 +34,8 @@ use std::sync::Arc;
 use futures::Future;
 use futures::channel::oneshot;
 use redis::Value;
+use statehouse_core::Result;
 use statehouse_core::session::SessionConfig;
-use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
 use crate::coalesce::{self, Batch, Coalescer};
@@ -184,7 +185,7 @@ async fn send(link: &Link, config: &SessionConfig, group: Vec<LoadRequest>) {
         }
         Err(err) => {
             for request in group {
-                let _ = request.reply.send(Err(clone_error(&err)));
+                let _ = request.reply.send(Err(coalesce::copy_error(&err)));
             }
         }
     }
@@ -205,203 +206,4 @@ fn split_replies(value: Value, n: usize) -> Result<Vec<Value>> {
         )));
     }
     Ok(replies)
-}
-
-/// The same error for every caller of a failed call. Sources are not `Clone`; their text is
-/// kept in the message.
-fn clone_error(err: &Error) -> Error {
-    match err {
-        Error::Timeout { deadline } => Error::Timeout {
-            deadline: *deadline,
-        },
-        Error::Unavailable { message, .. } => Error::Unavailable {
-            message: message.clone(),
-            source: None,
-        },
-        Error::InvalidInput(message) => Error::InvalidInput(message.clone()),
-        other => Error::Backend {
-            message: other.to_string(),
-            source: None,
-        },
-    }
-}
-
-/// The most reads in one `MGET`.
-pub(crate) const MAX_READ_BATCH: usize = 256;
-/// The most bytes of keys in one `MGET` (a session key is at most about 150 bytes).
-const MAX_READ_BATCH_BYTES: usize = 256 * 1024;
-
-/// One caller's read-only load (the fast path's read of the session record), waiting in the
-/// queue.
-pub(crate) struct ReadRequest {
-    /// The presented id's session key.
-    pub(crate) key: String,
-    /// Its cluster slot (0 on standalone).
-    pub(crate) slot: u16,
-    pub(crate) deadline: Instant,
-    /// The key, handed back, and its stored value (`None` when the key is absent).
-    pub(crate) reply: oneshot::Sender<Result<(String, Option<Vec<u8>>)>>,
-}
-
-/// The queue of a store's read-only loads and its background task: the reads queued while
-/// earlier ones are on the wire go out together, per Cluster slot, as **one `MGET`** (a lone
-/// read is a plain `GET`): one command for the server to parse and answer, one reply array of
-/// bulk strings for the client, like the cache's hit path ([`crate::cache_get`]).
-///
-/// `GET` of a key of another type (a HASH) is a `WRONGTYPE` error, which the lone read returns
-/// as [`Error::Backend`]; `MGET` answers nil for it, so a coalesced read of such a key reads as
-/// absent. Session keys hold only what this store writes; the difference matters only for a key
-/// written by something else (or by a development build before records were STRINGs).
-pub(crate) struct ReadBatcher {
-    queue: Coalescer<Reads>,
-}
-
-impl ReadBatcher {
-    pub(crate) fn new() -> Self {
-        ReadBatcher {
-            queue: Coalescer::new(),
-        }
-    }
-
-    /// `GET key`, coalesced with whatever other reads are queued. Hands the key back with the
-    /// value, so a caller that needs it afterwards does not have to copy it first.
-    pub(crate) async fn read(
-        &self,
-        link: &Arc<Link>,
-        key: String,
-        slot: u16,
-    ) -> Result<(String, Option<Vec<u8>>)> {
-        let deadline = Instant::now() + link.call_timeout;
-        let (reply, answer) = oneshot::channel();
-        self.queue.submit(
-            || Reads {
-                link: Arc::clone(link),
-            },
-            ReadRequest {
-                key,
-                slot,
-                deadline,
-                reply,
-            },
-        );
-        coalesce::answer(
-            deadline,
-            answer,
-            link.call_timeout,
-            "the Redis session read task stopped before answering",
-        )
-        .await
-    }
-}
-
-/// The background task's context: reads, sent as `GET` or `MGET`.
-struct Reads {
-    link: Arc<Link>,
-}
-
-impl Batch for Reads {
-    type Request = ReadRequest;
-
-    const MAX_BATCH: usize = MAX_READ_BATCH;
-    const MAX_BATCH_BYTES: usize = MAX_READ_BATCH_BYTES;
-    const MAX_IN_FLIGHT: usize = MAX_IN_FLIGHT;
-
-    fn link(&self) -> &Link {
-        &self.link
-    }
-
-    fn slot(request: &ReadRequest) -> u16 {
-        request.slot
-    }
-
-    fn weight(request: &ReadRequest) -> usize {
-        request.key.len()
-    }
-
-    fn is_abandoned(request: &ReadRequest, now: Instant) -> bool {
-        request.reply.is_canceled() || request.deadline <= now
-    }
-
-    fn send(&self, group: Vec<ReadRequest>) -> impl Future<Output = ()> + Send {
-        send_reads(&self.link, group)
-    }
-}
-
-/// Sends one group (one slot) as one `GET` or `MGET` and answers its callers.
-async fn send_reads(link: &Link, group: Vec<ReadRequest>) {
-    let deadline = group
-        .iter()
-        .map(|r| r.deadline)
-        .max()
-        .unwrap_or_else(Instant::now);
-    let cmd = if let [only] = group.as_slice() {
-        redis::cmd("GET").arg(only.key.as_str()).to_owned()
-    } else {
-        let mut cmd = redis::cmd("MGET");
-        for request in &group {
-            cmd.arg(request.key.as_str());
-        }
-        cmd
-    };
-    let replies = link
-        .bounded(deadline, link.conn.query(&cmd))
-        .await
-        .and_then(|value| split_values(value, group.len()));
-    match replies {
-        Ok(values) => {
-            for (request, value) in group.into_iter().zip(values) {
-                let _ = request.reply.send(value.map(|value| (request.key, value)));
-            }
-        }
-        Err(err) => {
-            for request in group {
-                let _ = request.reply.send(Err(clone_error(&err)));
-            }
-        }
-    }
-}
-
-/// The values of a `GET` (`n == 1`) or `MGET` reply, one result per key.
-fn split_values(value: Value, n: usize) -> Result<Vec<Result<Option<Vec<u8>>>>> {
-    if n == 1 {
-        return Ok(vec![one_value(value)]);
-    }
-    match value {
-        Value::Array(items) if items.len() == n => Ok(items.into_iter().map(one_value).collect()),
-        other => Err(crate::error::unexpected_reply(format!(
-            "MGET of {n} keys answered {other:?}"
-        ))),
-    }
-}
-
-fn one_value(value: Value) -> Result<Option<Vec<u8>>> {
-    match value {
-        Value::Nil => Ok(None),
-        Value::BulkString(bytes) => Ok(Some(bytes)),
-        Value::SimpleString(s) => Ok(Some(s.into_bytes())),
-        other => Err(crate::error::unexpected_reply(format!(
-            "GET answered {other:?} instead of a value"
-        ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_replies_split_into_one_result_per_key() {
-        let values = split_values(
-            Value::Array(vec![Value::Nil, Value::BulkString(vec![b'S', 255])]),
-            2,
-        )
-        .expect("two values");
-        assert!(matches!(values[0], Ok(None)));
-        assert_eq!(
-            values[1].as_ref().expect("a value").as_deref(),
-            Some(&[b'S', 255][..])
-        );
-        assert!(split_values(Value::Array(vec![Value::Nil]), 2).is_err());
-        assert!(split_values(Value::Int(3), 1).expect("one reply")[0].is_err());
-    }
 }
