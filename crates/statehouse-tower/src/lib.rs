@@ -6,6 +6,12 @@
 //! is down. Sessions live in a [`statehouse::SessionStore`]: the embedded store for one
 //! process, Redis or Redis Cluster for a fleet.
 //!
+//! It also holds [`HttpCacheLayer`], a shared HTTP response cache strict to RFC 9111 over any
+//! [`CacheStore`](statehouse::CacheStore) (see the [`cache`] module): GET and HEAD only,
+//! `Cache-Control` and `Vary` honoured, `Set-Cookie` responses and `Authorization` requests not
+//! stored unless configured, request coalescing, `Cache-Status` (RFC 9211), purge by URI and by
+//! tag.
+//!
 //! ## Example
 //!
 //! ```no_run
@@ -109,6 +115,8 @@
 //! | rotation on login | [`Session::login`] always issues a new token, so a token planted before login is worthless after it (session fixation). Call [`Session::rotate`] on any other privilege change |
 //! | idle 30 min, absolute 12 h | OWASP's 15–30 minutes of idle time for low-risk applications, and an absolute limit so a stolen token does not live forever (OWASP suggests 4–8 h for office use; 12 h covers a long day). Both enforced by the store, on every read. Set them with [`statehouse::SessionConfig`] |
 //! | `Cache-Control: no-store` on responses that set the cookie | a shared cache must never store a response carrying someone's session id (OWASP asks for `no-cache="Set-Cookie"`); added only when the response has no `Cache-Control` of its own ([`SessionLayer::no_store_on_set_cookie`]) |
+//!
+//! | client IP from the connection's peer | a new session records its user agent and IP for device lists; `X-Forwarded-For` is read only when configured ([`ClientIp::ForwardedFor`] with the number of proxies you run), since any client can send one |
 //!
 //! [`CookieConfig::development`] drops the prefix and `Secure` for plain-HTTP `localhost`.
 //! Invalid combinations (a `__Host-` name with a `Domain`, `SameSite=None` without `Secure`,
