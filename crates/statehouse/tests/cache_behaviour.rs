@@ -2,16 +2,19 @@
 //! leader, a shared error), the loader's choices, compression, the near cache's bounds and the
 //! store deadline. The cross-replica scenarios on every backend are in `cache_scenarios.rs`.
 
+#[path = "common/intercept.rs"]
+mod intercept;
+
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use intercept::{Intercept, Intercepted};
 use statehouse::{
-    Cache, CachePolicy, CacheStore, EmbeddedCacheStore, InvalidationSink, InvalidationSubscription,
-    LeaseOutcome, LeaseToken, Loaded, Lookup, ManualClock, NearCacheConfig, SetOptions, Source,
-    Tier, Timestamp,
+    Cache, CachePolicy, CacheStore, EmbeddedCacheStore, Loaded, Lookup, ManualClock,
+    NearCacheConfig, SetOptions, Source, Tier, Timestamp,
 };
 use statehouse_core::cache::Envelope;
 use tokio::sync::watch;
@@ -309,55 +312,16 @@ async fn a_near_cache_entry_ends_with_its_stored_entry() {
 /// A store that answers `get` only after a long time: the cache's deadline cuts it.
 #[derive(Debug)]
 struct Slow {
-    inner: Arc<dyn CacheStore>,
     slow: AtomicBool,
 }
 
 #[async_trait]
-impl CacheStore for Slow {
-    async fn get(&self, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
+impl Intercept for Slow {
+    async fn get(&self, inner: &dyn CacheStore, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
         if self.slow.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
-        self.inner.get(key).await
-    }
-    async fn set(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-        lease: Option<&LeaseToken>,
-    ) -> statehouse::Result<bool> {
-        self.inner.set(key, value, ttl, lease).await
-    }
-    async fn delete(&self, key: &str) -> statehouse::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn acquire_lease(
-        &self,
-        key: &str,
-        now: Timestamp,
-        ttl: Duration,
-    ) -> statehouse::Result<LeaseOutcome> {
-        self.inner.acquire_lease(key, now, ttl).await
-    }
-    async fn release_lease(&self, key: &str, token: &LeaseToken) -> statehouse::Result<bool> {
-        self.inner.release_lease(key, token).await
-    }
-    async fn tag_versions(&self, tags: &[String]) -> statehouse::Result<Vec<u64>> {
-        self.inner.tag_versions(tags).await
-    }
-    async fn bump_tag(&self, tag: &str) -> statehouse::Result<u64> {
-        self.inner.bump_tag(tag).await
-    }
-    async fn purge_prefix(&self, prefix: &str) -> statehouse::Result<u64> {
-        self.inner.purge_prefix(prefix).await
-    }
-    async fn subscribe(
-        &self,
-        sink: Arc<dyn InvalidationSink>,
-    ) -> statehouse::Result<InvalidationSubscription> {
-        self.inner.subscribe(sink).await
+        inner.get(key).await
     }
 }
 
@@ -366,9 +330,11 @@ impl CacheStore for Slow {
 #[tokio::test(start_paused = true)]
 async fn a_store_past_the_deadline_is_bypassed() {
     let clock = clock();
-    let slow = Arc::new(Slow {
+    let slow = Arc::new(Intercepted {
         inner: store(&clock),
-        slow: AtomicBool::new(true),
+        intercept: Slow {
+            slow: AtomicBool::new(true),
+        },
     });
     let cache = Cache::<String>::builder(slow.clone(), "t")
         .clock(Arc::new(clock.clone()))

@@ -6,6 +6,8 @@
 //! event (an invalidation message, a spawned task) with an upper bound.
 
 mod common;
+#[path = "common/intercept.rs"]
+mod intercept;
 
 use std::io;
 use std::sync::Arc;
@@ -14,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{CacheBackend, CacheFleet, Deployment};
+use intercept::{Intercept, Intercepted};
 use statehouse::{
     Cache, CacheError, CachePolicy, CacheStore, Clock, Invalidation, InvalidationSink,
-    InvalidationSubscription, JsonCodec, LeaseOutcome, LeaseToken, Loaded, Lookup, ManualClock,
-    SetOptions, Source, Tier, Timestamp,
+    InvalidationSubscription, JsonCodec, LeaseOutcome, Loaded, Lookup, ManualClock, SetOptions,
+    Source, Tier, Timestamp,
 };
 use statehouse_core::cache::{Envelope, EnvelopeFlags};
 use tokio::sync::watch;
@@ -260,60 +263,21 @@ async fn a_fill_voided_by_a_delete_is_refused(backend: CacheBackend) {
 /// before answering: a store reply overtaken by an invalidation.
 #[derive(Debug)]
 struct SlowReply {
-    inner: Arc<dyn CacheStore>,
     armed: AtomicBool,
     read_done: AtomicBool,
     release: watch::Sender<bool>,
 }
 
 #[async_trait]
-impl CacheStore for SlowReply {
-    async fn get(&self, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
-        let value = self.inner.get(key).await?;
+impl Intercept for SlowReply {
+    async fn get(&self, inner: &dyn CacheStore, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
+        let value = inner.get(key).await?;
         if self.armed.swap(false, Ordering::SeqCst) {
             self.read_done.store(true, Ordering::SeqCst);
             let mut rx = self.release.subscribe();
             let _ = rx.wait_for(|r| *r).await;
         }
         Ok(value)
-    }
-    async fn set(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-        lease: Option<&LeaseToken>,
-    ) -> statehouse::Result<bool> {
-        self.inner.set(key, value, ttl, lease).await
-    }
-    async fn delete(&self, key: &str) -> statehouse::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn acquire_lease(
-        &self,
-        key: &str,
-        now: Timestamp,
-        ttl: Duration,
-    ) -> statehouse::Result<LeaseOutcome> {
-        self.inner.acquire_lease(key, now, ttl).await
-    }
-    async fn release_lease(&self, key: &str, token: &LeaseToken) -> statehouse::Result<bool> {
-        self.inner.release_lease(key, token).await
-    }
-    async fn tag_versions(&self, tags: &[String]) -> statehouse::Result<Vec<u64>> {
-        self.inner.tag_versions(tags).await
-    }
-    async fn bump_tag(&self, tag: &str) -> statehouse::Result<u64> {
-        self.inner.bump_tag(tag).await
-    }
-    async fn purge_prefix(&self, prefix: &str) -> statehouse::Result<u64> {
-        self.inner.purge_prefix(prefix).await
-    }
-    async fn subscribe(
-        &self,
-        sink: Arc<dyn InvalidationSink>,
-    ) -> statehouse::Result<InvalidationSubscription> {
-        self.inner.subscribe(sink).await
     }
 }
 
@@ -322,11 +286,13 @@ impl CacheStore for SlowReply {
 async fn a_read_overtaken_by_an_invalidation_is_not_kept(backend: CacheBackend) {
     let clock = start();
     let fleet = backend.fleet(&clock, 2).await;
-    let slow = Arc::new(SlowReply {
+    let slow = Arc::new(Intercepted {
         inner: fleet.stores[0].clone(),
-        armed: AtomicBool::new(false),
-        read_done: AtomicBool::new(false),
-        release: watch::channel(false).0,
+        intercept: SlowReply {
+            armed: AtomicBool::new(false),
+            read_done: AtomicBool::new(false),
+            release: watch::channel(false).0,
+        },
     });
     let a = cache_over(slow.clone(), &clock, ttl_policy(60)).await;
     let b = cache_over(fleet.stores[1].clone(), &clock, ttl_policy(60)).await;
@@ -909,7 +875,6 @@ async fn tags_namespaces_and_prefixes_invalidate_everywhere(backend: CacheBacken
 /// Pub/Sub message.
 #[derive(Debug)]
 struct Lossy {
-    inner: Arc<dyn CacheStore>,
     dropping: Arc<AtomicBool>,
     dropped: Arc<AtomicUsize>,
 }
@@ -937,47 +902,13 @@ impl InvalidationSink for LossySink {
 }
 
 #[async_trait]
-impl CacheStore for Lossy {
-    async fn get(&self, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
-        self.inner.get(key).await
-    }
-    async fn set(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-        lease: Option<&LeaseToken>,
-    ) -> statehouse::Result<bool> {
-        self.inner.set(key, value, ttl, lease).await
-    }
-    async fn delete(&self, key: &str) -> statehouse::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn acquire_lease(
-        &self,
-        key: &str,
-        now: Timestamp,
-        ttl: Duration,
-    ) -> statehouse::Result<LeaseOutcome> {
-        self.inner.acquire_lease(key, now, ttl).await
-    }
-    async fn release_lease(&self, key: &str, token: &LeaseToken) -> statehouse::Result<bool> {
-        self.inner.release_lease(key, token).await
-    }
-    async fn tag_versions(&self, tags: &[String]) -> statehouse::Result<Vec<u64>> {
-        self.inner.tag_versions(tags).await
-    }
-    async fn bump_tag(&self, tag: &str) -> statehouse::Result<u64> {
-        self.inner.bump_tag(tag).await
-    }
-    async fn purge_prefix(&self, prefix: &str) -> statehouse::Result<u64> {
-        self.inner.purge_prefix(prefix).await
-    }
+impl Intercept for Lossy {
     async fn subscribe(
         &self,
+        inner: &dyn CacheStore,
         sink: Arc<dyn InvalidationSink>,
     ) -> statehouse::Result<InvalidationSubscription> {
-        self.inner
+        inner
             .subscribe(Arc::new(LossySink {
                 inner: sink,
                 dropping: self.dropping.clone(),
@@ -995,10 +926,12 @@ async fn stale_after_a_lost_message(
 ) -> (Cache<String>, Cache<String>) {
     let dropping = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(AtomicUsize::new(0));
-    let lossy = Arc::new(Lossy {
+    let lossy = Arc::new(Intercepted {
         inner: stores[1].clone(),
-        dropping: dropping.clone(),
-        dropped: dropped.clone(),
+        intercept: Lossy {
+            dropping: dropping.clone(),
+            dropped: dropped.clone(),
+        },
     });
     let a = cache_over(stores[0].clone(), clock, ttl_policy(60)).await;
     let b = cache_over(lossy, clock, ttl_policy(60)).await;

@@ -1,0 +1,93 @@
+//! A `CacheStore` wrapper for tests that need a store misbehaving in one way: it forwards every
+//! call to the real store, except the ones its [`Intercept`] replaces. Included by path from the
+//! test files that use it (it needs nothing else from `common`).
+
+#![allow(dead_code)]
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use statehouse::{
+    CacheStore, InvalidationSink, InvalidationSubscription, LeaseOutcome, LeaseToken, Timestamp,
+};
+
+/// What a test store does differently; every method defaults to forwarding to `inner`.
+#[async_trait]
+pub trait Intercept: Send + Sync + fmt::Debug + 'static {
+    /// `get`, given the real store.
+    async fn get(&self, inner: &dyn CacheStore, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
+        inner.get(key).await
+    }
+
+    /// `subscribe`, given the real store.
+    async fn subscribe(
+        &self,
+        inner: &dyn CacheStore,
+        sink: Arc<dyn InvalidationSink>,
+    ) -> statehouse::Result<InvalidationSubscription> {
+        inner.subscribe(sink).await
+    }
+}
+
+/// `inner` with `intercept`'s changes. Derefs to the intercept, so a test reads its switches
+/// and counters directly.
+#[derive(Debug)]
+pub struct Intercepted<I> {
+    pub inner: Arc<dyn CacheStore>,
+    pub intercept: I,
+}
+
+impl<I> Deref for Intercepted<I> {
+    type Target = I;
+    fn deref(&self) -> &I {
+        &self.intercept
+    }
+}
+
+#[async_trait]
+impl<I: Intercept> CacheStore for Intercepted<I> {
+    async fn get(&self, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
+        self.intercept.get(&*self.inner, key).await
+    }
+    async fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        lease: Option<&LeaseToken>,
+    ) -> statehouse::Result<bool> {
+        self.inner.set(key, value, ttl, lease).await
+    }
+    async fn delete(&self, key: &str) -> statehouse::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn acquire_lease(
+        &self,
+        key: &str,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> statehouse::Result<LeaseOutcome> {
+        self.inner.acquire_lease(key, now, ttl).await
+    }
+    async fn release_lease(&self, key: &str, token: &LeaseToken) -> statehouse::Result<bool> {
+        self.inner.release_lease(key, token).await
+    }
+    async fn tag_versions(&self, tags: &[String]) -> statehouse::Result<Vec<u64>> {
+        self.inner.tag_versions(tags).await
+    }
+    async fn bump_tag(&self, tag: &str) -> statehouse::Result<u64> {
+        self.inner.bump_tag(tag).await
+    }
+    async fn purge_prefix(&self, prefix: &str) -> statehouse::Result<u64> {
+        self.inner.purge_prefix(prefix).await
+    }
+    async fn subscribe(
+        &self,
+        sink: Arc<dyn InvalidationSink>,
+    ) -> statehouse::Result<InvalidationSubscription> {
+        self.intercept.subscribe(&*self.inner, sink).await
+    }
+}
