@@ -8,6 +8,7 @@
 //! cargo run --release -p statehouse-bench --bin ratelimit-bench -- --seconds 5
 //! ```
 
+mod cli;
 mod cpu;
 mod latency;
 mod limiters;

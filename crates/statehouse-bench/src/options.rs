@@ -5,6 +5,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use statehouse_core::Algorithm;
 
+use crate::cli::{Flags, number, positive};
+
 /// What `--help` prints.
 pub const USAGE: &str = "\
 ratelimit-bench: decisions per second of Statehouse's stores, with references measured in the
@@ -95,20 +97,9 @@ pub enum Command {
 /// Parses the arguments after the program name. Accepts `--flag value` and `--flag=value`.
 pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Command> {
     let mut options = Options::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .with_context(|| format!("{flag} needs a value"))
-        };
+    let mut flags = Flags::new(args);
+    while let Some((flag, inline)) = flags.next_flag() {
+        let mut value = || flags.value(&flag, &inline);
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "--seconds" => options.measure = Duration::from_secs(positive(&flag, &value()?)?),
@@ -127,24 +118,6 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Command> 
         }
     }
     Ok(Command::Run(options))
-}
-
-fn number<T: std::str::FromStr>(flag: &str, value: &str) -> anyhow::Result<T> {
-    value
-        .parse()
-        .ok()
-        .with_context(|| format!("{flag} is {value:?}; expected a whole number"))
-}
-
-fn positive<T: std::str::FromStr + Default + PartialEq>(
-    flag: &str,
-    value: &str,
-) -> anyhow::Result<T> {
-    let n: T = number(flag, value)?;
-    if n == T::default() {
-        bail!("{flag} must be at least 1");
-    }
-    Ok(n)
 }
 
 /// Parses `gcra,fixed_window`, keeping `Algorithm::ALL`'s order and dropping repeats.

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use statehouse_core::Algorithm;
 
+use crate::cli::grouped;
 use crate::suite::Results;
 
 /// Redis GCRA must reach this share of the `redis-benchmark` ceiling.
@@ -213,19 +214,6 @@ fn ratio_row(out: &mut String, name: &str, ratio: Option<f64>, target: f64) -> s
 
 fn percent(share: f64) -> String {
     format!("{:.1}%", share * 100.0)
-}
-
-/// A rate rounded to a whole number, with thousands separated by commas.
-fn grouped(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]

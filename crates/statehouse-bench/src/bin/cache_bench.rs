@@ -17,6 +17,8 @@
 
 // The shared machinery of `ratelimit-bench`: its private hermetic server, `redis-benchmark`
 // runner and CPU readers. Not every item they hold is used by this binary.
+#[path = "../cli.rs"]
+mod cli;
 #[allow(dead_code, reason = "shared with ratelimit-bench, which uses the rest")]
 #[path = "../cpu.rs"]
 mod cpu;
@@ -32,6 +34,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use cli::{Flags, grouped, number, positive};
 use serde::{Deserialize, Serialize};
 use statehouse::{
     Cache, CachePolicy, CacheStore, EmbeddedCacheStore, NearCacheConfig, RedisCacheStore,
@@ -126,20 +129,9 @@ impl Default for Options {
 /// `--help`.
 fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Options>> {
     let mut o = Options::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .with_context(|| format!("{flag} needs a value"))
-        };
+    let mut flags = Flags::new(args);
+    while let Some((flag, inline)) = flags.next_flag() {
+        let mut value = || flags.value(&flag, &inline);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--seconds" => o.measure = Duration::from_secs(positive(&flag, &value()?)?),
@@ -154,24 +146,6 @@ fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Option
         }
     }
     Ok(Some(o))
-}
-
-fn number<T: std::str::FromStr>(flag: &str, value: &str) -> anyhow::Result<T> {
-    value
-        .parse()
-        .ok()
-        .with_context(|| format!("{flag} is {value:?}; expected a whole number"))
-}
-
-fn positive<T: std::str::FromStr + Default + PartialEq>(
-    flag: &str,
-    value: &str,
-) -> anyhow::Result<T> {
-    let n: T = number(flag, value)?;
-    if n == T::default() {
-        bail!("{flag} must be at least 1");
-    }
-    Ok(n)
 }
 
 /// Percentiles of one latency run, in nanoseconds.
@@ -956,19 +930,6 @@ fn markdown(r: &Results, o: &Options) -> Result<String, std::fmt::Error> {
     )?;
     writeln!(out)?;
     Ok(out)
-}
-
-/// A rate rounded to a whole number, with thousands separated by commas.
-fn grouped(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn main() -> anyhow::Result<()> {
