@@ -8,10 +8,13 @@
 //! (shared by its clones), started on first use on the caller's runtime and started again if
 //! that runtime went away. The task loops:
 //!
-//! 1. It waits for a request, then takes **whatever else is queued right now**, up to
-//!    [`MAX_BATCH`] checks or [`MAX_BATCH_BYTES`] of keys. There is no timer: under low load a
-//!    batch is a single check, sent at once, so batching adds no latency; under load the
-//!    requests that queued while earlier calls were on the wire go out together.
+//! 1. It waits for a request and room on the wire, yields once (so that callers just
+//!    answered queue their next checks), then takes the next batch from the queue: an even
+//!    share of what is queued over the batches allowed on the wire, within
+//!    [`MIN_SPLIT`](crate::coalesce::MIN_SPLIT) and [`MAX_BATCH`] checks or
+//!    [`MAX_BATCH_BYTES`] of keys (the rule and why are in `src/coalesce.rs`). There is no
+//!    timer: under low load a batch is a single check, sent after one scheduler pass; under
+//!    load the requests that queued while earlier calls were on the wire go out together.
 //! 2. It drops requests whose caller has gone (deadline passed or future dropped): those are
 //!    never sent, so they cannot be applied.
 //! 3. It groups the batch by hash slot (on Redis Cluster; standalone is one group), keeping
@@ -27,10 +30,11 @@
 //!    group, mapped exactly as a single call's error would be, and counts once towards the
 //!    connection's consecutive-timeout replacement.
 //!
-//! At most [`MAX_IN_FLIGHT`] batches are on the wire at once: while one runs on the server,
-//! the next forms in the queue. This in-flight cap is what makes batches form under load; it
-//! also keeps the per-check cost of the script (reading `TIME`, the call itself, the client's
-//! command encoding and reply routing) shared across the checks of a batch.
+//! At most [`IN_FLIGHT`](crate::coalesce::IN_FLIGHT) batches are on the wire at once: while
+//! one runs on the server, the client answers the previous one and the next forms in the
+//! queue. This in-flight cap is what makes batches form under load; it also keeps the
+//! per-check cost of the script (reading `TIME`, the call itself, the client's command encoding
+//! and reply routing) shared across the checks of a batch.
 //!
 //! Each caller waits for its answer until its own deadline (the store's call timeout from the
 //! moment it called). A caller that times out just drops its oneshot and gets
@@ -60,8 +64,6 @@ pub(crate) const MAX_BATCH: usize = 128;
 /// The most bytes of storage keys in one script call (a bound on the call's size with long
 /// prefixes or hashed keys).
 pub(crate) const MAX_BATCH_BYTES: usize = 32 * 1024;
-/// The most batches on the wire at once.
-pub(crate) const MAX_IN_FLIGHT: usize = 2;
 
 /// One caller's single check, waiting in the queue.
 struct Request {
@@ -132,7 +134,6 @@ impl Batch for Checks {
 
     const MAX_BATCH: usize = MAX_BATCH;
     const MAX_BATCH_BYTES: usize = MAX_BATCH_BYTES;
-    const MAX_IN_FLIGHT: usize = MAX_IN_FLIGHT;
 
     fn link(&self) -> &Link {
         &self.link

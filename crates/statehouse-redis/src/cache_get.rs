@@ -33,8 +33,6 @@ use crate::link::Link;
 const MAX_BATCH: usize = 256;
 /// The most bytes of keys in one `MGET` (keys may be up to 64 KiB long).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
-/// The most batches on the wire at once.
-const MAX_IN_FLIGHT: usize = 2;
 
 /// One caller's read, waiting in the queue.
 pub(crate) struct GetRequest {
@@ -122,7 +120,6 @@ impl Batch for Gets {
 
     const MAX_BATCH: usize = MAX_BATCH;
     const MAX_BATCH_BYTES: usize = MAX_BATCH_BYTES;
-    const MAX_IN_FLIGHT: usize = MAX_IN_FLIGHT;
 
     fn link(&self) -> &Link {
         &self.link

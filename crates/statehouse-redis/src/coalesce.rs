@@ -1,20 +1,35 @@
 //! The machinery shared by the store's coalescers ([`crate::batch`] for single rate-limit
-//! checks, [`crate::session_batch`] for session loads): a queue and one background task per
-//! store, which sends whatever queued while earlier calls were on the wire as one script call
-//! per cluster slot.
+//! checks, [`crate::session_batch`] for session loads, [`crate::cache_get`] for plain reads): a
+//! queue and one background task per store, which sends whatever queued while earlier calls
+//! were on the wire as one call per cluster slot.
 //!
 //! A [`Batch`] says what a request is and how one group of requests is sent and answered; a
 //! [`Coalescer`] owns the queue, starts the task on first use on the caller's runtime (and
 //! again if that runtime went away), and runs the loop:
 //!
-//! 1. wait for a request while fewer than [`Batch::MAX_IN_FLIGHT`] batches are on the wire,
-//!    then take **whatever else is queued right now**, up to [`Batch::MAX_BATCH`] requests or
-//!    [`Batch::MAX_BATCH_BYTES`] of [`Batch::weight`]. There is no timer;
-//! 2. drop the requests whose caller has gone ([`Batch::is_abandoned`]): they are not sent;
-//! 3. on Redis Cluster, group the batch by slot, keeping queue order within each group
+//! 1. wait until a request is queued and fewer than [`IN_FLIGHT`] batches are on the wire;
+//! 2. **yield once** to the runtime, so that the callers just answered by a returning batch
+//!    (woken, but not yet run) queue their next requests before the batch is formed. Not a
+//!    timer: a lone request under low load waits one scheduler pass, not a clock;
+//! 3. take the next batch from the front of the queue: an even share of what is queued over
+//!    the [`IN_FLIGHT`] slots, at least [`MIN_SPLIT`] requests (when that many are queued) and
+//!    at most [`Batch::MAX_BATCH`] requests or [`Batch::MAX_BATCH_BYTES`] of
+//!    [`Batch::weight`];
+//! 4. drop the requests whose caller has gone ([`Batch::is_abandoned`]): they are not sent;
+//! 5. on Redis Cluster, group the batch by slot, keeping queue order within each group
 //!    (standalone is one group), and [`Batch::send`] each group; the groups of one batch go
 //!    out together and count as one batch on the wire.
+//!
+//! Why several smaller batches on the wire rather than one or two large ones: with a fixed
+//! number of callers (64 tasks, say), one batch of everything makes the client and the server
+//! take turns: the server idles while the client answers 64 callers and forms the next batch,
+//! and the client idles while the server runs it. Split in three or four, the server runs one
+//! batch while the client answers the previous one and sends the next, so both work at once;
+//! measured on the 2-core benchmark machine, this nearly doubled the reads per second of 64
+//! tasks (BENCHMARKS.md, "Coalescing: several batches on the wire"). With many more callers,
+//! the even share grows up to [`Batch::MAX_BATCH`], so that per-call costs stay spread thin.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
@@ -34,13 +49,10 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// One caller's request, waiting in the queue; it carries the caller's reply channel.
     type Request: Send + 'static;
 
-    /// The most requests in one script call.
+    /// The most requests in one call.
     const MAX_BATCH: usize;
-    /// The most [`weight`](Batch::weight) in one script call (`usize::MAX`: no such cap).
+    /// The most [`weight`](Batch::weight) in one call (`usize::MAX`: no such cap).
     const MAX_BATCH_BYTES: usize;
-    /// The most batches on the wire at once.
-    const MAX_IN_FLIGHT: usize;
-
     /// The connection the calls go through (for its topology).
     fn link(&self) -> &Link;
 
@@ -116,43 +128,58 @@ pub(crate) async fn answer<T>(
     }
 }
 
+/// The most batches on the wire at once, per store and kind of call.
+pub(crate) const IN_FLIGHT: usize = 4;
+
+/// The fewest requests a batch takes when at least that many are queued: below it, the
+/// per-call costs (a round trip, a script start, a `TIME` read) would weigh on each request
+/// more than the overlap of client and server saves.
+pub(crate) const MIN_SPLIT: usize = 24;
+
 type InFlight = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The background task: see the module docs. Ends when the store (every clone) is dropped and
 /// the batches on the wire are answered.
 async fn run<B: Batch>(batcher: Arc<B>, mut receiver: mpsc::UnboundedReceiver<B::Request>) {
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+    // Requests taken off the channel but not yet sent, in queue order.
+    let mut pending: VecDeque<B::Request> = VecDeque::new();
     let mut open = true;
     loop {
-        // Finish batches, and take a request when there is room on the wire.
-        let first = futures::future::poll_fn(|cx| {
+        // Finish batches; go on when there is a request and room on the wire.
+        let go = futures::future::poll_fn(|cx| {
             while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
-            if open && in_flight.len() < B::MAX_IN_FLIGHT {
-                match receiver.poll_next_unpin(cx) {
-                    Poll::Ready(Some(request)) => return Poll::Ready(Some(request)),
-                    Poll::Ready(None) => open = false,
-                    Poll::Pending => {}
+            if in_flight.len() < IN_FLIGHT {
+                if !pending.is_empty() {
+                    return Poll::Ready(true);
+                }
+                if open {
+                    match receiver.poll_next_unpin(cx) {
+                        Poll::Ready(Some(request)) => {
+                            pending.push_back(request);
+                            return Poll::Ready(true);
+                        }
+                        Poll::Ready(None) => open = false,
+                        Poll::Pending => {}
+                    }
                 }
             }
-            if !open && in_flight.is_empty() {
-                return Poll::Ready(None);
+            if !open && in_flight.is_empty() && pending.is_empty() {
+                return Poll::Ready(false);
             }
             Poll::Pending
         })
         .await;
-        let Some(first) = first else {
+        if !go {
             return;
-        };
-        if !in_flight.is_empty() {
-            // Another batch is on the wire, so this one would wait behind it on the server
-            // anyway: first let the tasks just woken by an answer run and queue their next
-            // requests, so that they join this batch instead of forming a small one of their
-            // own. Fewer, larger calls cost the server and the client less per request (each
-            // call has its own round trip, TIME read and script start). Not a timer: with
-            // nothing on the wire (low load), the request goes out at once.
-            tokio::task::yield_now().await;
         }
-        let batch = take_batch::<B>(first, &mut receiver);
+        // Let the callers just woken by an answer queue their next requests first (module
+        // docs, step 2).
+        tokio::task::yield_now().await;
+        while let Ok(request) = receiver.try_recv() {
+            pending.push_back(request);
+        }
+        let batch = take_batch::<B>(&mut pending);
         if batch.is_empty() {
             continue;
         }
@@ -168,29 +195,28 @@ async fn run<B: Batch>(batcher: Arc<B>, mut receiver: mpsc::UnboundedReceiver<B:
     }
 }
 
-/// `first` and whatever else is queued now, within the caps, without the requests whose caller
-/// has gone (which still count towards the weight cap).
-fn take_batch<B: Batch>(
-    first: B::Request,
-    receiver: &mut mpsc::UnboundedReceiver<B::Request>,
-) -> Vec<B::Request> {
+/// How many requests the next batch takes when `queued` are waiting: an even share over the
+/// in-flight slots, within [`MIN_SPLIT`] and `max`.
+fn batch_size(queued: usize, max: usize) -> usize {
+    queued.div_ceil(IN_FLIGHT).clamp(MIN_SPLIT.min(max), max)
+}
+
+/// The next batch from the front of `pending` (see [`batch_size`]), without the requests whose
+/// caller has gone (which still count towards the caps).
+fn take_batch<B: Batch>(pending: &mut VecDeque<B::Request>) -> Vec<B::Request> {
+    let size = batch_size(pending.len(), B::MAX_BATCH);
     let now = Instant::now();
-    let mut weight = B::weight(&first);
-    let mut batch = Vec::with_capacity(16);
-    let keep = |request: B::Request, batch: &mut Vec<B::Request>| {
+    let mut weight = 0;
+    let mut taken = 0;
+    let mut batch = Vec::with_capacity(size.min(pending.len()));
+    while taken < size && weight < B::MAX_BATCH_BYTES {
+        let Some(request) = pending.pop_front() else {
+            break;
+        };
+        taken += 1;
+        weight += B::weight(&request);
         if !B::is_abandoned(&request, now) {
             batch.push(request);
-        }
-    };
-    keep(first, &mut batch);
-    while batch.len() < B::MAX_BATCH && weight < B::MAX_BATCH_BYTES {
-        match receiver.try_recv() {
-            Ok(request) => {
-                weight += B::weight(&request);
-                keep(request, &mut batch);
-            }
-            // Empty for now, or closed: send what we have.
-            Err(_) => break,
         }
     }
     batch
@@ -230,5 +256,23 @@ pub(crate) fn copy_error(err: &Error) -> Error {
             message: other.to_string(),
             source: None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_share_the_queue_evenly_within_the_bounds() {
+        // Few queued: up to MIN_SPLIT at once (a lone request goes alone).
+        assert_eq!(batch_size(1, 128), MIN_SPLIT);
+        assert_eq!(batch_size(64, 128), MIN_SPLIT);
+        // Many queued: an even share over the slots …
+        assert_eq!(batch_size(200, 128), 50);
+        // … never above the cap, even when the cap is below MIN_SPLIT.
+        assert_eq!(batch_size(10_000, 128), 128);
+        assert_eq!(batch_size(100, 8), 8);
+        assert_eq!(batch_size(0, 256), MIN_SPLIT);
     }
 }

@@ -11,8 +11,9 @@
 //! [`LoadBatcher`]: a queue and one background task per store (shared by its clones), started
 //! on first use on the caller's runtime and started again if that runtime went away. The task:
 //!
-//! 1. waits for a load, then takes **whatever else is queued right now**, up to [`MAX_BATCH`]
-//!    loads. There is no timer: under low load a batch is a single load, sent at once;
+//! 1. waits for a load and room on the wire, yields once, then takes the next batch from the
+//!    queue (an even share of what is queued, within `MIN_SPLIT` and [`MAX_BATCH`] loads: see
+//!    `src/coalesce.rs`). There is no timer: under low load a batch is a single load;
 //! 2. drops loads whose caller has gone (deadline passed, future dropped): they are not sent;
 //! 3. groups the batch by hash slot on Redis Cluster (standalone is one group) and sends each
 //!    group as one `EVALSHA` of `session.lua` in its `load_many` mode, where each load runs
@@ -22,7 +23,7 @@
 //!    gets its own [`Error::Backend`]; an error of the whole call (timeout, connection lost)
 //!    goes to every caller in the group, mapped as a single call's error would be.
 //!
-//! At most [`MAX_IN_FLIGHT`] batches are on the wire at once: while one runs on the server,
+//! At most [`IN_FLIGHT`](crate::coalesce::IN_FLIGHT) batches are on the wire at once: while one runs on the server,
 //! the next forms in the queue. A caller waits until its own deadline (the call timeout from
 //! the moment it called); a load that was sent may still refresh the session after its caller
 //! gave up, exactly like a single `EVALSHA` that timed out after reaching the server.
@@ -44,8 +45,6 @@ use crate::session_script::{array, invocation, uint};
 
 /// The most loads in one script call.
 pub(crate) const MAX_BATCH: usize = 128;
-/// The most batches on the wire at once.
-pub(crate) const MAX_IN_FLIGHT: usize = 2;
 
 /// One caller's load, waiting in the queue.
 pub(crate) struct LoadRequest {
@@ -120,7 +119,6 @@ impl Batch for Loads {
 
     const MAX_BATCH: usize = MAX_BATCH;
     const MAX_BATCH_BYTES: usize = usize::MAX;
-    const MAX_IN_FLIGHT: usize = MAX_IN_FLIGHT;
 
     fn link(&self) -> &Link {
         &self.link

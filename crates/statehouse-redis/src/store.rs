@@ -34,8 +34,9 @@ use crate::link::Link;
 /// Requests with a single check (the common case) are coalesced: concurrent ones are sent
 /// together as one script call that decides and commits each of them on its own, in order, as
 /// if each were a call of its own, so decisions are exactly those of separate calls. There is
-/// no timer: a check is sent as soon as fewer than two batches are on the wire, so
-/// under low load a batch is one check and batching adds no latency. A caller that gives up
+/// no timer: a check is sent as soon as fewer than four batches are on the wire (after one
+/// scheduler pass that lets other callers join), so under low load a batch is one check and
+/// batching adds no measurable latency. A caller that gives up
 /// at its deadline gets [`Error::Timeout`], and its check, if already sent, may still be
 /// applied, just as with a single `EVALSHA` that timed out. Requests with several checks keep
 /// their own all-or-nothing call. The design is described in `src/batch.rs`.

@@ -9,7 +9,8 @@
 //! Two session configurations are measured: `touch_after_share(0, 1)`, where every load writes
 //! a refresh (`last_seen`, the key's `PEXPIREAT`, the index score and expiry: the worst case),
 //! and the default 1/4, where loads of fresh sessions only read. Both run 64 concurrent tasks
-//! over one multiplexed connection; `redis-benchmark` runs 64 clients pipelining 64 commands.
+//! over one multiplexed connection on one client thread (`--client-threads`);
+//! `redis-benchmark` runs 64 clients pipelining 64 commands, on its one thread.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -26,12 +27,14 @@ const TASKS: usize = 64;
 struct Options {
     seconds: u64,
     sessions: usize,
+    client_threads: usize,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         seconds: 5,
         sessions: 10_000,
+        client_threads: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -39,8 +42,14 @@ fn parse_options() -> anyhow::Result<Options> {
         match arg.as_str() {
             "--seconds" => options.seconds = value()?.parse().context("--seconds")?,
             "--sessions" => options.sessions = value()?.parse().context("--sessions")?,
+            "--client-threads" => {
+                options.client_threads = value()?.parse().context("--client-threads")?;
+            }
             "-h" | "--help" => {
-                println!("session-bench [--seconds N (default 5)] [--sessions N (default 10000)]");
+                println!(
+                    "session-bench [--seconds N (default 5)] [--sessions N (default 10000)] \
+                     [--client-threads N (default 1: like redis-benchmark, one client thread)]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}; see --help"),
@@ -48,17 +57,33 @@ fn parse_options() -> anyhow::Result<Options> {
     }
     ensure!(options.seconds > 0, "--seconds must be positive");
     ensure!(options.sessions > 0, "--sessions must be positive");
+    ensure!(
+        options.client_threads > 0,
+        "--client-threads must be positive"
+    );
     Ok(options)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let options = parse_options()?;
+    // The client's tasks run on `--client-threads` worker threads (default 1, as
+    // `redis-benchmark` runs one): on a 2-core machine a second client thread competes with
+    // redis-server for the cores and adds cross-thread wake-ups.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.client_threads)
+        .enable_all()
+        .build()
+        .context("building the client runtime")?
+        .block_on(run(options))
+}
+
+async fn run(options: Options) -> anyhow::Result<()> {
     let server = RedisServer::start().context("starting a private redis-server")?;
     let port = server.port();
     println!(
-        "session-bench: private redis-server on port {port}, {TASKS} tasks, {} sessions, {} s per run",
-        options.sessions, options.seconds
+        "session-bench: private redis-server on port {port}, {TASKS} tasks on {} client thread(s), \
+         {} sessions, {} s per run",
+        options.client_threads, options.sessions, options.seconds
     );
 
     let ceiling = redis_benchmark_getex(port, options.sessions, options.seconds, false)?;
