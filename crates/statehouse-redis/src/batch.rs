@@ -174,7 +174,7 @@ async fn send(link: &Link, group: Vec<Request>) {
     let cmd = independent_command(link.skew_allowance_ms, &checks);
     drop(checks);
     let call = async {
-        match link.conn.query(&cmd).await {
+        match link.conn.query_batch(&cmd).await {
             // Not loaded yet (or flushed): the invocation loads it and calls again. Nothing ran.
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 link.conn.invoke(&invocation_of(&cmd)).await

@@ -159,7 +159,7 @@ async fn send(link: &Link, group: Vec<GetRequest>) {
         cmd
     };
     let replies = link
-        .bounded(deadline, link.conn.query(&cmd))
+        .bounded(deadline, link.conn.query_batch(&cmd))
         .await
         .and_then(|value| split(value, group.len()));
     match replies {

@@ -7,6 +7,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, RedisResult, ScriptInvocation, Value};
 
+use crate::pipe::Pipe;
+
 /// After this many calls in a row missed their deadline, the standalone connection is replaced.
 const REPLACE_AFTER_TIMEOUTS: u32 = 3;
 
@@ -33,6 +35,9 @@ pub(crate) struct StandaloneConnection {
     config: ConnectionManagerConfig,
     /// A std `Mutex`: held only to clone or swap the handle, never across an `.await`.
     manager: Mutex<ConnectionManager>,
+    /// The coalescers' batch connection (see [`crate::pipe`]); `None` for an address it does
+    /// not speak (TLS), whose batches go through `manager`.
+    pipe: Option<Pipe>,
     consecutive_timeouts: AtomicU32,
 }
 
@@ -41,11 +46,14 @@ impl StandaloneConnection {
         client: redis::Client,
         config: ConnectionManagerConfig,
         manager: ConnectionManager,
+        connect_timeout: std::time::Duration,
     ) -> Self {
+        let pipe = Pipe::new(client.get_connection_info(), connect_timeout);
         StandaloneConnection {
             client,
             config,
             manager: Mutex::new(manager),
+            pipe,
             consecutive_timeouts: AtomicU32::new(0),
         }
     }
@@ -83,6 +91,19 @@ impl Connection {
         }
     }
 
+    /// Runs a coalesced batch call (an `MGET`, an `independent` or `load_many` script call):
+    /// on standalone Redis over the batch connection ([`crate::pipe`]), on a Cluster (or a TLS
+    /// address) like [`query`](Self::query).
+    pub(crate) async fn query_batch(&self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Connection::Standalone(conn) => match &conn.pipe {
+                Some(pipe) => pipe.query(cmd.get_packed_command()).await,
+                None => cmd.query_async(&mut conn.manager()).await,
+            },
+            Connection::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+        }
+    }
+
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Connection::Cluster(_))
     }
@@ -105,6 +126,9 @@ impl Connection {
             return;
         }
         conn.consecutive_timeouts.store(0, Ordering::Relaxed);
+        if let Some(pipe) = &conn.pipe {
+            pipe.reset();
+        }
         match ConnectionManager::new_lazy_with_config(conn.client.clone(), conn.config.clone()) {
             Ok(fresh) => {
                 tracing::warn!(

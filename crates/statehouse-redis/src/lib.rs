@@ -79,6 +79,7 @@ mod error;
 mod hash_slot;
 mod limiter_script;
 mod link;
+mod pipe;
 mod session;
 mod session_batch;
 mod session_record;

@@ -82,7 +82,7 @@ impl Link {
                             .await
                             .map_err(|e| from_redis(e, timeout))?;
                     Ok(Connection::Standalone(Box::new(StandaloneConnection::new(
-                        client, config, manager,
+                        client, config, manager, timeout,
                     ))))
                 }
                 RedisTopology::Cluster(urls) => {
