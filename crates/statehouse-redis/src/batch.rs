@@ -36,11 +36,12 @@
 //! per-check cost of the script (reading `TIME`, the call itself, the client's command encoding
 //! and reply routing) shared across the checks of a batch.
 //!
-//! Each caller waits for its answer until its own deadline (the store's call timeout from the
-//! moment it called). A caller that times out just drops its oneshot and gets
-//! [`Error::Timeout`]; if its check was already sent, **it may still be applied**, exactly like
-//! a single `EVALSHA` that timed out after reaching the server. A batch call's own deadline is
-//! the latest of its callers'.
+//! Each caller gets its answer by its own deadline (the store's call timeout from the moment it
+//! called), kept by the coalescer rather than a timer per caller (`src/coalesce.rs`,
+//! "Deadlines"): a batch call's deadline is the earliest of its callers', and a check still
+//! queued at its deadline is answered [`Error::Timeout`] unsent. A check that was sent when its
+//! call timed out **may still be applied**, exactly like a single `EVALSHA` that timed out after
+//! reaching the server.
 //!
 //! Requests with several checks (all or nothing) and cross-slot batches on a cluster do not go
 //! through the batcher: they keep their own script call.
@@ -50,7 +51,7 @@ use std::sync::Arc;
 use futures::Future;
 use futures::channel::oneshot;
 use redis::{ErrorKind, ServerErrorKind};
-use statehouse_core::{Decision, Mode, Result};
+use statehouse_core::{Decision, Error, Mode, Result};
 use tokio::time::Instant;
 
 use crate::coalesce::{self, Batch, Coalescer};
@@ -114,13 +115,7 @@ impl Batcher {
             },
         );
         // The check may still be applied if it was sent: see the module docs.
-        coalesce::answer(
-            deadline,
-            answer,
-            link.call_timeout,
-            "the Redis batching task stopped before answering",
-        )
-        .await
+        coalesce::answer(answer, "the Redis batching task stopped before answering").await
     }
 }
 
@@ -147,8 +142,16 @@ impl Batch for Checks {
         request.check.storage_key.len()
     }
 
-    fn is_abandoned(request: &Request, now: Instant) -> bool {
-        request.reply.is_canceled() || request.deadline <= now
+    fn deadline(request: &Request) -> Instant {
+        request.deadline
+    }
+
+    fn is_canceled(request: &Request) -> bool {
+        request.reply.is_canceled()
+    }
+
+    fn fail(request: Request, err: Error) {
+        let _ = request.reply.send(Err(err));
     }
 
     fn send(&self, group: Vec<Request>) -> impl Future<Output = ()> + Send {
@@ -158,11 +161,7 @@ impl Batch for Checks {
 
 /// Sends one group (one slot) as one `independent` script call and answers its callers.
 async fn send(link: &Link, group: Vec<Request>) {
-    let deadline = group
-        .iter()
-        .map(|r| r.deadline)
-        .max()
-        .unwrap_or_else(Instant::now);
+    let deadline = coalesce::call_deadline::<Checks>(&group);
     let checks: Vec<IndependentCheck<'_>> = group
         .iter()
         .map(|r| IndependentCheck {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::Future;
 use futures::channel::oneshot;
 use redis::Value;
-use statehouse_core::Result;
+use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
 use crate::coalesce::{self, Batch, Coalescer};
@@ -60,10 +60,10 @@ impl GetBatcher {
 
     /// Reads one key, coalesced with whatever other reads are queued.
     ///
-    /// The read goes on the wire under the link's call deadline, as every call; the caller
-    /// waits for it until that deadline or, when `timeout` is shorter, until `timeout` has
-    /// passed (one timer either way). A caller that stops waiting drops its receiver, which
-    /// is what lets the batcher skip its read if it is still queued.
+    /// The read is answered by the link's call deadline, which the coalescer keeps (no timer
+    /// per read); when `timeout` is shorter, the caller stops waiting after `timeout` with a
+    /// timer of its own. A caller that stops waiting drops its receiver, which is what lets the
+    /// batcher skip its read if it is still queued.
     pub(crate) async fn get(
         &self,
         link: &Arc<Link>,
@@ -84,10 +84,6 @@ impl GetBatcher {
     ) -> Result<(String, Option<Vec<u8>>)> {
         let now = Instant::now();
         let deadline = now + link.call_timeout;
-        let (wait_until, waited) = match timeout {
-            Some(timeout) if timeout < link.call_timeout => (now + timeout, timeout),
-            _ => (deadline, link.call_timeout),
-        };
         let (reply, answer) = oneshot::channel();
         self.queue.submit(
             || Gets {
@@ -100,13 +96,16 @@ impl GetBatcher {
                 reply,
             },
         );
-        coalesce::answer(
-            wait_until,
-            answer,
-            waited,
-            "the Redis read task stopped before answering",
-        )
-        .await
+        let answer = coalesce::answer(answer, "the Redis read task stopped before answering");
+        match timeout {
+            // Shorter than the call timeout the coalescer keeps: a timer of the caller's own.
+            Some(timeout) if timeout < link.call_timeout => {
+                tokio::time::timeout_at(now + timeout, answer)
+                    .await
+                    .unwrap_or(Err(Error::Timeout { deadline: timeout }))
+            }
+            _ => answer.await,
+        }
     }
 }
 
@@ -133,8 +132,16 @@ impl Batch for Gets {
         request.key.len()
     }
 
-    fn is_abandoned(request: &GetRequest, now: Instant) -> bool {
-        request.reply.is_canceled() || request.deadline <= now
+    fn deadline(request: &GetRequest) -> Instant {
+        request.deadline
+    }
+
+    fn is_canceled(request: &GetRequest) -> bool {
+        request.reply.is_canceled()
+    }
+
+    fn fail(request: GetRequest, err: Error) {
+        let _ = request.reply.send(Err(err));
     }
 
     fn send(&self, group: Vec<GetRequest>) -> impl Future<Output = ()> + Send {
@@ -144,11 +151,7 @@ impl Batch for Gets {
 
 /// Sends one group (one slot) as one `GET` or `MGET` and answers its callers.
 async fn send(link: &Link, group: Vec<GetRequest>) {
-    let deadline = group
-        .iter()
-        .map(|r| r.deadline)
-        .max()
-        .unwrap_or_else(Instant::now);
+    let deadline = coalesce::call_deadline::<Gets>(&group);
     let cmd = if let [only] = group.as_slice() {
         redis::cmd("GET").arg(only.key.as_str()).to_owned()
     } else {

@@ -15,10 +15,23 @@
 //!    the [`IN_FLIGHT`] slots, at least [`MIN_SPLIT`] requests (when that many are queued) and
 //!    at most [`Batch::MAX_BATCH`] requests or [`Batch::MAX_BATCH_BYTES`] of
 //!    [`Batch::weight`];
-//! 4. drop the requests whose caller has gone ([`Batch::is_abandoned`]): they are not sent;
+//! 4. drop the requests whose caller has gone ([`Batch::is_canceled`]) and answer those past
+//!    their deadline with a timeout: neither is sent;
 //! 5. on Redis Cluster, group the batch by slot, keeping queue order within each group
 //!    (standalone is one group), and [`Batch::send`] each group; the groups of one batch go
 //!    out together and count as one batch on the wire.
+//!
+//! # Deadlines
+//!
+//! Callers set no timer of their own (a timer per call was about 8 % of a read's client
+//! instructions). Each request carries its deadline (the call timeout from the moment its
+//! caller called), and the task keeps them all: a call is bounded by the **earliest** deadline
+//! among its requests ([`call_deadline`]), so that no caller waits past its own, and a request
+//! still queued at its deadline is answered [`Error::Timeout`] by [`take_batch`]. Deadlines
+//! follow queue order, so the calls on the wire end (by their earlier deadlines) before any
+//! queued request's deadline and a slot frees in time; one timer on the front of the queue,
+//! armed only while every slot is taken, is the backstop. A caller that wants to wait
+//! less than the call timeout (`GetBatcher::get` with a shorter timeout) adds its own timer.
 //!
 //! Why several smaller batches on the wire rather than one or two large ones: with a fixed
 //! number of callers (64 tasks, say), one batch of everything makes the client and the server
@@ -62,8 +75,15 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// The request's share of [`MAX_BATCH_BYTES`](Batch::MAX_BATCH_BYTES).
     fn weight(request: &Self::Request) -> usize;
 
-    /// Whether the request's caller has gone (future dropped, or deadline not after `now`).
-    fn is_abandoned(request: &Self::Request, now: Instant) -> bool;
+    /// The request's deadline: its caller's call timeout from the moment it called. Within one
+    /// coalescer, deadlines follow queue order (every caller has the same call timeout).
+    fn deadline(request: &Self::Request) -> Instant;
+
+    /// Whether the request's caller has gone (its future dropped).
+    fn is_canceled(request: &Self::Request) -> bool;
+
+    /// Answers the request with `err` (a request that timed out in the queue).
+    fn fail(request: Self::Request, err: Error);
 
     /// Sends one group (one slot, in queue order) as one script call and answers its callers,
     /// each with its own result or, if the whole call failed, with that call's error.
@@ -104,28 +124,34 @@ impl<B: Batch> Coalescer<B> {
     }
 }
 
-/// Waits for a queued request's answer until the caller's `deadline`. A caller that times out
-/// just drops its receiver and gets [`Error::Timeout`] (of `call_timeout`); if its request was
-/// already sent, it may still be applied, exactly like a single `EVALSHA` that timed out after
-/// reaching the server. `stopped` is the message of the [`Error::Unavailable`] returned if the
-/// task dropped the request unanswered.
+/// Waits for a queued request's answer. There is no timer per caller: the coalescer keeps
+/// every request's deadline (see the module docs, "Deadlines"), answering
+/// [`Error::Timeout`] for a request still queued at its deadline and bounding each call by the
+/// earliest deadline among its requests. If a request was already sent when its call timed
+/// out, it may still be applied, exactly like a single `EVALSHA` that timed out after reaching
+/// the server. `stopped` is the message of the [`Error::Unavailable`] returned if the task
+/// dropped the request unanswered (its runtime shut down).
 pub(crate) async fn answer<T>(
-    deadline: Instant,
     answer: oneshot::Receiver<Result<T>>,
-    call_timeout: Duration,
     stopped: &'static str,
 ) -> Result<T> {
-    match tokio::time::timeout_at(deadline, answer).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(oneshot::Canceled)) => Err(Error::Unavailable {
+    match answer.await {
+        Ok(result) => result,
+        Err(oneshot::Canceled) => Err(Error::Unavailable {
             message: stopped.into(),
             source: None,
         }),
-        // The request may still be applied if it was sent: see above.
-        Err(_) => Err(Error::Timeout {
-            deadline: call_timeout,
-        }),
     }
+}
+
+/// The deadline of a call carrying `group`: the earliest of its requests', so that no caller
+/// waits past its own.
+pub(crate) fn call_deadline<B: Batch>(group: &[B::Request]) -> Instant {
+    group
+        .iter()
+        .map(B::deadline)
+        .min()
+        .unwrap_or_else(Instant::now)
 }
 
 /// The most batches on the wire at once, per store and kind of call.
@@ -142,32 +168,45 @@ type InFlight = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// the batches on the wire are answered.
 async fn run<B: Batch>(batcher: Arc<B>, mut receiver: mpsc::UnboundedReceiver<B::Request>) {
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-    // Requests taken off the channel but not yet sent, in queue order.
+    // Requests taken off the channel but not yet sent, in queue order (so by deadline).
     let mut pending: VecDeque<B::Request> = VecDeque::new();
+    // Fires at the front request's deadline while every slot is taken (see "Deadlines").
+    let expiry = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(expiry);
+    let timeout = batcher.link().call_timeout;
     let mut open = true;
     loop {
-        // Finish batches; go on when there is a request and room on the wire.
+        // Finish batches and queue what arrived; go on when there is a request and room on the
+        // wire. While there is no room, answer the requests whose deadline passes.
         let go = futures::future::poll_fn(|cx| {
-            while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
-            if in_flight.len() < IN_FLIGHT {
-                if !pending.is_empty() {
-                    return Poll::Ready(true);
-                }
-                if open {
+            loop {
+                while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+                while open {
                     match receiver.poll_next_unpin(cx) {
-                        Poll::Ready(Some(request)) => {
-                            pending.push_back(request);
-                            return Poll::Ready(true);
-                        }
+                        Poll::Ready(Some(request)) => pending.push_back(request),
                         Poll::Ready(None) => open = false,
-                        Poll::Pending => {}
+                        Poll::Pending => break,
                     }
                 }
+                let Some(front) = pending.front() else {
+                    return if open || !in_flight.is_empty() {
+                        Poll::Pending
+                    } else {
+                        Poll::Ready(false)
+                    };
+                };
+                if in_flight.len() < IN_FLIGHT {
+                    return Poll::Ready(true);
+                }
+                let deadline = B::deadline(front);
+                if expiry.deadline() != deadline {
+                    expiry.as_mut().reset(deadline);
+                }
+                if expiry.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                expire::<B>(&mut pending, Instant::now(), timeout);
             }
-            if !open && in_flight.is_empty() && pending.is_empty() {
-                return Poll::Ready(false);
-            }
-            Poll::Pending
         })
         .await;
         if !go {
@@ -179,7 +218,7 @@ async fn run<B: Batch>(batcher: Arc<B>, mut receiver: mpsc::UnboundedReceiver<B:
         while let Ok(request) = receiver.try_recv() {
             pending.push_back(request);
         }
-        let batch = take_batch::<B>(&mut pending);
+        let batch = take_batch::<B>(&mut pending, timeout);
         if batch.is_empty() {
             continue;
         }
@@ -195,6 +234,19 @@ async fn run<B: Batch>(batcher: Arc<B>, mut receiver: mpsc::UnboundedReceiver<B:
     }
 }
 
+/// Answers [`Error::Timeout`] to the queued requests whose deadline is not after `now` (at the
+/// front: deadlines follow queue order), and drops those whose caller has gone.
+fn expire<B: Batch>(pending: &mut VecDeque<B::Request>, now: Instant, timeout: Duration) {
+    while let Some(front) = pending.front() {
+        if B::deadline(front) > now && !B::is_canceled(front) {
+            return;
+        }
+        if let Some(request) = pending.pop_front() {
+            B::fail(request, Error::Timeout { deadline: timeout });
+        }
+    }
+}
+
 /// How many requests the next batch takes when `queued` are waiting: an even share over the
 /// in-flight slots, within [`MIN_SPLIT`] and `max`.
 fn batch_size(queued: usize, max: usize) -> usize {
@@ -202,8 +254,9 @@ fn batch_size(queued: usize, max: usize) -> usize {
 }
 
 /// The next batch from the front of `pending` (see [`batch_size`]), without the requests whose
-/// caller has gone (which still count towards the caps).
-fn take_batch<B: Batch>(pending: &mut VecDeque<B::Request>) -> Vec<B::Request> {
+/// caller has gone or whose deadline has passed (answered [`Error::Timeout`]); both still count
+/// towards the caps.
+fn take_batch<B: Batch>(pending: &mut VecDeque<B::Request>, timeout: Duration) -> Vec<B::Request> {
     let size = batch_size(pending.len(), B::MAX_BATCH);
     let now = Instant::now();
     let mut weight = 0;
@@ -215,9 +268,14 @@ fn take_batch<B: Batch>(pending: &mut VecDeque<B::Request>) -> Vec<B::Request> {
         };
         taken += 1;
         weight += B::weight(&request);
-        if !B::is_abandoned(&request, now) {
-            batch.push(request);
+        if B::is_canceled(&request) {
+            continue;
         }
+        if B::deadline(&request) <= now {
+            B::fail(request, Error::Timeout { deadline: timeout });
+            continue;
+        }
+        batch.push(request);
     }
     batch
 }

@@ -24,9 +24,10 @@
 //!    goes to every caller in the group, mapped as a single call's error would be.
 //!
 //! At most [`IN_FLIGHT`](crate::coalesce::IN_FLIGHT) batches are on the wire at once: while one runs on the server,
-//! the next forms in the queue. A caller waits until its own deadline (the call timeout from
-//! the moment it called); a load that was sent may still refresh the session after its caller
-//! gave up, exactly like a single `EVALSHA` that timed out after reaching the server.
+//! the next forms in the queue. A caller is answered by its own deadline (the call timeout from
+//! the moment it called; kept by the coalescer, see `src/coalesce.rs`); a load that was sent may
+//! still refresh the session after its call timed out, exactly like a single `EVALSHA` that
+//! timed out after reaching the server.
 //!
 //! Only loads are coalesced: they are the hot path, and the other operations are rare.
 
@@ -35,8 +36,8 @@ use std::sync::Arc;
 use futures::Future;
 use futures::channel::oneshot;
 use redis::Value;
-use statehouse_core::Result;
 use statehouse_core::session::SessionConfig;
+use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
 use crate::coalesce::{self, Batch, Coalescer};
@@ -89,7 +90,6 @@ impl LoadBatcher {
         request: LoadRequest,
         answer: oneshot::Receiver<Result<Value>>,
     ) -> Result<Value> {
-        let deadline = request.deadline;
         self.queue.submit(
             || Loads {
                 link: Arc::clone(link),
@@ -98,9 +98,7 @@ impl LoadBatcher {
             request,
         );
         coalesce::answer(
-            deadline,
             answer,
-            link.call_timeout,
             "the Redis session batching task stopped before answering",
         )
         .await
@@ -132,8 +130,16 @@ impl Batch for Loads {
         0
     }
 
-    fn is_abandoned(request: &LoadRequest, now: Instant) -> bool {
-        request.reply.is_canceled() || request.deadline <= now
+    fn deadline(request: &LoadRequest) -> Instant {
+        request.deadline
+    }
+
+    fn is_canceled(request: &LoadRequest) -> bool {
+        request.reply.is_canceled()
+    }
+
+    fn fail(request: LoadRequest, err: Error) {
+        let _ = request.reply.send(Err(err));
     }
 
     fn send(&self, group: Vec<LoadRequest>) -> impl Future<Output = ()> + Send {
@@ -168,11 +174,7 @@ async fn send(link: &Link, config: &SessionConfig, group: Vec<LoadRequest>) {
             None => inv.arg(""),
         };
     }
-    let deadline = group
-        .iter()
-        .map(|r| r.deadline)
-        .max()
-        .unwrap_or_else(Instant::now);
+    let deadline = coalesce::call_deadline::<Loads>(&group);
     let result = link.bounded(deadline, link.conn.invoke(&inv)).await;
     let replies = result.and_then(|value| split_replies(value, group.len()));
     match replies {

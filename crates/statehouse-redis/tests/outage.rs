@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use statehouse_core::cache::CacheStore;
 use statehouse_core::{LimitCheck, Mode, Policy, RateLimitStore};
 use statehouse_redis::{RedisStore, RedisTopology};
 use statehouse_testkit::{RedisServer, raw_command};
@@ -178,5 +179,62 @@ async fn connecting_to_nothing_is_unavailable_within_the_call_timeout() {
             .expect_err("nothing listens");
         assert!(err.is_unavailable(), "{topology:?}: {err:?}");
         assert!(started.elapsed() < CALL_TIMEOUT + MARGIN, "{topology:?}");
+    }
+}
+
+/// More callers than the coalescers can put on the wire at once (4 calls of at most 128 checks
+/// or 256 reads): the rest wait in the queue, where the coalescer, not a timer per caller,
+/// keeps their deadlines. Every one of them is answered within its own call timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_queued_behind_a_stalled_server_time_out_at_their_own_deadline() {
+    let server = tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
+        .await
+        .expect("start task");
+    let store = store_on(&server).await;
+    let cache = store.cache_store();
+    let policy = Policy::gcra(1_000_000, Duration::from_secs(60)).expect("policy");
+    // Warm: the script is loaded and both coalescers' connections are up.
+    let check = [LimitCheck::new("warm", &policy, 1)];
+    assert!(
+        store
+            .check(&check, Mode::Consume)
+            .await
+            .expect("check")
+            .allowed()
+    );
+    assert_eq!(cache.get("absent").await.expect("get"), None);
+
+    let pause = Duration::from_millis(3_000);
+    let reply = raw_command(
+        server.port(),
+        &["CLIENT", "PAUSE", &pause.as_millis().to_string(), "ALL"],
+    )
+    .expect("CLIENT PAUSE");
+    assert_eq!(reply, "OK");
+    let mut callers = Vec::new();
+    for i in 0..1_000 {
+        let (store, policy) = (store.clone(), policy.clone());
+        callers.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let key = format!("user:{i}");
+            let result = store
+                .check(&[LimitCheck::new(&key, &policy, 1)], Mode::Consume)
+                .await;
+            (started.elapsed(), result.map(|_| ()))
+        }));
+    }
+    for i in 0..2_000 {
+        let cache = cache.clone();
+        callers.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let result = cache.get(&format!("k{i}")).await;
+            (started.elapsed(), result.map(|_| ()))
+        }));
+    }
+    for caller in callers {
+        let (waited, result) = caller.await.expect("caller task");
+        let err = result.expect_err("Redis is paused");
+        assert!(err.is_unavailable(), "{err:?}");
+        assert!(waited < CALL_TIMEOUT + MARGIN, "waited {waited:?}");
     }
 }

@@ -180,7 +180,8 @@ pub(crate) struct NearCache<V> {
     tag_changed: AtomicU64,
     /// Tag versions learned from the store, trusted while the channel is live and forgotten on
     /// each tag's invalidation. A `RwLock`: read on every tagged hit, written on a store read.
-    tags: RwLock<HashMap<String, u64>>,
+    /// Hashed with foldhash like the entries: it is looked up on every read of a namespace.
+    tags: RwLock<HashMap<String, u64, foldhash::fast::RandomState>>,
     counters: Arc<CacheCounters>,
 }
 
@@ -224,7 +225,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
             key_slots: (0..KEY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             broad: AtomicU64::new(0),
             tag_changed: AtomicU64::new(0),
-            tags: RwLock::new(HashMap::new()),
+            tags: RwLock::new(HashMap::default()),
             counters,
         }
     }
