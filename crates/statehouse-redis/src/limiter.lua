@@ -12,6 +12,13 @@
 -- modes. Its arguments come from the Rust side, which has already validated every policy, so
 -- they are not re-validated here; the state read from Redis is, always.
 --
+-- Independent mode has a fast path for its common check, a gcra check that consumes on the
+-- server's TIME (the coalesced single checks of a busy service): a straight loop at the top of
+-- the main loop, which decides and writes exactly as the general code below it but works out once
+-- per (policy, cost) of the call what a check finding no key or a passed arrival time decides
+-- and writes, so that such a check costs the server about a quarter less (see the comment above
+-- the loop). Every other check goes through the general code, as before.
+--
 -- KEYS: one storage key per check.
 -- ARGV[1]  mode: 'consume' | 'peek' | 'dry_run' | 'refund' | 'independent'
 --            consume      decide every check; write every new state only if every check admits
@@ -67,7 +74,8 @@ end
 local MAX_EXACT = 9007199254740992
 -- Members per ZADD/ZREM call: far below the Lua stack limit that `unpack` runs into.
 local CHUNK = 512
-local format, match, floor, tonumber = string.format, string.match, math.floor, tonumber
+local format, match, find, floor, tonumber = string.format, string.match, string.find, math.floor,
+  tonumber
 local call, pcall_redis = redis.call, redis.pcall
 local CORRUPT = ', not a non-negative integer (was the key written by another program?)'
 
@@ -77,15 +85,15 @@ local independent = mode == 'independent'
 -- Where the per-check arguments start, and how many there are per check.
 local base, per = 3, 4
 -- Independent mode: the batch's policies, three values each, and whether checks carry times.
-local policies, caller_times = nil, false
+local policies, policy_count, caller_times = nil, 0, false
 if independent then
   caller_times = ARGV[2] == 'caller'
-  local count = tonumber(ARGV[4]) or 0
+  policy_count = tonumber(ARGV[4]) or 0
   policies = {}
-  for k = 1, 3 * count do
+  for k = 1, 3 * policy_count do
     policies[k] = tonumber(ARGV[4 + k])
   end
-  base = 4 + 3 * count
+  base = 4 + 3 * policy_count
   per = caller_times and 3 or 2
 elseif mode ~= 'consume' and mode ~= 'peek' and mode ~= 'dry_run' and mode ~= 'refund' then
   error(redis.error_reply('ERR statehouse: invalid mode ' .. tostring(mode)))
@@ -218,7 +226,154 @@ local number_of, string_of = {}, {}
 local reply = { 0 }
 local r = 1
 
-for i = 1, loops do
+-- The fast path: in independent mode on the server's TIME, a check of a gcra policy that
+-- consumes is decided by the straight loop at the top of the main loop below, which runs from
+-- check i for as long as the checks are such checks, and hands a check of any other kind to the
+-- general code (then takes over again). It decides and writes exactly as the general code does
+-- (see there for why: the optimistic SET ... GET, then a second write only when the stored
+-- arrival time is still to come), but per (policy, cost) of the call it works out once what a
+-- check that finds no key, or a key whose arrival time has passed, decides and writes: nearly
+-- every check, since a key's expiry follows its arrival time closely. Such a check is then two
+-- string comparisons, the SET ... GET and two reply values. In Redis's Lua every VM instruction
+-- (some 50 machine instructions) and every C function call (`type` some 700, `math.floor` 350,
+-- `match` 1 700, `tonumber` 2 000) counts: the general code spends about a hundred VM
+-- instructions and four such calls on that check, this loop about thirty and none. In
+-- callgrind's count of the server's instructions, a batch of 24 such checks went from about
+-- 28 600 to 21 800 per check, everything (parsing, the SET, expiry) included.
+-- Any surprise (an error other than WRONGTYPE from SET ... GET, such as a server before 6.2 or
+-- one refusing writes) hands the check, with nothing written, to the general code, which retries
+-- it and handles it as it always did; corrupt state and WRONGTYPE are handled here exactly as
+-- there (a test runs one batch both ways and compares the replies and the states left).
+local fast, fast_policy = false, nil
+if independent and not caller_times and n > 0 then
+  -- Read now rather than at the first check: every check of the call is on this time.
+  local tt = call('TIME')
+  server_now = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
+  -- A gcra policy's number, as the Rust side writes it, to { burst, interval } and, for each
+  -- cost string seen, what the check decides on a state that does not matter (false when the
+  -- fast path does not take it).
+  fast_policy = {}
+  for k = 1, policy_count do
+    local a, p = policies[3 * k - 1], policies[3 * k]
+    if policies[3 * k - 2] == 6 and a and p then
+      fast_policy[format('%d', k)] = { a, p }
+      fast = true
+    end
+  end
+end
+local argv, keys = ARGV, KEYS
+-- The fast path's last (policy, cost) strings, their entry, and the entry's first four values.
+local fast_s, fast_c, fe, fe_tat, fe_ttl, fe_remaining, fe_reset = nil, nil, nil, nil, nil, nil, nil
+
+local i = 1
+while i <= loops do
+  if fast then
+    local now = server_now
+    while i <= n do
+      local b = base + i + i
+      local s, c = argv[b - 1], argv[b]
+      if s ~= fast_s or c ~= fast_c then
+        local memo = fast_policy[s]
+        if memo == nil then
+          break
+        end
+        local e = memo[c]
+        if e == nil then
+          -- This (policy, cost): as the general code decides on tat = now (no key, or one whose
+          -- arrival time has passed), which always admits with the optimistic write when
+          -- cost <= burst. Anything else is the general code's.
+          e = false
+          local cost, a, p = tonumber(c), memo[1], memo[2]
+          if cost ~= nil and cost <= a then
+            local new_tat = now + cost * p
+            local ttl = floor((new_tat - now + 999) / 1000) + slack_ms
+            if ttl < 1 then
+              ttl = 1
+            end
+            local tolerance = a * p
+            if new_tat - now <= tolerance then
+              e = { format('%d', new_tat), format('%d', ttl),
+                floor((tolerance - (new_tat - now)) / p), new_tat - now, cost, a, p, tolerance }
+            end
+          end
+          memo[c] = e
+        end
+        if not e then
+          break
+        end
+        fast_s, fast_c, fe = s, c, e
+        fe_tat, fe_ttl, fe_remaining, fe_reset = e[1], e[2], e[3], e[4]
+      end
+      local key = keys[i]
+      local raw = pcall_redis('SET', key, fe_tat, 'PX', fe_ttl, 'GET')
+      if not raw then
+        -- No key (or an expired one): tat = now, written above.
+        reply[r + 1], reply[r + 2] = fe_remaining, fe_reset
+        r = r + 2
+      else
+        -- `raw.err` of a string is string.err: nil.
+        local err = raw.err
+        if err then
+          if not match(err, 'WRONGTYPE') then
+            -- Nothing was written: the general code retries this check and goes on from it.
+            fast = false
+            break
+          end
+          reply[r + 1] = err
+          r = r + 1
+        else
+          -- As the general code's check, with `find` and `+ 0` (both cheaper than `match` and
+          -- `tonumber`, which converts twice): the same strings pass, to the same number.
+          local x = #raw <= 16 and find(raw, '^%d+$') and raw + 0
+          if not x or x > MAX_EXACT then
+            -- Corrupt state stays as it was, to be reported again.
+            call('SET', key, raw, 'KEEPTTL')
+            reply[r + 1] = 'ERR statehouse: corrupt state at key ' .. key .. ': field tat is '
+              .. raw .. CORRUPT
+            r = r + 1
+          elseif x <= now then
+            -- The arrival time has passed: tat = now, written above.
+            reply[r + 1], reply[r + 2] = fe_remaining, fe_reset
+            r = r + 2
+          else
+            -- gcra on tat = x, as the general code decides and writes it.
+            local cost, p, tolerance = fe[5], fe[7], fe[8]
+            local new_tat = x + cost * p
+            local wexp
+            if new_tat - now <= tolerance then
+              reply[r + 1], reply[r + 2] = floor((tolerance - (new_tat - now)) / p), new_tat - now
+              r = r + 2
+              wexp = new_tat
+            else
+              local room = tolerance - (x - now)
+              if room < 0 then
+                room = 0
+              end
+              reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5], reply[r + 6] =
+                -1, 0, floor(room / p), x - now, new_tat - now - tolerance, 0
+              r = r + 6
+              -- Denied on a later arrival time: put it back.
+              wexp = x
+            end
+            local ttl = 0
+            if wexp > now then
+              ttl = floor((wexp - now + 999) / 1000)
+            end
+            ttl = ttl + slack_ms
+            if ttl < 1 then
+              ttl = 1
+            end
+            call('SET', key, format('%d', wexp), 'PX', format('%d', ttl))
+          end
+        end
+      end
+      i = i + 1
+    end
+    if i > n then
+      break
+    end
+  end
+
   local key, now, wcode, w1, w2, w3, wexp
   if i <= n then
     -- Decide check i.
@@ -681,6 +836,7 @@ for i = 1, loops do
       call('PEXPIRE', key, format('%d', ttl))
     end
   end
+  i = i + 1
 end
 
 reply[1] = batch_now or server_now or 0

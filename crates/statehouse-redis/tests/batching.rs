@@ -210,3 +210,151 @@ async fn concurrent_checks_share_script_calls() {
     let calls = evalsha_calls(server.port()) - before;
     assert!(calls < checks, "{calls} script calls for {checks} checks");
 }
+
+/// The limiter script's fast path (independent mode on the server's TIME, gcra checks that
+/// consume) decides and writes exactly as its general code. One batch runs twice on twin keys
+/// holding the same states: once on the server's TIME, where its gcra consumes take the fast
+/// path, and once with every check given that call's time, where every check takes the general
+/// code. The replies and the states left behind must be the same. The batch holds every kind of
+/// state the fast path meets (none, an arrival time passed, one to come that admits, one that
+/// denies, corrupt values, a key of the wrong type, a key checked twice) and checks it hands to
+/// the general code in the middle (a peek, a cost above the burst, another algorithm).
+#[test]
+fn the_fast_path_decides_as_the_general_code() {
+    const SCRIPT: &str = include_str!("../src/limiter.lua");
+    let port = shared_standalone().port();
+    let prefix = store_prefix("batch-fast-path");
+    let interval: u64 = 720_000_000;
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as u64;
+    // Initial states by name: a string value, or None for no key. "hash" is made a hash.
+    let states: Vec<(&str, Option<String>)> = vec![
+        ("absent", None),
+        ("passed", Some((wall - 10_000_000).to_string())),
+        ("zeros", Some("0000000000000005".into())),
+        ("admits", Some((wall + interval).to_string())),
+        ("denies", Some((wall + 5 * interval).to_string())),
+        ("max", Some("9007199254740992".into())),
+        ("exp", Some("1e3".into())),
+        ("space", Some(" 5".into())),
+        ("hex", Some("0x10".into())),
+        ("empty", Some(String::new())),
+        ("word", Some("abc".into())),
+        ("long", Some("12345678901234567".into())),
+        ("big", Some("9999999999999999".into())),
+        ("sign", Some("+5".into())),
+        ("hash", Some("1".into())),
+        ("window", None),
+        ("other", None),
+        ("late", None),
+    ];
+    // Their number, then each: 1 gcra (burst 5), 2 fixed window (3 per hour), 3 gcra (burst 2,
+    // interval 1 s).
+    let policies = [
+        "3",
+        "6",
+        "5",
+        &interval.to_string(),
+        "1",
+        "3",
+        "3600000000",
+        "6",
+        "2",
+        "1000000",
+    ]
+    .map(str::to_owned);
+    // The checks: (state name, policy spec (negative: a peek), cost).
+    let mut checks: Vec<(&str, i64, u64)> = states
+        .iter()
+        .filter(|(name, _)| !matches!(*name, "window" | "other" | "late"))
+        .map(|(name, _)| (*name, 1, 1))
+        .collect();
+    checks.extend([
+        ("passed", 1, 1),
+        ("admits", -1, 1),
+        ("absent", 1, 6),
+        ("window", 2, 1),
+        ("other", 3, 2),
+        ("late", 1, 3),
+        ("exp", 1, 1),
+        ("late", 1, 1),
+    ]);
+    let key = |set: &str, name: &str| format!("{prefix}{{{set}}}:{name}");
+    for set in ["fast", "general"] {
+        for (name, value) in &states {
+            let k = key(set, name);
+            match (*name, value) {
+                ("hash", _) => {
+                    raw_command(port, &["HSET", &k, "t", "1"]).expect("HSET");
+                }
+                (_, Some(value)) => {
+                    raw_command(port, &["SET", &k, value, "PX", "600000"]).expect("SET");
+                }
+                (_, None) => {}
+            }
+        }
+    }
+    let run = |set: &str, now: Option<&str>| -> Vec<String> {
+        let keys: Vec<String> = checks.iter().map(|(name, _, _)| key(set, name)).collect();
+        let count = keys.len().to_string();
+        let mut args: Vec<String> = vec!["EVAL".into(), SCRIPT.into(), count];
+        args.extend(keys);
+        args.extend(["independent".into(), now.map_or("", |_| "caller").into()]);
+        args.push("60000".into());
+        args.extend(policies.iter().cloned());
+        for (_, spec, cost) in &checks {
+            args.push(spec.to_string());
+            args.push(cost.to_string());
+            if let Some(now) = now {
+                args.push(now.into());
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply = raw_command(port, &args).expect("EVAL");
+        assert!(!reply.starts_with("ERR"), "{reply}");
+        reply.lines().map(str::to_owned).collect()
+    };
+    let fast = run("fast", None);
+    let now = fast[0].clone();
+    assert!(now.parse::<u64>().expect("now") >= wall, "{now}");
+    let general = run("general", Some(&now));
+    let fast_rest: Vec<String> = fast[1..]
+        .iter()
+        .map(|v| v.replace("{fast}", "{general}"))
+        .collect();
+    assert_eq!(fast_rest, general[1..], "now {now}");
+    // Admitted at once, denied (six values), refused (one string): all were met.
+    assert!(general.iter().any(|v| v.contains("corrupt state")));
+    assert!(general.iter().any(|v| v.contains("WRONGTYPE")));
+    assert!(general.iter().any(|v| v == "-1"));
+    // The states left behind: the same values, each (but the hash) with an expiry.
+    for (name, _) in &states {
+        let (f, g) = (key("fast", name), key("general", name));
+        let read = |k: &str| {
+            let kind = raw_command(port, &["TYPE", k]).expect("TYPE");
+            let value = if kind == "hash" {
+                raw_command(port, &["HGETALL", k]).expect("HGETALL")
+            } else {
+                raw_command(port, &["GET", k]).expect("GET")
+            };
+            let ttl: i64 = raw_command(port, &["PTTL", k])
+                .expect("PTTL")
+                .parse()
+                .expect("ttl");
+            (kind, value, ttl)
+        };
+        let ((fk, fv, ft), (gk, gv, gt)) = (read(&f), read(&g));
+        assert_eq!((&fk, &fv), (&gk, &gv), "{name}");
+        if *name == "hash" {
+            // Of the wrong type: untouched (it was made without an expiry).
+            assert_eq!((ft, gt), (-1, -1));
+        } else {
+            assert!(
+                ft > 0 && gt > 0 && (ft - gt).abs() < 5_000,
+                "{name}: {ft} {gt}"
+            );
+        }
+    }
+}
