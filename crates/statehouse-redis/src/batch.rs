@@ -128,6 +128,7 @@ impl Batch for Checks {
     type Request = Request;
 
     const MAX_BATCH: usize = MAX_BATCH;
+    const EAGER_ON_WIRE: usize = 2;
     const MAX_BATCH_BYTES: usize = MAX_BATCH_BYTES;
 
     fn link(&self) -> &Link {

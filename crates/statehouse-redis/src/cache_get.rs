@@ -25,7 +25,7 @@ use redis::Value;
 use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
-use crate::coalesce::{self, Batch, Coalescer};
+use crate::coalesce::{self, Batch, Coalescer, IN_FLIGHT};
 use crate::error::unexpected_reply;
 use crate::link::Link;
 
@@ -118,6 +118,7 @@ impl Batch for Gets {
     type Request = GetRequest;
 
     const MAX_BATCH: usize = MAX_BATCH;
+    const EAGER_ON_WIRE: usize = IN_FLIGHT;
     const MAX_BATCH_BYTES: usize = MAX_BATCH_BYTES;
 
     fn link(&self) -> &Link {

@@ -7,7 +7,11 @@
 //! [`Coalescer`] owns the queue, starts the task on first use on the caller's runtime (and
 //! again if that runtime went away), and runs the loop:
 //!
-//! 1. wait until a request is queued and fewer than [`IN_FLIGHT`] batches are on the wire;
+//! 1. wait until a request is queued and fewer than [`Batch::EAGER_ON_WIRE`] batches are on
+//!    the wire, or at least [`MIN_SPLIT`] requests are queued and fewer than [`IN_FLIGHT`]
+//!    batches are (plain reads, client-bound, send at once up to [`IN_FLIGHT`]; scripts,
+//!    server-bound, keep two on the wire and add more only for a full share: larger calls cost
+//!    the server less per check);
 //! 2. **yield once** to the runtime, so that the callers just answered by a returning batch
 //!    (woken, but not yet run) queue their next requests before the batch is formed. Not a
 //!    timer: a lone request under low load waits one scheduler pass, not a clock;
@@ -27,10 +31,10 @@
 //! instructions). Each request carries its deadline (the call timeout from the moment its
 //! caller called), and the task keeps them all: a call is bounded by the **earliest** deadline
 //! among its requests ([`call_deadline`]), so that no caller waits past its own, and a request
-//! still queued at its deadline is answered [`Error::Timeout`] by [`take_batch`]. Deadlines
-//! follow queue order, so the calls on the wire end (by their earlier deadlines) before any
-//! queued request's deadline and a slot frees in time; one timer on the front of the queue,
-//! armed only while every slot is taken, is the backstop. A caller that wants to wait
+//! still queued at its deadline is answered [`Error::Timeout`] by [`take_batch`]. No timer is
+//! needed for the queue: deadlines follow queue order, and a batch is taken from the front, so
+//! every call on the wire carries earlier deadlines than any queued request; it ends (answered
+//! or timed out) first, which wakes the task and frees a slot before a queued deadline passes. A caller that wants to wait
 //! less than the call timeout (`GetBatcher::get` with a shorter timeout) adds its own timer.
 //!
 //! Why several smaller batches on the wire rather than one or two large ones: with a fixed
@@ -64,6 +68,9 @@ pub(crate) trait Batch: Send + Sync + 'static {
 
     /// The most requests in one call.
     const MAX_BATCH: usize;
+    /// Calls kept on the wire whatever their size: while fewer are, a request goes out at once;
+    /// beyond, up to [`IN_FLIGHT`], only a batch of at least [`MIN_SPLIT`] requests.
+    const EAGER_ON_WIRE: usize;
     /// The most [`weight`](Batch::weight) in one call (`usize::MAX`: no such cap).
     const MAX_BATCH_BYTES: usize;
     /// The connection the calls go through (for its topology).
@@ -170,43 +177,37 @@ async fn run<B: Batch>(batcher: Arc<B>, mut receiver: mpsc::UnboundedReceiver<B:
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     // Requests taken off the channel but not yet sent, in queue order (so by deadline).
     let mut pending: VecDeque<B::Request> = VecDeque::new();
-    // Fires at the front request's deadline while every slot is taken (see "Deadlines").
-    let expiry = tokio::time::sleep_until(Instant::now());
-    tokio::pin!(expiry);
     let timeout = batcher.link().call_timeout;
     let mut open = true;
     loop {
-        // Finish batches and queue what arrived; go on when there is a request and room on the
-        // wire. While there is no room, answer the requests whose deadline passes.
+        // Finish batches and queue what arrived; go on when there is a request to send now.
         let go = futures::future::poll_fn(|cx| {
-            loop {
-                while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
-                while open {
-                    match receiver.poll_next_unpin(cx) {
-                        Poll::Ready(Some(request)) => pending.push_back(request),
-                        Poll::Ready(None) => open = false,
-                        Poll::Pending => break,
-                    }
+            while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+            let room = in_flight.len() < IN_FLIGHT;
+            // One request at a time: the rest are taken after the yield below (draining the
+            // channel here made batches smaller: measured, 18 → 14 reads per `MGET`).
+            if open && room && pending.len() < MIN_SPLIT {
+                match receiver.poll_next_unpin(cx) {
+                    Poll::Ready(Some(request)) => pending.push_back(request),
+                    Poll::Ready(None) => open = false,
+                    Poll::Pending => {}
                 }
-                let Some(front) = pending.front() else {
-                    return if open || !in_flight.is_empty() {
-                        Poll::Pending
-                    } else {
-                        Poll::Ready(false)
-                    };
-                };
-                if in_flight.len() < IN_FLIGHT {
-                    return Poll::Ready(true);
-                }
-                let deadline = B::deadline(front);
-                if expiry.deadline() != deadline {
-                    expiry.as_mut().reset(deadline);
-                }
-                if expiry.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                expire::<B>(&mut pending, Instant::now(), timeout);
             }
+            if pending.is_empty() {
+                return if open || !in_flight.is_empty() {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(false)
+                };
+            }
+            // `EAGER_ON_WIRE` calls on the wire whatever their size; more only for a full share.
+            if room && (in_flight.len() < B::EAGER_ON_WIRE || pending.len() >= MIN_SPLIT) {
+                return Poll::Ready(true);
+            }
+            // Woken by a finished call or (with room) a new request. No timer: every queued
+            // request's deadline is after those of the calls on the wire (module docs,
+            // "Deadlines").
+            Poll::Pending
         })
         .await;
         if !go {
@@ -231,19 +232,6 @@ async fn run<B: Batch>(batcher: Arc<B>, mut receiver: mpsc::UnboundedReceiver<B:
         in_flight.push(Box::pin(async move {
             futures::future::join_all(groups.into_iter().map(|group| batcher.send(group))).await;
         }));
-    }
-}
-
-/// Answers [`Error::Timeout`] to the queued requests whose deadline is not after `now` (at the
-/// front: deadlines follow queue order), and drops those whose caller has gone.
-fn expire<B: Batch>(pending: &mut VecDeque<B::Request>, now: Instant, timeout: Duration) {
-    while let Some(front) = pending.front() {
-        if B::deadline(front) > now && !B::is_canceled(front) {
-            return;
-        }
-        if let Some(request) = pending.pop_front() {
-            B::fail(request, Error::Timeout { deadline: timeout });
-        }
     }
 }
 

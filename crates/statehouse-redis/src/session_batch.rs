@@ -116,6 +116,7 @@ impl Batch for Loads {
     type Request = LoadRequest;
 
     const MAX_BATCH: usize = MAX_BATCH;
+    const EAGER_ON_WIRE: usize = 2;
     const MAX_BATCH_BYTES: usize = usize::MAX;
 
     fn link(&self) -> &Link {
