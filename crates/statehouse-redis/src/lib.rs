@@ -20,6 +20,11 @@
 //!   connection failures and timeouts return errors for which
 //!   [`Error::is_unavailable`](statehouse_core::Error::is_unavailable) is true, so the caller's
 //!   degraded mode can take over, and the connection is re-established in the background.
+//! * **Coalescing.** Concurrent single checks, cache hits and session loads are coalesced into
+//!   one call per batch (a script, or an `MGET`), several batches on the wire at once. On
+//!   standalone Redis these calls use a second, lean pipelined connection of the store (a
+//!   hand-written RESP2 parser; the URL's password and database); everything else uses the
+//!   redis-rs connection. A store therefore holds two connections to a standalone server.
 //!
 //! * **Sessions.** [`RedisSessionStore`] is the
 //!   [`SessionStore`](statehouse_core::session::SessionStore) on the same deployments: one

@@ -3,8 +3,8 @@
 //!
 //! A [`RedisStore`](crate::RedisStore) and the
 //! [`RedisSessionStore`](crate::RedisSessionStore)s made from it hold the same `Arc<Link>`, so
-//! a process keeps one multiplexed connection (and one reconnection policy) however many
-//! stores it builds.
+//! a process keeps one multiplexed connection (plus, on standalone Redis, the coalescers' batch
+//! connection: [`crate::pipe`]) and one reconnection policy however many stores it builds.
 
 use std::fmt;
 use std::future::Future;
