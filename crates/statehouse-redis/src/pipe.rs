@@ -343,12 +343,20 @@ fn copy(err: &RedisError) -> RedisError {
 /// otherwise the value and the bytes it took. Error replies are values here
 /// ([`Value::ServerError`], as redis-rs gives them); the caller turns a top-level one into an
 /// error.
+///
+/// Past [`READ_CHUNK`] of input, a first pass only checks that the whole reply is there (no
+/// allocation), so that a large reply arriving in many reads is not rebuilt, and its values
+/// copied, at every read.
 pub(crate) fn parse(buf: &[u8]) -> RedisResult<Option<(Value, usize)>> {
+    if buf.len() > READ_CHUNK && value(buf, &mut 0, 0, false)?.is_none() {
+        return Ok(None);
+    }
     let mut at = 0;
-    Ok(value(buf, &mut at, 0)?.map(|v| (v, at)))
+    Ok(value(buf, &mut at, 0, true)?.map(|v| (v, at)))
 }
 
-fn value(buf: &[u8], at: &mut usize, depth: usize) -> RedisResult<Option<Value>> {
+/// One value at `at`; with `build` false, only whether it is complete (`Some(Value::Nil)`).
+fn value(buf: &[u8], at: &mut usize, depth: usize, build: bool) -> RedisResult<Option<Value>> {
     let start = *at;
     let Some((&kind, rest)) = buf[start..].split_first() else {
         return Ok(None);
@@ -380,7 +388,11 @@ fn value(buf: &[u8], at: &mut usize, depth: usize) -> RedisResult<Option<Value>>
                 return Err(protocol("a bulk string without its CRLF"));
             }
             *at = stop + 2;
-            Ok(Some(Value::BulkString(buf[next..stop].to_vec())))
+            Ok(Some(if build {
+                Value::BulkString(buf[next..stop].to_vec())
+            } else {
+                Value::Nil
+            }))
         }
         b':' => {
             *at = next;
@@ -399,16 +411,25 @@ fn value(buf: &[u8], at: &mut usize, depth: usize) -> RedisResult<Option<Value>>
                 usize::try_from(count).map_err(|_| protocol("an array length out of range"))?;
             // Every element takes at least 3 bytes: do not trust a count the buffer cannot hold
             // for the allocation.
-            let mut items = Vec::with_capacity(count.min((buf.len() - next) / 3 + 1));
+            let mut items = Vec::with_capacity(if build {
+                count.min((buf.len() - next) / 3 + 1)
+            } else {
+                0
+            });
             let mut cursor = next;
             for _ in 0..count {
-                match value(buf, &mut cursor, depth + 1)? {
-                    Some(item) => items.push(item),
+                match value(buf, &mut cursor, depth + 1, build)? {
+                    Some(item) if build => items.push(item),
+                    Some(_) => {}
                     None => return Ok(None),
                 }
             }
             *at = cursor;
-            Ok(Some(Value::Array(items)))
+            Ok(Some(if build {
+                Value::Array(items)
+            } else {
+                Value::Nil
+            }))
         }
         b'+' => {
             *at = next;
@@ -527,6 +548,29 @@ mod tests {
         let (_, used) = parse(&two).expect("parses").expect("complete");
         assert_eq!(used, reply.len());
         assert_eq!(whole(&two[used..]), Value::BulkString(b"z".to_vec()));
+    }
+
+    #[test]
+    fn a_large_reply_parses_only_once_complete() {
+        // 40 values of 4 KiB: past READ_CHUNK, so the completeness pass runs first.
+        let mut reply = b"*40\r\n".to_vec();
+        for i in 0..40u8 {
+            reply.extend_from_slice(b"$4096\r\n");
+            reply.extend(std::iter::repeat_n(i, 4096));
+            reply.extend_from_slice(b"\r\n");
+        }
+        assert!(reply.len() > READ_CHUNK);
+        for cut in [READ_CHUNK + 1, reply.len() - 1] {
+            assert!(
+                parse(&reply[..cut]).expect("a prefix").is_none(),
+                "cut at {cut}"
+            );
+        }
+        let Value::Array(items) = whole(&reply) else {
+            panic!("an array");
+        };
+        assert_eq!(items.len(), 40);
+        assert_eq!(items[39], Value::BulkString(vec![39; 4096]));
     }
 
     #[test]
