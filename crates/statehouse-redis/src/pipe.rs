@@ -176,37 +176,35 @@ async fn connect(setup: &Setup) -> RedisResult<Stream> {
         #[cfg(unix)]
         Target::Unix(path) => Stream::Unix(tokio::net::UnixStream::connect(path).await?),
     };
-    let mut handshake: Vec<redis::Cmd> = Vec::new();
+    // (the command, whether it is the `AUTH`)
+    let mut handshake: Vec<(redis::Cmd, bool)> = Vec::new();
     if let Some(password) = &setup.password {
         let mut auth = redis::cmd("AUTH");
         if let Some(username) = &setup.username {
             auth.arg(username);
         }
-        handshake.push(auth.arg(password).to_owned());
+        handshake.push((auth.arg(password).to_owned(), true));
     }
     if setup.db != 0 {
-        handshake.push(redis::cmd("SELECT").arg(setup.db).to_owned());
+        handshake.push((redis::cmd("SELECT").arg(setup.db).to_owned(), false));
     }
-    for cmd in handshake {
+    for (cmd, is_auth) in handshake {
         let reply = match &mut stream {
             Stream::Tcp(s) => roundtrip(s, &cmd.get_packed_command()).await?,
             #[cfg(unix)]
             Stream::Unix(s) => roundtrip(s, &cmd.get_packed_command()).await?,
         };
-        if let Err(err) = reply.extract_error() {
+        match reply.extract_error() {
             // A refused `AUTH` is an outage for the caller's fallback, as redis-rs reports it.
-            if cmd
-                .args_iter()
-                .next()
-                .is_some_and(|a| matches!(a, redis::Arg::Simple(b"AUTH")))
-            {
+            Err(err) if is_auth => {
                 return Err(RedisError::from((
                     ErrorKind::AuthenticationFailed,
                     "the batch connection's AUTH was refused",
                     err.to_string(),
                 )));
             }
-            return Err(err);
+            Err(err) => return Err(err),
+            Ok(_) => {}
         }
     }
     Ok(stream)
