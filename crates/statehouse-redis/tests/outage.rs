@@ -18,6 +18,22 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(300);
 /// "many seconds".
 const MARGIN: Duration = Duration::from_millis(700);
 
+/// A private server, started off the runtime's threads.
+async fn start_server() -> RedisServer {
+    tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
+        .await
+        .expect("start task")
+}
+
+/// Whether consuming `check` is admitted (the call itself must succeed).
+async fn admits(store: &RedisStore, check: &[LimitCheck<'_>]) -> bool {
+    store
+        .check(check, Mode::Consume)
+        .await
+        .expect("check")
+        .allowed()
+}
+
 async fn store_on(server: &RedisServer) -> RedisStore {
     RedisStore::builder(RedisTopology::Standalone(server.url()))
         .prefix(&store_prefix("outage"))
@@ -29,19 +45,11 @@ async fn store_on(server: &RedisServer) -> RedisStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_redis_is_unavailable_within_the_call_timeout_and_recovers() {
-    let mut server = tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
-        .await
-        .expect("start task");
+    let mut server = start_server().await;
     let store = store_on(&server).await;
     let policy = Policy::gcra(1_000, Duration::from_secs(60)).expect("policy");
     let check = [LimitCheck::new("user:1", &policy, 1)];
-    assert!(
-        store
-            .check(&check, Mode::Consume)
-            .await
-            .expect("check")
-            .allowed()
-    );
+    assert!(admits(&store, &check).await);
 
     let server = tokio::task::spawn_blocking(move || {
         server.kill();
@@ -102,19 +110,11 @@ async fn a_killed_redis_is_unavailable_within_the_call_timeout_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_stops_answering_times_out_then_recovers() {
-    let server = tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
-        .await
-        .expect("start task");
+    let server = start_server().await;
     let store = store_on(&server).await;
     let policy = Policy::fixed_window(1_000, Duration::from_secs(60)).expect("policy");
     let check = [LimitCheck::new("user:1", &policy, 1)];
-    assert!(
-        store
-            .check(&check, Mode::Consume)
-            .await
-            .expect("check")
-            .allowed()
-    );
+    assert!(admits(&store, &check).await);
 
     // The connection stays up but nothing answers: a partition, a stalled server.
     let pause = Duration::from_millis(2_000);
@@ -160,9 +160,7 @@ async fn a_redis_that_stops_answering_times_out_then_recovers() {
 
 #[tokio::test]
 async fn connecting_to_nothing_is_unavailable_within_the_call_timeout() {
-    let mut server = tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
-        .await
-        .expect("start task");
+    let mut server = start_server().await;
     let url = server.url();
     tokio::task::spawn_blocking(move || server.kill())
         .await
@@ -187,21 +185,13 @@ async fn connecting_to_nothing_is_unavailable_within_the_call_timeout() {
 /// keeps their deadlines. Every one of them is answered within its own call timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_queued_behind_a_stalled_server_time_out_at_their_own_deadline() {
-    let server = tokio::task::spawn_blocking(|| RedisServer::start().expect("start redis"))
-        .await
-        .expect("start task");
+    let server = start_server().await;
     let store = store_on(&server).await;
     let cache = store.cache_store();
     let policy = Policy::gcra(1_000_000, Duration::from_secs(60)).expect("policy");
     // Warm: the script is loaded and both coalescers' connections are up.
     let check = [LimitCheck::new("warm", &policy, 1)];
-    assert!(
-        store
-            .check(&check, Mode::Consume)
-            .await
-            .expect("check")
-            .allowed()
-    );
+    assert!(admits(&store, &check).await);
     assert_eq!(cache.get("absent").await.expect("get"), None);
 
     let pause = Duration::from_millis(3_000);
