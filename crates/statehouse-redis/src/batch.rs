@@ -4,7 +4,7 @@
 //!
 //! A [`RedisStore`](crate::RedisStore) sends every request with **one check** (the common case:
 //! one key, one policy, either mode) through its [`Batcher`] instead of calling the script
-//! itself. The batcher is a queue (an unbounded channel) and one background task per store
+//! itself. The batcher is a queue (a deque behind a mutex) and one background task per store
 //! (shared by its clones), started on first use on the caller's runtime and started again if
 //! that runtime went away. The task loops:
 //!

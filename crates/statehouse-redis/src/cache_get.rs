@@ -156,7 +156,10 @@ async fn send(link: &Link, group: Vec<GetRequest>) {
     let cmd = if let [only] = group.as_slice() {
         redis::cmd("GET").arg(only.key.as_str()).to_owned()
     } else {
-        let mut cmd = redis::cmd("MGET");
+        // Sized up front: grown key by key, the buffers were reallocated several times a call.
+        let key_bytes: usize = group.iter().map(|request| request.key.len()).sum();
+        let mut cmd = redis::Cmd::with_capacity(group.len() + 1, key_bytes + 4);
+        cmd.arg("MGET");
         for request in &group {
             cmd.arg(request.key.as_str());
         }

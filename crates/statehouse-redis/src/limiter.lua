@@ -31,7 +31,8 @@
 --                         if it had been a call of its own; a check whose state is corrupt or of
 --                         the wrong type gets an error of its own and the others go on
 -- ARGV[2]  now in microseconds since the epoch, or '' to read the server's TIME; in independent
---          mode, '' (every check on the server's TIME) or 'caller' (each check carries its time)
+--          mode, '' (every check on the server's TIME), 'same' (as '', the checks sharing one
+--          policy number and cost, sent once) or 'caller' (each check carries its time)
 -- ARGV[3]  slack in milliseconds added to every expiry
 -- then per check (every mode but independent): algorithm code, a, b, cost, where (a, b) is
 --     fixed window, sliding log, sliding counter   (limit, period_us)
@@ -40,7 +41,10 @@
 -- or, in independent mode, where the checks of a batch mostly share a few policies:
 --   ARGV[4] the number P of distinct policies, then P times: algorithm code, a, b (as above)
 --   then per check: its policy's number (1..P; negated for a peek), cost, and with 'caller' its
---   time (or '' for the server's TIME)
+--   time (or '' for the server's TIME); or, with ARGV[2] 'same' (server's TIME, every check of
+--   the same policy, mode and cost: one limiter's coalesced checks, the common batch), that
+--   number and cost once for all the checks. Every argument costs the server a parse, an object
+--   and a Lua string; 'same' sends one per check (its key) instead of three.
 --
 -- Returns { now, then per check: allowed (1/0), remaining, reset_after_us, retry_after_us (-1 for
 -- none), delay_us }. Refund returns { now }. In independent mode `now` is the server's TIME if it
@@ -85,7 +89,9 @@ local independent = mode == 'independent'
 -- Where the per-check arguments start, and how many there are per check.
 local base, per = 3, 4
 -- Independent mode: the batch's policies, three values each, and whether checks carry times.
-local policies, policy_count, caller_times = nil, 0, false
+-- The arguments of check i start after ARGV[base + (i - 1) * per]: with 'same', `per` is 0 and
+-- every check reads the one shared pair.
+local policies, policy_count, caller_times, shared = nil, 0, false, 0
 if independent then
   caller_times = ARGV[2] == 'caller'
   policy_count = tonumber(ARGV[4]) or 0
@@ -94,14 +100,18 @@ if independent then
     policies[k] = tonumber(ARGV[4 + k])
   end
   base = 4 + 3 * policy_count
-  per = caller_times and 3 or 2
+  if ARGV[2] == 'same' then
+    per, shared = 0, 2
+  else
+    per = caller_times and 3 or 2
+  end
 elseif mode ~= 'consume' and mode ~= 'peek' and mode ~= 'dry_run' and mode ~= 'refund' then
   error(redis.error_reply('ERR statehouse: invalid mode ' .. tostring(mode)))
 end
 local slack_ms = tonumber(ARGV[3])
-if #ARGV ~= base + n * per or slack_ms == nil then
-  error(redis.error_reply('ERR statehouse: expected ' .. (base + n * per) .. ' arguments for '
-    .. n .. ' keys, got ' .. #ARGV))
+if #ARGV ~= base + n * per + shared or slack_ms == nil then
+  error(redis.error_reply('ERR statehouse: expected ' .. (base + n * per + shared)
+    .. ' arguments for ' .. n .. ' keys, got ' .. #ARGV))
 end
 
 -- The batch's time (every mode but independent); the server's TIME, read at most once.
@@ -270,8 +280,8 @@ while i <= loops do
   if fast then
     local now = server_now
     while i <= n do
-      local b = base + i + i
-      local s, c = argv[b - 1], argv[b]
+      local b = base + (i - 1) * per
+      local s, c = argv[b + 1], argv[b + 2]
       if s ~= fast_s or c ~= fast_c then
         local memo = fast_policy[s]
         if memo == nil then

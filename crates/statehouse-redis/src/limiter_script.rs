@@ -121,7 +121,9 @@ pub(crate) struct IndependentCheck<'a> {
 
 /// Builds the `independent` call as one `EVALSHA` command: every check is decided and
 /// committed on its own, in order, as if each were a call of its own (see `limiter.lua`). The
-/// batch's distinct policies are sent once, and each check names its policy by number.
+/// batch's distinct policies are sent once, and each check names its policy by number; when
+/// every check shares one policy, mode and cost (the checks of one limiter, on the server's
+/// `TIME`), that number and cost are sent once for all (`same`), so a check is just its key.
 ///
 /// A [`Cmd`] keeps its arguments in one buffer, where a [`ScriptInvocation`] makes a vector per
 /// argument and copies them all into a `Cmd` again: three allocations and copies per check
@@ -139,8 +141,18 @@ pub(crate) fn independent_command(slack_ms: u64, checks: &[IndependentCheck<'_>]
         key_bytes += c.check.storage_key.len();
     }
     let caller_times = checks.iter().any(|c| c.now.is_some());
-    let per_check = if caller_times { 4 } else { 3 };
-    let arg_count = 7 + 3 * policies.len() + per_check * checks.len();
+    // One limiter's coalesced checks (the common batch): one policy, mode and cost, sent once.
+    let same = !caller_times
+        && checks.split_first().is_some_and(|(first, rest)| {
+            rest.iter()
+                .all(|c| c.mode == first.mode && c.check.args == first.check.args)
+        });
+    let per_check = match (caller_times, same) {
+        (true, _) => 4,
+        (false, true) => 1,
+        (false, false) => 3,
+    };
+    let arg_count = 9 + 3 * policies.len() + per_check * checks.len();
     // Keys, the hash, and up to 20 digits per number.
     let mut cmd = Cmd::with_capacity(arg_count, key_bytes + 64 + 20 * arg_count);
     cmd.arg("EVALSHA").arg(LIMITER.get_hash()).arg(checks.len());
@@ -148,13 +160,19 @@ pub(crate) fn independent_command(slack_ms: u64, checks: &[IndependentCheck<'_>]
         cmd.arg(c.check.storage_key.as_str());
     }
     cmd.arg("independent")
-        .arg(if caller_times { "caller" } else { "" })
+        .arg(match (caller_times, same) {
+            (true, _) => "caller",
+            (false, true) => "same",
+            (false, false) => "",
+        })
         .arg(slack_ms)
         .arg(policies.len());
     for policy in &policies {
         cmd.arg(&policy[..]);
     }
-    for c in checks {
+    // With `same`, the first check's number and cost stand for every check.
+    let per_check_args = if same { &checks[..1] } else { checks };
+    for c in per_check_args {
         let [code, a, b, cost] = c.check.args;
         // Present: every check's triple was collected above. At most MAX_BATCH policies, so
         // the cast cannot wrap.
@@ -367,9 +385,12 @@ mod tests {
 
     use super::*;
 
+    fn gcra_policy() -> Policy {
+        Policy::gcra(10, Duration::from_secs(1)).expect("valid policy")
+    }
+
     fn check() -> ScriptCheck {
-        let policy = Policy::gcra(10, Duration::from_secs(1)).expect("valid policy");
-        ScriptCheck::new("sh:rl:{k}:gcra:1000000".into(), &policy, 1)
+        ScriptCheck::new("sh:rl:{k}:gcra:1000000".into(), &gcra_policy(), 1)
     }
 
     #[test]
@@ -439,6 +460,103 @@ mod tests {
         assert!(
             shown.contains("args: 19") && shown.contains("keys: 3"),
             "{shown}"
+        );
+    }
+
+    /// The arguments after the keys of an `independent` command.
+    fn script_args(cmd: &Cmd, keys: usize) -> Vec<String> {
+        cmd.args_iter()
+            .skip(3 + keys)
+            .map(|a| match a {
+                Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => panic!("no cursor"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn checks_sharing_policy_mode_and_cost_send_them_once() {
+        let gcra = check();
+        let twice = ScriptCheck::new("sh:rl:{k}:gcra:1000000".into(), &gcra_policy(), 2);
+        let on_server = |check, mode| IndependentCheck {
+            check,
+            mode,
+            now: None,
+        };
+        // One policy, mode and cost: `same`, the number and cost once.
+        let same = [
+            on_server(&gcra, Mode::Consume),
+            on_server(&gcra, Mode::Consume),
+        ];
+        assert_eq!(
+            script_args(&independent_command(0, &same), 2),
+            [
+                "independent",
+                "same",
+                "0",
+                "1",
+                "6",
+                "10",
+                "100000",
+                "1",
+                "1"
+            ]
+        );
+        // A lone check is the same form.
+        assert_eq!(
+            script_args(&independent_command(0, &same[..1]), 1),
+            [
+                "independent",
+                "same",
+                "0",
+                "1",
+                "6",
+                "10",
+                "100000",
+                "1",
+                "1"
+            ]
+        );
+        // Another cost, or another mode: a number and cost per check.
+        let costs = [
+            on_server(&gcra, Mode::Consume),
+            on_server(&twice, Mode::Consume),
+        ];
+        assert_eq!(
+            script_args(&independent_command(0, &costs), 2),
+            [
+                "independent",
+                "",
+                "0",
+                "1",
+                "6",
+                "10",
+                "100000",
+                "1",
+                "1",
+                "1",
+                "2"
+            ]
+        );
+        let modes = [
+            on_server(&gcra, Mode::Consume),
+            on_server(&gcra, Mode::Peek),
+        ];
+        assert_eq!(
+            script_args(&independent_command(0, &modes), 2),
+            [
+                "independent",
+                "",
+                "0",
+                "1",
+                "6",
+                "10",
+                "100000",
+                "1",
+                "1",
+                "-1",
+                "1"
+            ]
         );
     }
 

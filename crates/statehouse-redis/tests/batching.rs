@@ -358,3 +358,148 @@ fn the_fast_path_decides_as_the_general_code() {
         }
     }
 }
+
+/// A batch whose checks share one policy, mode and cost sends them once (`same`), and the
+/// script reads that one pair for every check: it decides and writes exactly as the per-check
+/// form. Each shared pair runs on twin keys holding the same states: once as `same` on the
+/// server's TIME, once in the per-check form at that call's time (the general code). The pairs
+/// cover the fast path (a gcra consume) and the general code (a peek, a cost above the burst,
+/// another algorithm).
+#[test]
+fn checks_sent_once_for_all_decide_as_checks_sent_each() {
+    const SCRIPT: &str = include_str!("../src/limiter.lua");
+    let port = shared_standalone().port();
+    let prefix = store_prefix("batch-same");
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as u64;
+    let interval: u64 = 720_000_000;
+    let states: Vec<(&str, Option<String>)> = vec![
+        ("absent", None),
+        ("passed", Some((wall - 10_000_000).to_string())),
+        ("admits", Some((wall + interval).to_string())),
+        ("denies", Some((wall + 5 * interval).to_string())),
+        ("word", Some("abc".into())),
+        ("hash", Some("1".into())),
+    ];
+    // 1: gcra (burst 5); 2: fixed window (3 per hour).
+    let policies =
+        ["2", "6", "5", &interval.to_string(), "1", "3", "3600000000"].map(str::to_owned);
+    let names: Vec<&str> = states
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(["absent", "passed"])
+        .collect();
+    for (case, (spec, cost)) in [(1, 1), (-1, 1), (1, 6), (2, 1), (1, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let key = |set: &str, name: &str| format!("{prefix}{case}:{{{set}}}:{name}");
+        for set in ["same", "each"] {
+            for (name, value) in &states {
+                let k = key(set, name);
+                match (*name, value) {
+                    ("hash", _) => {
+                        raw_command(port, &["HSET", &k, "t", "1"]).expect("HSET");
+                    }
+                    (_, Some(value)) => {
+                        raw_command(port, &["SET", &k, value, "PX", "600000"]).expect("SET");
+                    }
+                    (_, None) => {}
+                }
+            }
+        }
+        let run = |set: &str, now: Option<&str>| -> Vec<String> {
+            let mut args: Vec<String> = vec!["EVAL".into(), SCRIPT.into(), names.len().to_string()];
+            args.extend(names.iter().map(|name| key(set, name)));
+            args.extend([
+                "independent".into(),
+                now.map_or("same", |_| "caller").into(),
+            ]);
+            args.push("60000".into());
+            args.extend(policies.iter().cloned());
+            match now {
+                None => args.extend([spec.to_string(), cost.to_string()]),
+                Some(now) => {
+                    for _ in &names {
+                        args.extend([spec.to_string(), cost.to_string(), now.to_owned()]);
+                    }
+                }
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let reply = raw_command(port, &args).expect("EVAL");
+            assert!(!reply.starts_with("ERR"), "{reply}");
+            reply.lines().map(str::to_owned).collect()
+        };
+        let same = run("same", None);
+        let now = same[0].clone();
+        assert!(now.parse::<u64>().expect("now") >= wall, "{now}");
+        let each = run("each", Some(&now));
+        let same_rest: Vec<String> = same[1..]
+            .iter()
+            .map(|v| v.replace("{same}", "{each}"))
+            .collect();
+        assert_eq!(same_rest, each[1..], "spec {spec}, cost {cost}, now {now}");
+        // More than one value per check: every check was decided (not one, read n times).
+        assert!(each.len() > names.len(), "{each:?}");
+        for (name, _) in &states {
+            let read = |set: &str| {
+                let k = key(set, name);
+                let ttl: i64 = raw_command(port, &["PTTL", &k])
+                    .expect("PTTL")
+                    .parse()
+                    .expect("ttl");
+                let value = if *name == "hash" {
+                    raw_command(port, &["HGETALL", &k]).expect("HGETALL")
+                } else {
+                    raw_command(port, &["GET", &k]).expect("GET")
+                };
+                (value, ttl > 0 || ttl == -1, ttl == -2)
+            };
+            assert_eq!(
+                read("same"),
+                read("each"),
+                "spec {spec}, cost {cost}: {name}"
+            );
+        }
+    }
+}
+
+/// A store outlives the runtime it was first used on: the coalescing task that runtime ran
+/// goes with it, and the next check, on another runtime, starts another (a request queued for
+/// a task that is gone would otherwise wait for nothing).
+#[test]
+fn a_store_works_on_a_new_runtime_after_its_first_runtime_is_gone() {
+    let url = shared_standalone().url();
+    let policy = Policy::gcra(1_000, Duration::from_secs(60)).expect("policy");
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let first = runtime();
+    let store = first.block_on(store_on(RedisTopology::Standalone(url), "batch-runtimes"));
+    let check = |store: RedisStore| {
+        let policy = policy.clone();
+        async move {
+            let checks = [LimitCheck::new("a", &policy, 1)];
+            store.check(&checks, Mode::Consume).await
+        }
+    };
+    let verdict = first
+        .block_on(check(store.clone()))
+        .expect("check on the first runtime");
+    assert!(verdict.allowed());
+    drop(first);
+    let second = runtime();
+    let verdict = second
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), check(store.clone())).await
+        })
+        .expect("answered, not left waiting")
+        .expect("check on the second runtime");
+    assert!(verdict.allowed());
+    assert_eq!(verdict.decisions[0].remaining, 998);
+}
