@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use statehouse_core::key::{encode_key, policy_suffix};
+use statehouse_core::key::{POLICY_SUFFIX_MAX_LEN, encode_key, push_policy_suffix};
 use statehouse_core::{
     Decision, Error, LimitCheck, Mode, Policy, RateLimitStore, Result, Verdict, prepare_checks,
 };
@@ -181,14 +181,14 @@ impl RedisStore {
     fn storage_key_of_encoded(&self, encoded: &str, policy: &Policy) -> String {
         // Sized up front: `format!` would start empty and grow three or four times, on every
         // check.
-        let suffix = policy_suffix(policy);
         let prefix = &self.inner.prefix;
-        let mut key = String::with_capacity(prefix.len() + encoded.len() + suffix.len() + 3);
+        let mut key =
+            String::with_capacity(prefix.len() + encoded.len() + POLICY_SUFFIX_MAX_LEN + 3);
         key.push_str(prefix);
         key.push('{');
         key.push_str(encoded);
         key.push_str("}:");
-        key.push_str(&suffix);
+        push_policy_suffix(&mut key, policy);
         key
     }
 
@@ -378,26 +378,22 @@ impl RateLimitStore for RedisStore {
     /// Decides every check together, all or nothing; see the type's docs for the one exception
     /// (cross-slot batches on Redis Cluster).
     async fn check(&self, checks: &[LimitCheck<'_>], mode: Mode) -> Result<Verdict> {
-        let prepared = prepare_checks(checks)?;
-        if prepared.is_empty() {
-            return Ok(Verdict {
-                decisions: Vec::new(),
-            });
-        }
-        let now = self.inner.link.caller_now();
-        if let [single] = prepared.as_slice() {
+        if let [single] = checks {
             // One check: coalesced with the other callers' (see `crate::batch`); decided as if
-            // alone.
+            // alone. Validated as `prepare_checks` does, without its vector.
+            single.policy.check_cost(single.cost)?;
+            let key = encode_key(single.key)?;
             let check = ScriptCheck::new(
-                self.storage_key_of_encoded(&single.key, single.policy),
+                self.storage_key_of_encoded(&key, single.policy),
                 single.policy,
                 single.cost,
             );
             let slot = if self.inner.link.conn.is_cluster() {
-                hash_slot(single.key.as_bytes())
+                hash_slot(key.as_bytes())
             } else {
                 0
             };
+            let now = self.inner.link.caller_now();
             let decision = self
                 .inner
                 .batcher
@@ -407,6 +403,13 @@ impl RateLimitStore for RedisStore {
                 decisions: vec![decision],
             });
         }
+        let prepared = prepare_checks(checks)?;
+        if prepared.is_empty() {
+            return Ok(Verdict {
+                decisions: Vec::new(),
+            });
+        }
+        let now = self.inner.link.caller_now();
         let slots: Vec<u16> = prepared
             .iter()
             .map(|p| hash_slot(p.key.as_bytes()))
