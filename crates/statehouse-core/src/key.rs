@@ -112,14 +112,6 @@ mod tests {
 
     #[test]
     fn the_policy_suffix_is_the_algorithm_and_the_period_in_microseconds() {
-        let algorithms = [
-            Algorithm::FixedWindow,
-            Algorithm::SlidingWindowLog,
-            Algorithm::SlidingWindowCounter,
-            Algorithm::TokenBucket,
-            Algorithm::LeakyBucket,
-            Algorithm::Gcra,
-        ];
         let periods = [
             Duration::from_millis(1),
             Duration::from_millis(10),
@@ -130,7 +122,7 @@ mod tests {
             Duration::from_secs(86_400),
             MAX_PERIOD,
         ];
-        for algorithm in algorithms {
+        for algorithm in Algorithm::ALL {
             for period in periods {
                 let policy = Policy::new(algorithm, 10, period).expect("valid policy");
                 let expected = format!("{}:{}", algorithm.name(), period.as_micros());

@@ -483,40 +483,23 @@ mod tests {
             mode,
             now: None,
         };
-        // One policy, mode and cost: `same`, the number and cost once.
+        // The arguments after the keys: the mode, the form, the slack, the one policy, then
+        // `tail` (the shared number and cost, or a number and cost per check).
+        let expected = |form: &str, tail: &[&str]| -> Vec<String> {
+            ["independent", form, "0", "1", "6", "10", "100000"]
+                .iter()
+                .chain(tail)
+                .map(|s| (*s).to_owned())
+                .collect()
+        };
+        // One policy, mode and cost: `same`, the number and cost once; a lone check too.
         let same = [
             on_server(&gcra, Mode::Consume),
             on_server(&gcra, Mode::Consume),
         ];
-        assert_eq!(
-            script_args(&independent_command(0, &same), 2),
-            [
-                "independent",
-                "same",
-                "0",
-                "1",
-                "6",
-                "10",
-                "100000",
-                "1",
-                "1"
-            ]
-        );
-        // A lone check is the same form.
-        assert_eq!(
-            script_args(&independent_command(0, &same[..1]), 1),
-            [
-                "independent",
-                "same",
-                "0",
-                "1",
-                "6",
-                "10",
-                "100000",
-                "1",
-                "1"
-            ]
-        );
+        let shared = expected("same", &["1", "1"]);
+        assert_eq!(script_args(&independent_command(0, &same), 2), shared);
+        assert_eq!(script_args(&independent_command(0, &same[..1]), 1), shared);
         // Another cost, or another mode: a number and cost per check.
         let costs = [
             on_server(&gcra, Mode::Consume),
@@ -524,19 +507,7 @@ mod tests {
         ];
         assert_eq!(
             script_args(&independent_command(0, &costs), 2),
-            [
-                "independent",
-                "",
-                "0",
-                "1",
-                "6",
-                "10",
-                "100000",
-                "1",
-                "1",
-                "1",
-                "2"
-            ]
+            expected("", &["1", "1", "1", "2"])
         );
         let modes = [
             on_server(&gcra, Mode::Consume),
@@ -544,19 +515,7 @@ mod tests {
         ];
         assert_eq!(
             script_args(&independent_command(0, &modes), 2),
-            [
-                "independent",
-                "",
-                "0",
-                "1",
-                "6",
-                "10",
-                "100000",
-                "1",
-                "1",
-                "-1",
-                "1"
-            ]
+            expected("", &["1", "1", "-1", "1"])
         );
     }
 

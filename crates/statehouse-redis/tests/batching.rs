@@ -211,6 +211,23 @@ async fn concurrent_checks_share_script_calls() {
     assert!(calls < checks, "{calls} script calls for {checks} checks");
 }
 
+/// Writes each named state at `key(name)`: a string value (with a ten-minute expiry), a hash
+/// for the name "hash", nothing for `None`.
+fn write_states(port: u16, states: &[(&str, Option<String>)], key: impl Fn(&str) -> String) {
+    for (name, value) in states {
+        let k = key(name);
+        match (*name, value) {
+            ("hash", _) => {
+                raw_command(port, &["HSET", &k, "t", "1"]).expect("HSET");
+            }
+            (_, Some(value)) => {
+                raw_command(port, &["SET", &k, value, "PX", "600000"]).expect("SET");
+            }
+            (_, None) => {}
+        }
+    }
+}
+
 /// The limiter script's fast path (independent mode on the server's TIME, gcra checks that
 /// consume) decides and writes exactly as its general code. One batch runs twice on twin keys
 /// holding the same states: once on the server's TIME, where its gcra consumes take the fast
@@ -283,18 +300,7 @@ fn the_fast_path_decides_as_the_general_code() {
     ]);
     let key = |set: &str, name: &str| format!("{prefix}{{{set}}}:{name}");
     for set in ["fast", "general"] {
-        for (name, value) in &states {
-            let k = key(set, name);
-            match (*name, value) {
-                ("hash", _) => {
-                    raw_command(port, &["HSET", &k, "t", "1"]).expect("HSET");
-                }
-                (_, Some(value)) => {
-                    raw_command(port, &["SET", &k, value, "PX", "600000"]).expect("SET");
-                }
-                (_, None) => {}
-            }
-        }
+        write_states(port, &states, |name| key(set, name));
     }
     let run = |set: &str, now: Option<&str>| -> Vec<String> {
         let keys: Vec<String> = checks.iter().map(|(name, _, _)| key(set, name)).collect();
@@ -397,18 +403,7 @@ fn checks_sent_once_for_all_decide_as_checks_sent_each() {
     {
         let key = |set: &str, name: &str| format!("{prefix}{case}:{{{set}}}:{name}");
         for set in ["same", "each"] {
-            for (name, value) in &states {
-                let k = key(set, name);
-                match (*name, value) {
-                    ("hash", _) => {
-                        raw_command(port, &["HSET", &k, "t", "1"]).expect("HSET");
-                    }
-                    (_, Some(value)) => {
-                        raw_command(port, &["SET", &k, value, "PX", "600000"]).expect("SET");
-                    }
-                    (_, None) => {}
-                }
-            }
+            write_states(port, &states, |name| key(set, name));
         }
         let run = |set: &str, now: Option<&str>| -> Vec<String> {
             let mut args: Vec<String> = vec!["EVAL".into(), SCRIPT.into(), names.len().to_string()];
