@@ -276,8 +276,9 @@ impl CacheStore for RedisCacheStore {
         self.read(key, None).await
     }
 
-    /// Always `Some`: every read is bounded by the store's call deadline already, so the
-    /// caller's `timeout` only shortens the wait on the same timer.
+    /// Always `Some`: every read is bounded by the store's call deadline already. A read with a
+    /// shorter `timeout` goes to the coalescer of that timeout (one per timeout in use), which
+    /// answers it by then without a timer per read (`src/cache_get.rs`).
     async fn get_within(&self, key: &str, timeout: Duration) -> Option<Result<Option<Vec<u8>>>> {
         Some(self.read(key, Some(timeout)).await)
     }

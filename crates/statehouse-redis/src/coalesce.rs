@@ -34,8 +34,10 @@
 //! still queued at its deadline is answered [`Error::Timeout`] by [`take_batch`]. No timer is
 //! needed for the queue: deadlines follow queue order, and a batch is taken from the front, so
 //! every call on the wire carries earlier deadlines than any queued request; it ends (answered
-//! or timed out) first, which wakes the task and frees a slot before a queued deadline passes. A caller that wants to wait
-//! less than the call timeout (`GetBatcher::get` with a shorter timeout) adds its own timer.
+//! or timed out) first, which wakes the task and frees a slot before a queued deadline passes.
+//! This needs one timeout per coalescer ([`Batch::timeout`]): plain reads, whose callers may
+//! ask for less than the call timeout (the cache facade's deadline), keep one coalescer per
+//! timeout in use ([`crate::cache_get`]).
 //!
 //! Why several smaller batches on the wire rather than one or two large ones: with a fixed
 //! number of callers (64 tasks, say), one batch of everything makes the client and the server
@@ -76,14 +78,21 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// The connection the calls go through (for its topology).
     fn link(&self) -> &Link;
 
+    /// How long a request may wait for its answer: its deadline is this long after its caller
+    /// called. The same for every request of one coalescer (the store's call timeout unless
+    /// the kind of call keeps coalescers per timeout, as plain reads do).
+    fn timeout(&self) -> Duration {
+        self.link().call_timeout
+    }
+
     /// The request's cluster slot (0 on standalone).
     fn slot(request: &Self::Request) -> u16;
 
     /// The request's share of [`MAX_BATCH_BYTES`](Batch::MAX_BATCH_BYTES).
     fn weight(request: &Self::Request) -> usize;
 
-    /// The request's deadline: its caller's call timeout from the moment it called. Within one
-    /// coalescer, deadlines follow queue order (every caller has the same call timeout).
+    /// The request's deadline: [`timeout`](Batch::timeout) from the moment its caller called.
+    /// Within one coalescer, deadlines follow queue order (every request has the same timeout).
     fn deadline(request: &Self::Request) -> Instant;
 
     /// Whether the request's caller has gone (its future dropped).
@@ -239,7 +248,7 @@ async fn run<B: Batch>(batcher: Arc<B>, running: Running<B::Request>) {
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     // Requests taken off the queue but not yet sent, in queue order (so by deadline).
     let mut pending: VecDeque<B::Request> = VecDeque::new();
-    let timeout = batcher.link().call_timeout;
+    let timeout = batcher.timeout();
     let mut open = true;
     loop {
         // Finish batches and queue what arrived; go on when there is a request to send now.

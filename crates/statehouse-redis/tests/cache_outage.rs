@@ -6,6 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use statehouse_core::Error;
 use statehouse_core::cache::{CacheStore, Invalidation, RiskLevel};
 use statehouse_redis::{RedisCacheStore, RedisStore, RedisTopology};
 use statehouse_testkit::cache_suite::{RecordingSink, SinkEvent};
@@ -112,20 +113,7 @@ async fn a_silently_dead_channel_is_noticed() {
     let sink = RecordingSink::new();
     let _subscription = cache.subscribe(sink.clone()).await.expect("subscribe");
 
-    struct Thaw(String);
-    impl Drop for Thaw {
-        fn drop(&mut self) {
-            let _ = Command::new("kill").args(["-CONT", &self.0]).status();
-        }
-    }
-    let thaw = Thaw(pid.clone());
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .expect("test step")
-            .success()
-    );
+    let thaw = freeze(&pid);
     sink.wait_until("on_channel_down after an unanswered PING", |e| {
         e.contains(&SinkEvent::Down)
     })
@@ -139,6 +127,27 @@ async fn a_silently_dead_channel_is_noticed() {
     sink.wait_for(&Invalidation::Keys(vec!["thawed".into()]))
         .await;
     drop(server);
+}
+
+/// Freezes the server process `pid` (SIGSTOP) until the returned guard is dropped (SIGCONT),
+/// also when the test fails in between.
+fn freeze(pid: &str) -> Thaw {
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", pid])
+            .status()
+            .expect("test step")
+            .success()
+    );
+    Thaw(pid.to_owned())
+}
+
+struct Thaw(String);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
 }
 
 fn process_id(port: u16) -> String {
@@ -306,4 +315,84 @@ async fn a_refused_config_gives_unknown_settings() {
         codes.contains(&"maxmemory-unknown") && codes.contains(&"policy-unknown"),
         "{codes:?}"
     );
+}
+
+/// Reads that ask for less than the call timeout (`get_within`, as the cache facade does with
+/// its deadline) are answered at their own deadline by a server that stopped answering, each
+/// timeout at its own, while plain reads wait for the call timeout; all of them read again
+/// once the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_within_a_shorter_timeout_end_at_it_on_a_frozen_server() {
+    const LONG_CALL: Duration = Duration::from_millis(2_500);
+    let server = start(&[]).await;
+    let pid = process_id(server.port());
+    let cache = RedisStore::builder(RedisTopology::Standalone(server.url()))
+        .prefix(&store_prefix("cache-within"))
+        .call_timeout(LONG_CALL)
+        .connect()
+        .await
+        .expect("connect")
+        .cache_store();
+    cache.set("k", b"v", TTL, None).await.expect("set");
+    for timeout in [Duration::from_millis(50), Duration::from_millis(120)] {
+        let found = cache.get_within("k", timeout).await.expect("bounded");
+        assert_eq!(found.expect("read").as_deref(), Some(&b"v"[..]));
+    }
+
+    let thaw = freeze(&pid);
+    let timed = |timeout: Option<Duration>| {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = match timeout {
+                Some(timeout) => cache.get_within("k", timeout).await.expect("bounded"),
+                None => cache.get("k").await,
+            };
+            (result, started.elapsed())
+        })
+    };
+    let short: Vec<_> = (0..40)
+        .map(|i| {
+            timed(Some(Duration::from_millis(if i % 2 == 0 {
+                50
+            } else {
+                120
+            })))
+        })
+        .collect();
+    let plain: Vec<_> = (0..4).map(|_| timed(None)).collect();
+    for (i, task) in short.into_iter().enumerate() {
+        let (result, took) = task.await.expect("read task");
+        let err = result.expect_err("the server is frozen");
+        assert!(matches!(err, Error::Timeout { .. }), "read {i}: {err:?}");
+        assert!(
+            took < MARGIN,
+            "read {i} took {took:?}, not its own deadline"
+        );
+    }
+    for task in plain {
+        let (result, took) = task.await.expect("read task");
+        let err = result.expect_err("frozen");
+        // Its own call timeout, or (when the calls of the shorter reads, which run to the call
+        // timeout too, timed out first and made the store replace the silent connection) the
+        // connection's replacement a moment before.
+        assert!(
+            matches!(err, Error::Timeout { .. }) || err.is_unavailable(),
+            "{err:?}"
+        );
+        assert!(
+            took >= LONG_CALL / 2 && took < LONG_CALL + MARGIN,
+            "a plain read took {took:?}, not the call timeout"
+        );
+    }
+    drop(thaw);
+    let started = Instant::now();
+    loop {
+        if let Some(Ok(Some(v))) = cache.get_within("k", Duration::from_millis(50)).await {
+            assert_eq!(v, b"v");
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "no read after SIGCONT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -24,6 +24,9 @@ pub const MAX_TAGS: usize = 32;
 
 const HEADER: usize = 23;
 
+/// Tags an [`EnvelopeView`] keeps split (beyond, it splits them again when asked).
+const INLINE_TAGS: usize = 4;
+
 /// The flag byte of an [`Envelope`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EnvelopeFlags {
@@ -121,7 +124,64 @@ impl Envelope {
 
     /// Parses stored bytes. Anything that is not a well-formed entry of this format (another
     /// program's bytes, a newer format, a truncated value) is a clear error, never a panic.
+    /// [`EnvelopeView::parse`] reads the same without copying the tags and the payload.
     pub fn decode(bytes: &[u8]) -> Result<Envelope> {
+        let view = EnvelopeView::parse(bytes)?;
+        Ok(Envelope {
+            flags: view.flags,
+            fresh_until: view.fresh_until,
+            stale_until: view.stale_until,
+            load_micros: view.load_micros,
+            tags: view.tags().map(|(t, v)| (t.to_owned(), v)).collect(),
+            payload: view.payload.to_vec(),
+        })
+    }
+}
+
+/// A stored entry read in place: what [`Envelope::decode`] reads and checks, with the tags and
+/// the payload left where they are in the stored bytes (the cache's read path: a hit then
+/// allocates nothing for the envelope).
+///
+/// ```
+/// use statehouse_core::Timestamp;
+/// use statehouse_core::cache::{Envelope, EnvelopeFlags, EnvelopeView};
+///
+/// let e = Envelope {
+///     flags: EnvelopeFlags::default(),
+///     fresh_until: Timestamp::from_micros(10),
+///     stale_until: Timestamp::from_micros(20),
+///     load_micros: 5,
+///     tags: vec![("team:7".into(), 3)],
+///     payload: b"hello".to_vec(),
+/// };
+/// let bytes = e.encode()?;
+/// let view = EnvelopeView::parse(&bytes)?;
+/// assert_eq!(view.payload, b"hello");
+/// assert_eq!(view.tags().collect::<Vec<_>>(), [("team:7", 3)]);
+/// # Ok::<(), statehouse_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeView<'a> {
+    /// Flags (negative, compressed, codec).
+    pub flags: EnvelopeFlags,
+    /// Until when the value is fresh.
+    pub fresh_until: Timestamp,
+    /// Until when a stale value may still be served; at least `fresh_until`.
+    pub stale_until: Timestamp,
+    /// How long the load that produced the value took, in µs.
+    pub load_micros: u32,
+    /// The first tags, checked and split by `parse` (entries rarely carry more).
+    inline: [(&'a str, u64); INLINE_TAGS],
+    inline_len: usize,
+    /// The tag records after those (each checked by `parse`: a length, a UTF-8 name, a version).
+    rest: &'a [u8],
+    /// The encoded value.
+    pub payload: &'a [u8],
+}
+
+impl<'a> EnvelopeView<'a> {
+    /// Parses stored bytes, with the checks of [`Envelope::decode`].
+    pub fn parse(bytes: &'a [u8]) -> Result<EnvelopeView<'a>> {
         let bad = |why: &str| Error::InvalidInput(format!("cache entry: {why}"));
         if bytes.len() < HEADER {
             return Err(bad("shorter than its header"));
@@ -130,13 +190,8 @@ impl Envelope {
             return Err(bad(&format!("unknown format version {}", bytes[0])));
         }
         let flags = EnvelopeFlags::from_byte(bytes[1])?;
-        let u64_at = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_be_bytes(b)
-        };
-        let fresh_until = Timestamp::from_micros(u64_at(2));
-        let stale_until = Timestamp::from_micros(u64_at(10));
+        let fresh_until = Timestamp::from_micros(u64_at(bytes, 2));
+        let stale_until = Timestamp::from_micros(u64_at(bytes, 10));
         if stale_until < fresh_until {
             return Err(bad("stale-until before fresh-until"));
         }
@@ -145,9 +200,10 @@ impl Envelope {
         if n > MAX_TAGS {
             return Err(bad("too many tags"));
         }
+        let mut inline = [("", 0); INLINE_TAGS];
         let mut at = HEADER;
-        let mut tags = Vec::with_capacity(n);
-        for _ in 0..n {
+        let mut rest_at = at;
+        for i in 0..n {
             if bytes.len() < at + 2 {
                 return Err(bad("truncated tag"));
             }
@@ -156,26 +212,52 @@ impl Envelope {
             if bytes.len() < at + len + 8 {
                 return Err(bad("truncated tag"));
             }
-            let name = std::str::from_utf8(&bytes[at..at + len])
-                .map_err(|_| bad("tag is not UTF-8"))?
-                .to_owned();
-            at += len;
-            tags.push((name, u64_at(at)));
-            at += 8;
+            let name =
+                std::str::from_utf8(&bytes[at..at + len]).map_err(|_| bad("tag is not UTF-8"))?;
+            at += len + 8;
+            if let Some(slot) = inline.get_mut(i) {
+                *slot = (name, u64_at(bytes, at - 8));
+                rest_at = at;
+            }
         }
-        let payload = bytes[at..].to_vec();
+        let payload = &bytes[at..];
         if flags.negative && !payload.is_empty() {
             return Err(bad("negative entry with a payload"));
         }
-        Ok(Envelope {
+        Ok(EnvelopeView {
             flags,
             fresh_until,
             stale_until,
             load_micros,
-            tags,
+            inline,
+            inline_len: n.min(INLINE_TAGS),
+            rest: &bytes[rest_at..at],
             payload,
         })
     }
+
+    /// The tags (and namespaces) the entry belongs to, with their versions when it was
+    /// written, in stored order.
+    pub fn tags(&self) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+        let mut rest = self.rest;
+        let inline = self.inline;
+        let more = std::iter::from_fn(move || {
+            let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+            let name = rest.get(2..2 + len)?;
+            let version = u64_at(rest.get(2 + len..2 + len + 8)?, 0);
+            rest = &rest[2 + len + 8..];
+            // Checked by `parse`; a name that were not UTF-8 would end the tags, not panic.
+            Some((std::str::from_utf8(name).ok()?, version))
+        });
+        (0..self.inline_len).map(move |i| inline[i]).chain(more)
+    }
+}
+
+/// The big-endian `u64` at `at` (the caller has checked the length).
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_be_bytes(b)
 }
 
 #[cfg(test)]
@@ -205,6 +287,65 @@ mod tests {
                 assert!(d.payload.len() < e.payload.len());
             }
         }
+    }
+
+    #[test]
+    fn the_view_reads_what_decode_reads_in_place() {
+        for tags in [
+            &[][..],
+            &["ns:a"][..],
+            &["ns:a", "", "team:{7}\n", "é", "e", "f"][..],
+        ] {
+            for payload in [&b""[..], &b"x"[..], &[0u8; 300][..]] {
+                let e = Envelope {
+                    flags: EnvelopeFlags::default(),
+                    fresh_until: Timestamp::from_micros(1),
+                    stale_until: Timestamp::from_micros(2),
+                    load_micros: 3,
+                    tags: tags
+                        .iter()
+                        .zip(1..)
+                        .map(|(t, v)| (t.to_string(), v))
+                        .collect(),
+                    payload: payload.to_vec(),
+                };
+                let bytes = e.encode().unwrap();
+                let view = EnvelopeView::parse(&bytes).unwrap();
+                assert_eq!(view.payload, payload);
+                let view_tags: Vec<(String, u64)> =
+                    view.tags().map(|(t, v)| (t.to_owned(), v)).collect();
+                assert_eq!(view_tags, e.tags);
+                assert_eq!(
+                    (
+                        view.flags,
+                        view.fresh_until,
+                        view.stale_until,
+                        view.load_micros
+                    ),
+                    (e.flags, e.fresh_until, e.stale_until, e.load_micros)
+                );
+                // Every prefix: parsed with all the tags and a shorter payload, or an error.
+                for cut in 0..bytes.len() {
+                    if let Ok(v) = EnvelopeView::parse(&bytes[..cut]) {
+                        assert_eq!(v.tags().count(), e.tags.len());
+                        assert!(v.payload.len() < payload.len());
+                    }
+                }
+            }
+        }
+        let mut not_utf8 = Envelope {
+            flags: EnvelopeFlags::default(),
+            fresh_until: Timestamp::EPOCH,
+            stale_until: Timestamp::EPOCH,
+            load_micros: 0,
+            tags: vec![("ab".into(), 1)],
+            payload: vec![],
+        }
+        .encode()
+        .unwrap();
+        not_utf8[HEADER + 2] = 0xff;
+        assert!(EnvelopeView::parse(&not_utf8).is_err());
+        assert!(Envelope::decode(&not_utf8).is_err());
     }
 
     #[test]

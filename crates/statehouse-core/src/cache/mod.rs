@@ -20,7 +20,7 @@ mod envelope;
 mod memory;
 mod policy;
 
-pub use envelope::{Envelope, EnvelopeFlags, FORMAT_VERSION, MAX_TAGS};
+pub use envelope::{Envelope, EnvelopeFlags, EnvelopeView, FORMAT_VERSION, MAX_TAGS};
 pub use memory::{MemoryRisk, MemorySettings, RiskLevel, assess_memory};
 pub use policy::{CachePolicy, CachePolicyBuilder, Freshness, jittered_ttl, xfetch_refresh_due};
 
@@ -270,13 +270,14 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
 
     /// [`get`](Self::get) bounded by the caller's `timeout` as well as by the store's own call
-    /// deadline, on one timer: `Some` with the result, which is [`Error::Timeout`] carrying
-    /// the shorter of the two durations when that one passes first; or `None` (the default)
-    /// when the store does not bound its calls itself, and the caller must bound
-    /// [`get`](Self::get) on its own.
+    /// deadline: `Some` with the result, which is [`Error::Timeout`] carrying the shorter of
+    /// the two durations when that one passes first; or `None` (the default) when the store
+    /// does not bound its calls itself, and the caller must bound [`get`](Self::get) on its
+    /// own.
     ///
     /// This lets a caller with a deadline of its own (the `statehouse` facade's `Cache`) read
-    /// without arming a second timer around a call the store already times.
+    /// without arming a timer of its own around a call the store already times (the Redis
+    /// store's coalesced reads arm none per read at all).
     async fn get_within(&self, key: &str, timeout: Duration) -> Option<Result<Option<Vec<u8>>>> {
         let _ = (key, timeout);
         None

@@ -99,7 +99,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use statehouse_core::cache::{
-    CachePolicy, CacheStore, Envelope, EnvelopeFlags, Freshness, InvalidationSink,
+    CachePolicy, CacheStore, Envelope, EnvelopeFlags, EnvelopeView, Freshness, InvalidationSink,
     InvalidationSubscription, LeaseOutcome, LeaseToken, MAX_CACHE_KEY_BYTES, MAX_TAGS,
     jittered_ttl, validate_tag, xfetch_refresh_due,
 };
@@ -1225,8 +1225,8 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     }
 
     /// The store's `get` under the deadline; failures counted. A store that bounds its own
-    /// calls takes the deadline along ([`CacheStore::get_within`]): one timer per read instead
-    /// of ours around its own.
+    /// calls takes the deadline along ([`CacheStore::get_within`]) instead of our timer around
+    /// its own (the Redis store's coalesced reads then arm no timer per read at all).
     async fn store_get(&self, store_key: &str) -> Result<Option<Vec<u8>>> {
         let inner = &*self.inner;
         // Called on the `dyn CacheStore` itself, not through the blanket `impl CacheStore for
@@ -1308,32 +1308,15 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
             CacheCounters::bump(&inner.counters.decode_errors);
             tracing::debug!(namespace = %inner.namespace, error = %what, "statehouse: undecodable cache entry read as a miss");
         };
-        // The header and tags are decoded by `Envelope::decode`; the payload is read where it
-        // lies in `bytes` rather than copied out.
-        let whole;
-        let decoded = match payload_offset(bytes) {
-            Some(at) => Envelope::decode(&bytes[..at]).map(|e| (e, &bytes[at..])),
-            // Not a well-formed entry: `decode` says why (should it accept the bytes all the
-            // same, its own copy of the payload is used).
-            None => match Envelope::decode(bytes) {
-                Ok(mut e) => {
-                    whole = std::mem::take(&mut e.payload);
-                    Ok((e, &whole[..]))
-                }
-                Err(e) => Err(e),
-            },
-        };
-        let (envelope, stored_payload) = match decoded {
-            Ok((e, payload)) if e.flags.negative && !payload.is_empty() => {
-                decode_error(&"cache entry: negative entry with a payload");
-                return Ok(None);
-            }
-            Ok(found) => found,
+        // Read in place: neither the tags nor the payload are copied out of `bytes`.
+        let envelope = match EnvelopeView::parse(bytes) {
+            Ok(envelope) => envelope,
             Err(e) => {
                 decode_error(&e);
                 return Ok(None);
             }
         };
+        let stored_payload = envelope.payload;
         let freshness = self.judge(envelope.fresh_until, envelope.stale_until, now);
         if freshness == Freshness::Expired {
             return Ok(None);
@@ -1346,7 +1329,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
             ));
             return Ok(None);
         }
-        if !self.tags_current(&envelope.tags).await? {
+        if !self.tags_current(&envelope).await? {
             return Ok(None);
         }
         let (value, payload_len) = if envelope.flags.negative {
@@ -1376,9 +1359,9 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
             }
         };
         let tags: Box<[(String, u64)]> = envelope
-            .tags
-            .into_iter()
+            .tags()
             .filter(|(t, _)| *t != inner.namespace_tag)
+            .map(|(t, v)| (t.to_owned(), v))
             .collect();
         let entry = NearEntry {
             value,
@@ -1400,23 +1383,23 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     }
 
     /// Whether every recorded tag version is still current.
-    async fn tags_current(&self, tags: &[(String, u64)]) -> Result<bool> {
+    async fn tags_current(&self, envelope: &EnvelopeView<'_>) -> Result<bool> {
         // Every tag known locally (the channel live): no store call and no copy of the names.
         let mut current = true;
-        for (tag, version) in tags {
+        for (tag, version) in envelope.tags() {
             match self.inner.near.known_tag(tag) {
-                Some(known) => current &= known == *version,
-                None => return self.tags_current_from_store(tags).await,
+                Some(known) => current &= known == version,
+                None => return self.tags_current_from_store(envelope).await,
             }
         }
         Ok(current)
     }
 
     /// [`tags_current`](Self::tags_current) when some version must come from the store.
-    async fn tags_current_from_store(&self, tags: &[(String, u64)]) -> Result<bool> {
-        let names: Vec<String> = tags.iter().map(|(t, _)| t.clone()).collect();
+    async fn tags_current_from_store(&self, envelope: &EnvelopeView<'_>) -> Result<bool> {
+        let names: Vec<String> = envelope.tags().map(|(t, _)| t.to_owned()).collect();
         let current = self.tag_versions(&names).await?;
-        Ok(tags.iter().zip(&current).all(|((_, v), c)| v == c))
+        Ok(envelope.tags().zip(&current).all(|((_, v), c)| v == *c))
     }
 
     /// Current versions of `tags`: known locally while the channel is live, else from the store.
@@ -1844,28 +1827,6 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     }
 }
 
-/// Where the payload of a stored [`Envelope`] starts: after the 23-byte header (its last byte
-/// the tag count) and the tags, each a big-endian `u16` length, the name and a `u64` version
-/// (the layout documented in `statehouse_core::cache::envelope`). `None` when `bytes` cannot
-/// hold the tags it announces; [`Envelope::decode`] of the bytes up to the offset validates
-/// everything else.
-fn payload_offset(bytes: &[u8]) -> Option<usize> {
-    const TAG_COUNT_AT: usize = 22;
-    let tags = usize::from(*bytes.get(TAG_COUNT_AT)?);
-    if tags > MAX_TAGS {
-        return None;
-    }
-    let mut at = TAG_COUNT_AT + 1;
-    for _ in 0..tags {
-        let len = u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]);
-        at += 2 + usize::from(len) + 8;
-        if at > bytes.len() {
-            return None;
-        }
-    }
-    Some(at)
-}
-
 fn check_user_tag(tag: &str) -> Result<()> {
     validate_tag(tag)?;
     if tag.starts_with("ns:") {
@@ -1885,63 +1846,5 @@ fn share<V, E: Send + Sync + 'static>(
         Err(CacheError::Load(e)) => Err(e.clone() as Arc<dyn Any + Send + Sync>),
         // Invalid input is checked before a flight starts; a waiter retries on its own.
         Err(CacheError::Store(e)) => Err(Arc::new(e.to_string()) as Arc<dyn Any + Send + Sync>),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn envelope(tags: &[&str], payload: &[u8]) -> Vec<u8> {
-        Envelope {
-            flags: EnvelopeFlags::default(),
-            fresh_until: Timestamp::from_micros(1),
-            stale_until: Timestamp::from_micros(2),
-            load_micros: 3,
-            tags: tags.iter().map(|t| (t.to_string(), 7)).collect(),
-            payload: payload.to_vec(),
-        }
-        .encode()
-        .expect("test step")
-    }
-
-    #[test]
-    fn the_payload_offset_agrees_with_envelope_decode() {
-        for tags in [&[][..], &["ns:a"][..], &["ns:a", "", "team:{7}\n"][..]] {
-            for payload in [&b""[..], &b"x"[..], &[0u8; 300][..]] {
-                let bytes = envelope(tags, payload);
-                let at = payload_offset(&bytes).expect("a well-formed entry");
-                let whole = Envelope::decode(&bytes).expect("test step");
-                assert_eq!(&bytes[at..], &whole.payload[..]);
-                let head = Envelope::decode(&bytes[..at]).expect("test step");
-                assert_eq!(head.tags, whole.tags);
-                assert!(head.payload.is_empty());
-                // Every prefix: no offset past the end, and none where `decode` fails on the
-                // header and tags.
-                for cut in 0..bytes.len() {
-                    let prefix = &bytes[..cut];
-                    match payload_offset(prefix) {
-                        Some(at) => {
-                            assert!(at <= cut);
-                            assert!(Envelope::decode(&prefix[..at]).is_ok());
-                        }
-                        None => assert!(Envelope::decode(prefix).is_err()),
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn foreign_bytes_have_no_payload_offset_or_fail_to_decode() {
-        let mut too_many_tags = envelope(&[], b"");
-        too_many_tags[22] = (MAX_TAGS + 1) as u8;
-        assert_eq!(payload_offset(&too_many_tags), None);
-        assert!(Envelope::decode(&too_many_tags).is_err());
-        for foreign in [&b""[..], &b"{\"json\":true}"[..], &[0xffu8; 64][..]] {
-            if let Some(at) = payload_offset(foreign) {
-                assert!(Envelope::decode(&foreign[..at]).is_err());
-            }
-        }
     }
 }
