@@ -550,6 +550,24 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     /// token is unknown, revoked, expired, or an old token past its rotation grace.
     async fn load(&self, token: &SessionToken) -> Result<Option<LoadedSession>>;
 
+    /// [`load`](Self::load) bounded by the caller's `timeout` as well as by the store's own
+    /// call deadline: `Some` with the result, which is [`Error::Timeout`] carrying the shorter
+    /// of the two durations when that one passes first; or `None` (the default) when the store
+    /// does not bound this call itself, and the caller must bound [`load`](Self::load) on its
+    /// own.
+    ///
+    /// This lets a caller with a deadline of its own (the `statehouse` facade's `Sessions`)
+    /// load without a timer of its own around a call the store already times (the Redis
+    /// store's read-only loads arm no timer per load at all).
+    async fn load_within(
+        &self,
+        token: &SessionToken,
+        timeout: Duration,
+    ) -> Option<Result<Option<LoadedSession>>> {
+        let _ = (token, timeout);
+        None
+    }
+
     /// Applies `changes` field by field and refreshes the session; `false` (and nothing written)
     /// when the session is gone.
     async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<bool>;

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -115,6 +116,25 @@ pub trait RateLimitStore: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// [`check`](Self::check) bounded by the caller's `timeout` as well as by the store's own
+    /// call deadline: `Some` with the result, which is [`Error::Timeout`]
+    /// carrying the shorter of the two durations when that one passes first; or `None` (the
+    /// default) when the store does not bound this call itself, and the caller must bound
+    /// [`check`](Self::check) on its own.
+    ///
+    /// This lets a caller with a deadline of its own (the `statehouse` facade's `RateLimiter`)
+    /// decide without a timer of its own around a call the store already times (the Redis
+    /// store's coalesced single checks arm no timer per check at all).
+    async fn check_within(
+        &self,
+        checks: &[LimitCheck<'_>],
+        mode: Mode,
+        timeout: Duration,
+    ) -> Option<Result<Verdict>> {
+        let _ = (checks, mode, timeout);
+        None
+    }
+
     /// Forgets the state of `key` under `policy`, as if it had never been seen.
     async fn reset(&self, key: &str, policy: &Policy) -> Result<()>;
 }
@@ -138,6 +158,21 @@ impl<S: RateLimitStore + ?Sized> RateLimitStore for std::sync::Arc<S> {
 
     fn check_one_now(&self, check: &LimitCheck<'_>, mode: Mode) -> Option<Result<Decision>> {
         (**self).check_one_now(check, mode)
+    }
+
+    fn check_within<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        checks: &'life1 [LimitCheck<'life2>],
+        mode: Mode,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = Option<Result<Verdict>>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).check_within(checks, mode, timeout)
     }
 
     fn reset<'life0, 'life1, 'life2, 'async_trait>(

@@ -47,6 +47,7 @@
 //! through the batcher: they keep their own script call.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Future;
 use futures::channel::oneshot;
@@ -54,7 +55,7 @@ use redis::{ErrorKind, ServerErrorKind};
 use statehouse_core::{Decision, Error, Mode, Result};
 use tokio::time::Instant;
 
-use crate::coalesce::{self, Batch, Coalescer};
+use crate::coalesce::{self, Batch, Classes};
 use crate::limiter_script::{
     IndependentCheck, ScriptCheck, independent_command, invocation_of, parse_independent_reply,
 };
@@ -77,20 +78,22 @@ struct Request {
     reply: oneshot::Sender<Result<Decision>>,
 }
 
-/// The queue of a store's single checks and its background task; see the module docs.
+/// The queues of a store's single checks and their background tasks, one per caller timeout
+/// in use ([`coalesce::Classes`]); see the module docs.
 pub(crate) struct Batcher {
-    /// The queue and its task (see [`crate::coalesce`]).
-    queue: Coalescer<Checks>,
+    classes: Classes<Checks>,
 }
 
 impl Batcher {
     pub(crate) fn new() -> Self {
         Batcher {
-            queue: Coalescer::new(),
+            classes: Classes::new(),
         }
     }
 
-    /// Decides one check, coalesced with whatever other checks are queued.
+    /// Decides one check, coalesced with whatever other checks of the same timeout are queued;
+    /// answered within `timeout` (when shorter than the call timeout) or the call timeout, by
+    /// the coalescer (no timer per check).
     pub(crate) async fn check(
         &self,
         link: &Arc<Link>,
@@ -98,30 +101,44 @@ impl Batcher {
         mode: Mode,
         now: Option<u64>,
         slot: u16,
+        timeout: Option<Duration>,
     ) -> Result<Decision> {
-        let deadline = Instant::now() + link.call_timeout;
+        let timeout = timeout.map_or(link.call_timeout, |t| t.min(link.call_timeout));
+        let started = Instant::now();
         let (reply, answer) = oneshot::channel();
-        self.queue.submit(
-            || Checks {
+        let queued = self.classes.submit(
+            timeout,
+            link.call_timeout,
+            |timeout| Checks {
                 link: Arc::clone(link),
+                timeout,
             },
-            Request {
+            |class| Request {
                 check,
                 mode,
                 now,
                 slot,
-                deadline,
+                deadline: started + class,
                 reply,
             },
         );
         // The check may still be applied if it was sent: see the module docs.
-        coalesce::answer(answer, "the Redis batching task stopped before answering").await
+        coalesce::answer_within(
+            answer,
+            "the Redis batching task stopped before answering",
+            queued,
+            started + timeout,
+            timeout,
+        )
+        .await
     }
 }
 
-/// The background task's context: single checks, sent as `independent` script calls.
+/// The background task's context: single checks of one caller timeout, sent as `independent`
+/// script calls.
 struct Checks {
     link: Arc<Link>,
+    timeout: Duration,
 }
 
 impl Batch for Checks {
@@ -133,6 +150,10 @@ impl Batch for Checks {
 
     fn link(&self) -> &Link {
         &self.link
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn slot(request: &Request) -> u16 {
@@ -156,13 +177,13 @@ impl Batch for Checks {
     }
 
     fn send(&self, group: Vec<Request>) -> impl Future<Output = ()> + Send {
-        send(&self.link, group)
+        send(&self.link, self.timeout, group)
     }
 }
 
-/// Sends one group (one slot) as one `independent` script call and answers its callers.
-async fn send(link: &Link, group: Vec<Request>) {
-    let deadline = coalesce::call_deadline::<Checks>(&group);
+/// Sends one group (one slot) as one `independent` script call and answers its callers, by
+/// their deadline ([`coalesce::bounded_call`]).
+async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
     let checks: Vec<IndependentCheck<'_>> = group
         .iter()
         .map(|r| IndependentCheck {
@@ -173,18 +194,28 @@ async fn send(link: &Link, group: Vec<Request>) {
         .collect();
     let cmd = independent_command(link.skew_allowance_ms, &checks);
     drop(checks);
-    let call = async {
-        match link.conn.query_batch(&cmd).await {
-            // Not loaded yet (or flushed): the invocation loads it and calls again. Nothing ran.
-            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                link.conn.invoke(&invocation_of(&cmd)).await
-            }
-            other => other,
+    let call = |deadline| {
+        let link = Arc::clone(link);
+        async move {
+            let call = async {
+                match link.conn.query_batch(&cmd).await {
+                    // Not loaded yet (or flushed): the invocation loads it and calls again.
+                    // Nothing ran.
+                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        link.conn.invoke(&invocation_of(&cmd)).await
+                    }
+                    other => other,
+                }
+            };
+            link.bounded(deadline, call).await
         }
     };
-    let result = link
-        .bounded(deadline, call)
-        .await
+    let Some((group, value)) =
+        coalesce::bounded_call::<Checks, _, _>(link, timeout, group, call).await
+    else {
+        return;
+    };
+    let result = value
         .and_then(|value| parse_independent_reply(value, group.iter().map(|r| r.check.capacity)));
     match result {
         Ok(results) => {

@@ -16,7 +16,7 @@
 //! therefore a miss; a lone one is a [`Error::Backend`](statehouse_core::Error::Backend). Both
 //! are right for a cache: the key holds nothing this store wrote.
 
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Future;
@@ -25,7 +25,7 @@ use redis::Value;
 use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
-use crate::coalesce::{self, Batch, Coalescer, IN_FLIGHT};
+use crate::coalesce::{self, Batch, Classes, IN_FLIGHT};
 use crate::error::unexpected_reply;
 use crate::link::Link;
 
@@ -46,25 +46,16 @@ pub(crate) struct GetRequest {
     pub(crate) reply: oneshot::Sender<Result<(String, Option<Vec<u8>>)>>,
 }
 
-/// The most read timeouts with a coalescer of their own per store; reads with yet another
-/// timeout use the call timeout's coalescer and a timer of their own.
-const MAX_CLASSES: usize = 8;
-
-/// The queues of a store's reads and their background tasks; see the module docs.
-///
-/// One coalescer per read timeout in use (normally one or two: the store's call timeout, and a
-/// cache facade's shorter deadline). Within one, every read has the same timeout, so deadlines
-/// follow queue order, which is what lets the coalescer keep them without a timer per read
-/// (`crate::coalesce`, "Deadlines"); a call of a shorter timeout answers its callers at their
-/// deadline with one timer per call ([`send`]).
+/// The queues of a store's reads and their background tasks, one per read timeout in use
+/// ([`coalesce::Classes`]); see the module docs.
 pub(crate) struct GetBatcher {
-    classes: RwLock<Vec<(Duration, Coalescer<Gets>)>>,
+    classes: Classes<Gets>,
 }
 
 impl GetBatcher {
     pub(crate) fn new() -> Self {
         GetBatcher {
-            classes: RwLock::new(Vec::new()),
+            classes: Classes::new(),
         }
     }
 
@@ -94,63 +85,21 @@ impl GetBatcher {
         let timeout = timeout.map_or(link.call_timeout, |t| t.min(link.call_timeout));
         let now = Instant::now();
         let (reply, answer) = oneshot::channel();
-        let request = GetRequest {
-            key,
-            slot,
-            deadline: now + timeout,
-            reply,
-        };
-        let answer = coalesce::answer(answer, STOPPED);
-        if self.submit(link, timeout, request) {
-            return answer.await;
-        }
-        // Too many timeouts in use: the read went to the call timeout's coalescer; a timer of
-        // its own bounds this caller's wait.
-        tokio::time::timeout_at(now + timeout, answer)
-            .await
-            .unwrap_or(Err(Error::Timeout { deadline: timeout }))
-    }
-
-    /// Queues `request` on the coalescer of `timeout` (made if need be), or, beyond
-    /// [`MAX_CLASSES`] timeouts, on the call timeout's with its deadline moved to the call
-    /// timeout's; `false` in that last case (the caller then needs a timer of its own).
-    fn submit(&self, link: &Arc<Link>, timeout: Duration, request: GetRequest) -> bool {
-        let start = |timeout| {
-            move || Gets {
+        let queued = self.classes.submit(
+            timeout,
+            link.call_timeout,
+            |timeout| Gets {
                 link: Arc::clone(link),
                 timeout,
-            }
-        };
-        {
-            let classes = self.classes.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some((_, queue)) = classes.iter().find(|(t, _)| *t == timeout) {
-                queue.submit(start(timeout), request);
-                return true;
-            }
-        }
-        let mut classes = self.classes.write().unwrap_or_else(PoisonError::into_inner);
-        if !classes.iter().any(|(t, _)| *t == timeout) && classes.len() < MAX_CLASSES {
-            classes.push((timeout, Coalescer::new()));
-        }
-        if let Some((_, queue)) = classes.iter().find(|(t, _)| *t == timeout) {
-            queue.submit(start(timeout), request);
-            return true;
-        }
-        let call_timeout = link.call_timeout;
-        let request = GetRequest {
-            deadline: request.deadline - timeout + call_timeout,
-            ..request
-        };
-        if !classes.iter().any(|(t, _)| *t == call_timeout) {
-            // At the cap without the call timeout's own: it replaces the last one made (whose
-            // task ends once its queue is answered).
-            classes.pop();
-            classes.push((call_timeout, Coalescer::new()));
-        }
-        if let Some((_, queue)) = classes.iter().find(|(t, _)| *t == call_timeout) {
-            queue.submit(start(call_timeout), request);
-        }
-        false
+            },
+            |class| GetRequest {
+                key,
+                slot,
+                deadline: now + class,
+                reply,
+            },
+        );
+        coalesce::answer_within(answer, STOPPED, queued, now + timeout, timeout).await
     }
 }
 
@@ -203,17 +152,9 @@ impl Batch for Gets {
     }
 }
 
-/// Sends one group (one slot) as one `GET` or `MGET` and answers its callers.
-///
-/// The callers are answered by the group's deadline (its first request's: see
-/// [`coalesce::call_deadline`]). When their timeout is the link's call timeout, that is also
-/// the call's own deadline, as for every other call. When it is shorter, the call is still
-/// bounded by the call timeout (counted by the connection's health check, which replaces a
-/// connection that stopped answering; a deadline chosen by a caller must not trip it): one
-/// timer per call answers the callers with a timeout at theirs, and the call goes on in a task
-/// of its own, so that its slot on the wire is free for the next batch.
+/// Sends one group (one slot) as one `GET` or `MGET` and answers its callers, by their
+/// deadline ([`coalesce::bounded_call`]).
 async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<GetRequest>) {
-    let deadline = coalesce::call_deadline::<Gets>(&group);
     let cmd = if let [only] = group.as_slice() {
         redis::cmd("GET").arg(only.key.as_str()).to_owned()
     } else {
@@ -227,26 +168,18 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<GetRequest>) {
         cmd
     };
     let n = group.len();
-    if timeout >= link.call_timeout {
-        let replies = link.bounded(deadline, link.conn.query_batch(&cmd)).await;
-        return answer(group, replies.and_then(|value| split(value, n)));
-    }
-    let link_deadline = deadline + (link.call_timeout - timeout);
-    let link = Arc::clone(link);
-    let mut call = Box::pin(async move {
-        link.bounded(link_deadline, link.conn.query_batch(&cmd))
-            .await
-    });
-    tokio::select! {
-        replies = &mut call => answer(group, replies.and_then(|value| split(value, n))),
-        () = tokio::time::sleep_until(deadline) => {
-            for request in group {
-                let _ = request.reply.send(Err(Error::Timeout { deadline: timeout }));
-            }
-            tokio::spawn(async move {
-                let _ = call.await;
-            });
+    let call = |deadline| {
+        let link = Arc::clone(link);
+        async move {
+            link.bounded(deadline, link.conn.query_batch(&cmd))
+                .await
+                .and_then(|value| split(value, n))
         }
+    };
+    if let Some((group, replies)) =
+        coalesce::bounded_call::<Gets, _, _>(link, timeout, group, call).await
+    {
+        answer(group, replies);
     }
 }
 

@@ -35,9 +35,10 @@
 //! needed for the queue: deadlines follow queue order, and a batch is taken from the front, so
 //! every call on the wire carries earlier deadlines than any queued request; it ends (answered
 //! or timed out) first, which wakes the task and frees a slot before a queued deadline passes.
-//! This needs one timeout per coalescer ([`Batch::timeout`]): plain reads, whose callers may
-//! ask for less than the call timeout (the cache facade's deadline), keep one coalescer per
-//! timeout in use ([`crate::cache_get`]).
+//! This needs one timeout per coalescer ([`Batch::timeout`]): plain reads and single
+//! rate-limit checks, whose callers may ask for less than the call timeout (a facade's
+//! deadline), keep one coalescer per timeout in use ([`Classes`]), and a call of a shorter
+//! timeout answers its callers at their deadline with one timer per call ([`bounded_call`]).
 //!
 //! Why several smaller batches on the wire rather than one or two large ones: with a fixed
 //! number of callers (64 tasks, say), one batch of everything makes the client and the server
@@ -50,7 +51,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -218,6 +219,123 @@ pub(crate) async fn answer<T>(
             message: stopped.into(),
             source: None,
         }),
+    }
+}
+
+/// [`answer`], bounded by a timer of the caller's own when its request could not go to the
+/// coalescer of its timeout (`queued_by_timeout` false: see [`Classes::submit`]).
+pub(crate) async fn answer_within<T>(
+    answer_rx: oneshot::Receiver<Result<T>>,
+    stopped: &'static str,
+    queued_by_timeout: bool,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<T> {
+    let answered = answer(answer_rx, stopped);
+    if queued_by_timeout {
+        return answered.await;
+    }
+    tokio::time::timeout_at(deadline, answered)
+        .await
+        .unwrap_or(Err(Error::Timeout { deadline: timeout }))
+}
+
+/// The most caller timeouts with a coalescer of their own, per store and kind of call; callers
+/// with yet another timeout use the call timeout's coalescer and a timer of their own.
+const MAX_CLASSES: usize = 8;
+
+/// One coalescer per caller timeout in use, for a kind of call whose callers may ask for less
+/// than the store's call timeout (a facade's deadline). Within one coalescer every request has
+/// the same timeout, so deadlines follow queue order (module docs, "Deadlines") and no request
+/// needs a timer of its own; [`bounded_call`] answers a call's callers at their deadline.
+/// Normally there are one or two (the call timeout, one facade's deadline).
+pub(crate) struct Classes<B: Batch> {
+    classes: RwLock<Vec<(Duration, Coalescer<B>)>>,
+}
+
+impl<B: Batch> Classes<B> {
+    pub(crate) fn new() -> Self {
+        Classes {
+            classes: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Queues the request `make(t)` on the coalescer of timeout `t = timeout` (made if need
+    /// be; `start(t)` makes its task's context) and returns `true`. Beyond [`MAX_CLASSES`]
+    /// timeouts it uses `t = call_timeout` instead and returns `false`: the caller then bounds
+    /// its own wait.
+    pub(crate) fn submit(
+        &self,
+        timeout: Duration,
+        call_timeout: Duration,
+        start: impl Fn(Duration) -> B,
+        make: impl FnOnce(Duration) -> B::Request,
+    ) -> bool {
+        {
+            let classes = self.classes.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, queue)) = classes.iter().find(|(t, _)| *t == timeout) {
+                queue.submit(|| start(timeout), make(timeout));
+                return true;
+            }
+        }
+        let mut classes = self.classes.write().unwrap_or_else(PoisonError::into_inner);
+        if !classes.iter().any(|(t, _)| *t == timeout) && classes.len() < MAX_CLASSES {
+            classes.push((timeout, Coalescer::new()));
+        }
+        if let Some((_, queue)) = classes.iter().find(|(t, _)| *t == timeout) {
+            queue.submit(|| start(timeout), make(timeout));
+            return true;
+        }
+        if !classes.iter().any(|(t, _)| *t == call_timeout) {
+            // At the cap without the call timeout's own: it replaces the last one made (whose
+            // task ends once its queue is answered).
+            classes.pop();
+            classes.push((call_timeout, Coalescer::new()));
+        }
+        if let Some((_, queue)) = classes.iter().find(|(t, _)| *t == call_timeout) {
+            queue.submit(|| start(call_timeout), make(call_timeout));
+        }
+        false
+    }
+}
+
+/// Runs the call of `group`, whose callers wait `timeout`: `call(d)` makes the call bounded by
+/// the link deadline `d`. Returns the group with the call's result, or `None` when the callers'
+/// deadline came first: they have then been answered [`Error::Timeout`].
+///
+/// The callers' deadline is the group's ([`call_deadline`]). When their timeout is the link's
+/// call timeout, that is the call's own deadline, as for every other call. When it is shorter,
+/// the call is still bounded by the call timeout, which the connection's health check counts
+/// (it replaces a connection after several calls in a row miss it; a deadline chosen by a
+/// caller must not trip it): one timer per call answers the callers at theirs, and the call
+/// runs on in a task of its own, so that its slot on the wire is free for the next batch.
+pub(crate) async fn bounded_call<B: Batch, T, F>(
+    link: &Link,
+    timeout: Duration,
+    group: Vec<B::Request>,
+    call: impl FnOnce(Instant) -> F,
+) -> Option<(Vec<B::Request>, Result<T>)>
+where
+    F: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let deadline = call_deadline::<B>(&group);
+    if timeout >= link.call_timeout {
+        let result = call(deadline).await;
+        return Some((group, result));
+    }
+    let mut running = Box::pin(call(deadline + (link.call_timeout - timeout)));
+    tokio::select! {
+        result = &mut running => Some((group, result)),
+        () = tokio::time::sleep_until(deadline) => {
+            for request in group {
+                B::fail(request, Error::Timeout { deadline: timeout });
+            }
+            tokio::spawn(async move {
+                let _ = running.await;
+            });
+            None
+        }
     }
 }
 

@@ -291,6 +291,7 @@ impl RedisSessionStore {
         &self,
         id: SessionId,
         key: String,
+        timeout: Option<Duration>,
     ) -> Result<std::result::Result<Option<LoadedSession>, String>> {
         let link = &self.inner.link;
         let (now, margin) = match &link.time_source {
@@ -301,7 +302,7 @@ impl RedisSessionStore {
             ),
         };
         let slot = hash_slot(key.as_bytes());
-        let (key, value) = self.inner.reads.read(link, key, slot, None).await?;
+        let (key, value) = self.inner.reads.read(link, key, slot, timeout).await?;
         let Some(value) = value else {
             return Ok(Ok(None));
         };
@@ -327,6 +328,80 @@ impl RedisSessionStore {
             })))
         } else {
             Ok(Err(key))
+        }
+    }
+
+    /// [`SessionStore::load`], within `timeout` when it is shorter than the call timeout.
+    async fn load_bounded(
+        &self,
+        token: &SessionToken,
+        timeout: Option<Duration>,
+    ) -> Result<Option<LoadedSession>> {
+        let started = Instant::now();
+        let id = token.id();
+        let (key, base_len) = self.session_key_of(token.user_tag(), &id);
+        // The read-only fast path first: one plain `GET`, no script (see `load_read_only`).
+        // When every load refreshes (`touch_after` zero), it could never answer a live session:
+        // straight to the script then, saving a round trip.
+        let key = if self.inner.config.touch_after_micros() > 0 {
+            match self.load_read_only(id, key, timeout).await? {
+                Ok(answer) => return Ok(answer),
+                Err(key) => key,
+            }
+        } else {
+            key
+        };
+        // Through the batcher: see `session_batch`. One script call either way.
+        let link = &self.inner.link;
+        let (reply, answer) = futures::channel::oneshot::channel();
+        let request = LoadRequest {
+            slot: hash_slot(key.as_bytes()),
+            key,
+            base_len,
+            now: link.caller_now(),
+            deadline: self.deadline(),
+            reply,
+        };
+        let load = self
+            .inner
+            .loads
+            .load(link, &self.inner.config, request, answer);
+        let value = match timeout {
+            // Within the caller's shorter deadline, counted from the start of the load.
+            Some(timeout) if timeout < link.call_timeout => {
+                tokio::time::timeout_at(started + timeout, load)
+                    .await
+                    .unwrap_or(Err(Error::Timeout { deadline: timeout }))?
+            }
+            _ => load.await?,
+        };
+        let reply = parse_reply(value)?;
+        match reply.status {
+            Status::Gone => Ok(None),
+            Status::Expired => {
+                self.emit_expired(reply.rest)?;
+                Ok(None)
+            }
+            Status::Done => {
+                // { id, via_alias, touched, the stored record (before a touch) }
+                let Ok([id, via_alias, touched, stored]) = <[Value; 4]>::try_from(reply.rest)
+                else {
+                    return Err(unexpected_reply("a load reply of the wrong length"));
+                };
+                let id = session_id(id, "session id")?;
+                let via_rotation_alias = uint(&via_alias, "via_alias")? == 1;
+                let touched = uint(&touched, "touched")? == 1;
+                let mut record = decode(id, &bytes(stored, "session record")?)?;
+                if touched {
+                    record.last_seen = Timestamp::from_micros(reply.now);
+                }
+                Ok(Some(LoadedSession {
+                    record,
+                    touched,
+                    via_rotation_alias,
+                }))
+            }
+            Status::Collision => Err(unexpected_reply("load answered a collision")),
         }
     }
 
@@ -458,63 +533,19 @@ impl SessionStore for RedisSessionStore {
     }
 
     async fn load(&self, token: &SessionToken) -> Result<Option<LoadedSession>> {
-        let id = token.id();
-        let (key, base_len) = self.session_key_of(token.user_tag(), &id);
-        // The read-only fast path first: one plain `GET`, no script (see `load_read_only`).
-        // When every load refreshes (`touch_after` zero), it could never answer a live session:
-        // straight to the script then, saving a round trip.
-        let key = if self.inner.config.touch_after_micros() > 0 {
-            match self.load_read_only(id, key).await? {
-                Ok(answer) => return Ok(answer),
-                Err(key) => key,
-            }
-        } else {
-            key
-        };
-        // Through the batcher: see `session_batch`. One script call either way.
-        let link = &self.inner.link;
-        let (reply, answer) = futures::channel::oneshot::channel();
-        let request = LoadRequest {
-            slot: hash_slot(key.as_bytes()),
-            key,
-            base_len,
-            now: link.caller_now(),
-            deadline: self.deadline(),
-            reply,
-        };
-        let value = self
-            .inner
-            .loads
-            .load(link, &self.inner.config, request, answer)
-            .await?;
-        let reply = parse_reply(value)?;
-        match reply.status {
-            Status::Gone => Ok(None),
-            Status::Expired => {
-                self.emit_expired(reply.rest)?;
-                Ok(None)
-            }
-            Status::Done => {
-                // { id, via_alias, touched, the stored record (before a touch) }
-                let Ok([id, via_alias, touched, stored]) = <[Value; 4]>::try_from(reply.rest)
-                else {
-                    return Err(unexpected_reply("a load reply of the wrong length"));
-                };
-                let id = session_id(id, "session id")?;
-                let via_rotation_alias = uint(&via_alias, "via_alias")? == 1;
-                let touched = uint(&touched, "touched")? == 1;
-                let mut record = decode(id, &bytes(stored, "session record")?)?;
-                if touched {
-                    record.last_seen = Timestamp::from_micros(reply.now);
-                }
-                Ok(Some(LoadedSession {
-                    record,
-                    touched,
-                    via_rotation_alias,
-                }))
-            }
-            Status::Collision => Err(unexpected_reply("load answered a collision")),
-        }
+        self.load_bounded(token, None).await
+    }
+
+    /// `Some` always: the read-only fast path is answered within `timeout` by the read
+    /// coalescer of that timeout (no timer per load); a load that needs the script (a refresh
+    /// is due, an alias, an expiry to report) bounds that call with a timer of its own, so the
+    /// whole load stays within `timeout`.
+    async fn load_within(
+        &self,
+        token: &SessionToken,
+        timeout: Duration,
+    ) -> Option<Result<Option<LoadedSession>>> {
+        Some(self.load_bounded(token, Some(timeout)).await)
     }
 
     async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<bool> {

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use statehouse_core::key::{POLICY_SUFFIX_MAX_LEN, encode_key, push_policy_suffix};
@@ -100,6 +101,38 @@ struct SlotGroup {
 }
 
 impl RedisStore {
+    /// One check: coalesced with the other callers' (see `crate::batch`) and decided as if
+    /// alone, answered within `timeout` when it is shorter than the call timeout. Validated as
+    /// `prepare_checks` does, without its vector.
+    async fn check_single(
+        &self,
+        single: &LimitCheck<'_>,
+        mode: Mode,
+        timeout: Option<Duration>,
+    ) -> Result<Verdict> {
+        single.policy.check_cost(single.cost)?;
+        let key = encode_key(single.key)?;
+        let check = ScriptCheck::new(
+            self.storage_key_of_encoded(&key, single.policy),
+            single.policy,
+            single.cost,
+        );
+        let slot = if self.inner.link.conn.is_cluster() {
+            hash_slot(key.as_bytes())
+        } else {
+            0
+        };
+        let now = self.inner.link.caller_now();
+        let decision = self
+            .inner
+            .batcher
+            .check(&self.inner.link, check, mode, now, slot, timeout)
+            .await?;
+        Ok(Verdict {
+            decisions: vec![decision],
+        })
+    }
+
     /// A builder for a store on `topology`; finish with [`RedisStoreBuilder::connect`].
     pub fn builder(topology: RedisTopology) -> RedisStoreBuilder {
         RedisStoreBuilder::new(topology)
@@ -379,29 +412,7 @@ impl RateLimitStore for RedisStore {
     /// (cross-slot batches on Redis Cluster).
     async fn check(&self, checks: &[LimitCheck<'_>], mode: Mode) -> Result<Verdict> {
         if let [single] = checks {
-            // One check: coalesced with the other callers' (see `crate::batch`); decided as if
-            // alone. Validated as `prepare_checks` does, without its vector.
-            single.policy.check_cost(single.cost)?;
-            let key = encode_key(single.key)?;
-            let check = ScriptCheck::new(
-                self.storage_key_of_encoded(&key, single.policy),
-                single.policy,
-                single.cost,
-            );
-            let slot = if self.inner.link.conn.is_cluster() {
-                hash_slot(key.as_bytes())
-            } else {
-                0
-            };
-            let now = self.inner.link.caller_now();
-            let decision = self
-                .inner
-                .batcher
-                .check(&self.inner.link, check, mode, now, slot)
-                .await?;
-            return Ok(Verdict {
-                decisions: vec![decision],
-            });
+            return self.check_single(single, mode, None).await;
         }
         let prepared = prepare_checks(checks)?;
         if prepared.is_empty() {
@@ -438,6 +449,20 @@ impl RateLimitStore for RedisStore {
         let total = script_checks.len();
         let groups = Self::group_by_slot(script_checks, &slots);
         self.check_cross_slot(groups, total, mode, now).await
+    }
+
+    /// `Some` for a single check (coalesced, answered within `timeout` without a timer of its
+    /// own); `None` for several checks, which the caller bounds itself.
+    async fn check_within(
+        &self,
+        checks: &[LimitCheck<'_>],
+        mode: Mode,
+        timeout: Duration,
+    ) -> Option<Result<Verdict>> {
+        match checks {
+            [single] => Some(self.check_single(single, mode, Some(timeout)).await),
+            _ => None,
+        }
     }
 
     /// Deletes the key's state (`UNLINK`).

@@ -108,12 +108,11 @@ async fn a_lost_channel_is_reported_and_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_dead_channel_is_noticed() {
     let server = start(&[]).await;
-    let pid = process_id(server.port());
     let cache = cache_on(&server).await;
     let sink = RecordingSink::new();
     let _subscription = cache.subscribe(sink.clone()).await.expect("subscribe");
 
-    let thaw = freeze(&pid);
+    let thaw = server.freeze().expect("SIGSTOP");
     sink.wait_until("on_channel_down after an unanswered PING", |e| {
         e.contains(&SinkEvent::Down)
     })
@@ -127,27 +126,6 @@ async fn a_silently_dead_channel_is_noticed() {
     sink.wait_for(&Invalidation::Keys(vec!["thawed".into()]))
         .await;
     drop(server);
-}
-
-/// Freezes the server process `pid` (SIGSTOP) until the returned guard is dropped (SIGCONT),
-/// also when the test fails in between.
-fn freeze(pid: &str) -> Thaw {
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", pid])
-            .status()
-            .expect("test step")
-            .success()
-    );
-    Thaw(pid.to_owned())
-}
-
-struct Thaw(String);
-
-impl Drop for Thaw {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
-    }
 }
 
 fn process_id(port: u16) -> String {
@@ -319,13 +297,12 @@ async fn a_refused_config_gives_unknown_settings() {
 
 /// Reads that ask for less than the call timeout (`get_within`, as the cache facade does with
 /// its deadline) are answered at their own deadline by a server that stopped answering, each
-/// timeout at its own, while plain reads wait for the call timeout; all of them read again
-/// once the server answers.
+/// timeout at its own (more timeouts than the store keeps queues for included), while plain
+/// reads wait for the call timeout; all of them read again once the server answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_within_a_shorter_timeout_end_at_it_on_a_frozen_server() {
     const LONG_CALL: Duration = Duration::from_millis(2_500);
     let server = start(&[]).await;
-    let pid = process_id(server.port());
     let cache = RedisStore::builder(RedisTopology::Standalone(server.url()))
         .prefix(&store_prefix("cache-within"))
         .call_timeout(LONG_CALL)
@@ -334,12 +311,15 @@ async fn reads_within_a_shorter_timeout_end_at_it_on_a_frozen_server() {
         .expect("connect")
         .cache_store();
     cache.set("k", b"v", TTL, None).await.expect("set");
-    for timeout in [Duration::from_millis(50), Duration::from_millis(120)] {
-        let found = cache.get_within("k", timeout).await.expect("bounded");
+    // Twelve timeouts: more than the store keeps a queue for (8); the others are bounded by a
+    // timer of the reader's own, with the same results.
+    let timeout_of = |i: usize| Duration::from_millis(50 + 5 * (i % 12) as u64);
+    for i in 0..12 {
+        let found = cache.get_within("k", timeout_of(i)).await.expect("bounded");
         assert_eq!(found.expect("read").as_deref(), Some(&b"v"[..]));
     }
 
-    let thaw = freeze(&pid);
+    let thaw = server.freeze().expect("SIGSTOP");
     let timed = |timeout: Option<Duration>| {
         let cache = cache.clone();
         tokio::spawn(async move {
@@ -351,15 +331,7 @@ async fn reads_within_a_shorter_timeout_end_at_it_on_a_frozen_server() {
             (result, started.elapsed())
         })
     };
-    let short: Vec<_> = (0..40)
-        .map(|i| {
-            timed(Some(Duration::from_millis(if i % 2 == 0 {
-                50
-            } else {
-                120
-            })))
-        })
-        .collect();
+    let short: Vec<_> = (0..40).map(|i| timed(Some(timeout_of(i)))).collect();
     let plain: Vec<_> = (0..4).map(|_| timed(None)).collect();
     for (i, task) in short.into_iter().enumerate() {
         let (result, took) = task.await.expect("read task");

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use cluster::RedisCluster;
 pub use resp::raw_command;
-pub use server::RedisServer;
+pub use server::{Frozen, RedisServer};
 
 /// A process-wide standalone server, started on first use and shared by all
 /// tests of the test binary (tests isolate themselves with unique key

@@ -226,6 +226,31 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the redis-server process (`SIGSTOP`) until the returned guard is dropped
+    /// (`SIGCONT`), also when the test fails in between: a server that stops answering without
+    /// closing its connections, like one behind a network partition.
+    ///
+    /// # Errors
+    ///
+    /// When the server is not running or `kill` cannot be run.
+    pub fn freeze(&self) -> io::Result<Frozen> {
+        let pid = self
+            .proc
+            .as_ref()
+            .map(|running| running.pid)
+            .ok_or_else(|| io::Error::other("redis-server is not running"))?;
+        let status = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .stdin(Stdio::null())
+            .status()?;
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "kill -STOP {pid} failed: {status}"
+            )));
+        }
+        Ok(Frozen { pid })
+    }
+
     /// Whether the redis-server process is running.
     pub fn is_running(&mut self) -> bool {
         let Some(running) = self.proc.as_mut() else {
@@ -393,6 +418,22 @@ impl Drop for RedisServer {
 
 /// Sends SIGKILL to `pid` (via the shell's `kill` builtin; std has no way
 /// to signal an arbitrary pid without `unsafe`).
+/// A redis-server frozen by [`RedisServer::freeze`]; dropping it lets the server run again.
+#[derive(Debug)]
+#[must_use = "the server runs again as soon as this guard is dropped"]
+pub struct Frozen {
+    pid: u32,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.pid.to_string()])
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
 fn sigkill(pid: u32) {
     for _ in 0..3 {
         let status = Command::new("sh")

@@ -131,8 +131,9 @@ impl RateLimiterBuilder {
         self
     }
 
-    /// The hard deadline of one store call (enforced with `tokio::time::timeout`); a call past
-    /// it counts as a store failure and its decision follows the degraded policy. Default
+    /// The hard deadline of one store call (enforced with `tokio::time::timeout`, or by the
+    /// store itself where it bounds its calls: `RateLimitStore::check_within`); a call past it
+    /// counts as a store failure and its decision follows the degraded policy. Default
     /// [`DEFAULT_DEADLINE`] (50 ms). Must be more than zero.
     ///
     /// This deadline bounds every decision; a store's own timeout (such as the Redis store's
@@ -443,7 +444,7 @@ impl RateLimiter {
             store.reset_sync(key, policy)?;
         }
         match self
-            .call_store(|| self.inner.store.reset(key, policy))
+            .call_store(|| self.within_deadline(self.inner.store.reset(key, policy)))
             .await
         {
             StoreCall::Answered(result) => result,
@@ -488,7 +489,13 @@ impl RateLimiter {
         }
         let call = self
             .call_store(|| async {
-                let verdict = self.inner.store.check(checks, mode).await?;
+                let store = &self.inner.store;
+                // A store that bounds its own calls takes the deadline along: no timer of ours
+                // (the Redis store's coalesced single checks then arm none per check at all).
+                let verdict = match store.check_within(checks, mode, self.inner.deadline).await {
+                    Some(result) => result?,
+                    None => self.within_deadline(store.check(checks, mode)).await?,
+                };
                 if verdict.decisions.len() != checks.len() {
                     return Err(Error::Backend {
                         message: format!(
@@ -509,7 +516,17 @@ impl RateLimiter {
         }
     }
 
-    /// Calls the store through the breaker and the deadline, and sorts the outcome.
+    /// `call` under the deadline: [`Error::Timeout`] when it passes first.
+    async fn within_deadline<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let deadline = self.inner.deadline;
+        tokio::time::timeout(deadline, call)
+            .await
+            .unwrap_or(Err(Error::Timeout { deadline }))
+    }
+
+    /// Calls the store through the breaker (`call` is bounded by the deadline, by
+    /// [`within_deadline`](Self::within_deadline) or by the store itself), and sorts the
+    /// outcome.
     async fn call_store<T, F, Fut>(&self, call: F) -> StoreCall<T>
     where
         F: FnOnce() -> Fut,
@@ -520,13 +537,7 @@ impl RateLimiter {
             Admission::Call(permit) => permit,
             Admission::Skip => return StoreCall::Skipped,
         };
-        let result = tokio::time::timeout(inner.deadline, call())
-            .await
-            .unwrap_or_else(|_elapsed| {
-                Err(Error::Timeout {
-                    deadline: inner.deadline,
-                })
-            });
+        let result = call().await;
         match result {
             Ok(value) => {
                 permit.succeeded();

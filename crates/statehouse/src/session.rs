@@ -354,7 +354,17 @@ impl<C: SessionCodec> Sessions<C> {
     ///
     /// The store's error.
     pub async fn load(&self, token: &SessionToken) -> Result<Option<LoadedSession>> {
-        let loaded = self.call(|| self.inner.store.load(token)).await?;
+        // A store that bounds its own calls takes the deadline along: no timer of ours (the
+        // Redis store's read-only loads then arm none per load at all).
+        let loaded = self
+            .call_bounded(|| async {
+                let store = &self.inner.store;
+                match store.load_within(token, self.inner.deadline).await {
+                    Some(result) => result,
+                    None => within(self.inner.deadline, store.load(token)).await,
+                }
+            })
+            .await?;
         match &loaded {
             None => tracing::debug!(
                 session = log_id(&token.id()),
@@ -599,6 +609,17 @@ impl<C: SessionCodec> Sessions<C> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T>> + 'a,
     {
+        let deadline = self.inner.deadline;
+        self.call_bounded(|| within(deadline, call())).await
+    }
+
+    /// Calls the store through the breaker; `call` is bounded by the deadline already (by
+    /// [`within`] or by the store itself).
+    async fn call_bounded<'a, T, F, Fut>(&'a self, call: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T>> + 'a,
+    {
         let inner = &*self.inner;
         let permit = match inner.breaker.admit(&*inner.clock) {
             Admission::Call(permit) => permit,
@@ -613,13 +634,7 @@ impl<C: SessionCodec> Sessions<C> {
                 });
             }
         };
-        let result = tokio::time::timeout(inner.deadline, call())
-            .await
-            .unwrap_or_else(|_elapsed| {
-                Err(Error::Timeout {
-                    deadline: inner.deadline,
-                })
-            });
+        let result = call().await;
         match &result {
             Err(e) if e.is_invalid_input() => permit.inconclusive(),
             Err(e) if e.is_unavailable() => {
@@ -630,4 +645,11 @@ impl<C: SessionCodec> Sessions<C> {
         }
         result
     }
+}
+
+/// `call` under `deadline`: [`Error::Timeout`] when it passes first.
+async fn within<T>(deadline: Duration, call: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(deadline, call)
+        .await
+        .unwrap_or(Err(Error::Timeout { deadline }))
 }

@@ -49,6 +49,21 @@ fn follows(degraded: DegradedPolicy, result: &Result<Decision>) -> bool {
     }
 }
 
+/// The limiter of these tests: `DEADLINE`, a breaker opening after 3 failures for `OPEN_FOR`
+/// on `clock`.
+fn limiter_on(store: RedisStore, degraded: DegradedPolicy, clock: &ManualClock) -> RateLimiter {
+    RateLimiter::builder(store)
+        .on_store_failure(degraded)
+        .deadline(DEADLINE)
+        .circuit_breaker(CircuitBreakerConfig {
+            failure_threshold: 3,
+            open_for: OPEN_FOR,
+        })
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .expect("valid limiter")
+}
+
 /// One decision and how long it took.
 async fn timed_check(limiter: &RateLimiter, key: &str) -> (Result<Decision>, Duration) {
     let start = Instant::now();
@@ -86,16 +101,7 @@ async fn outage_scenario(degraded: DegradedPolicy) {
         .connect()
         .await
         .expect("connect");
-    let limiter = RateLimiter::builder(store)
-        .on_store_failure(degraded)
-        .deadline(DEADLINE)
-        .circuit_breaker(CircuitBreakerConfig {
-            failure_threshold: 3,
-            open_for: OPEN_FOR,
-        })
-        .clock(Arc::new(clock.clone()))
-        .build()
-        .expect("valid limiter");
+    let limiter = limiter_on(store, degraded, &clock);
 
     // Healthy: the store decides.
     for _ in 0..3 {
@@ -227,5 +233,62 @@ async fn killing_redis_mid_run_follows_each_degraded_policy_and_recovers() {
         tokio::time::timeout(Duration::from_secs(60), outage_scenario(degraded))
             .await
             .unwrap_or_else(|_| panic!("{degraded:?}: the scenario did not finish in 60 s"));
+    }
+}
+
+/// A server that stops answering without closing the connection (frozen with SIGSTOP): single
+/// checks, which the Redis store coalesces and bounds by the limiter's deadline itself
+/// (`RateLimitStore::check_within`, no timer per check), degrade at the limiter's deadline, far
+/// below the store's call timeout; once the server answers again the store decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_degrades_single_checks_at_the_limiters_deadline() {
+    const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+    let server = RedisServer::start().expect("redis-server starts (is it installed?)");
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(RedisTopology::Standalone(server.url()))
+        .prefix(&format!("{}:", unique_prefix("frozen")))
+        .call_timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .expect("connect");
+    let limiter = limiter_on(store, DegradedPolicy::FailOpen, &clock);
+    let (warm, _) = timed_check(&limiter, "warm").await;
+    assert!(!warm.expect("store decides").degraded);
+
+    let frozen = server.freeze().expect("SIGSTOP");
+
+    let checks: Vec<_> = (0..20)
+        .map(|i| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { timed_check(&limiter, &format!("frozen-{i}")).await })
+        })
+        .collect();
+    for (i, task) in checks.into_iter().enumerate() {
+        let (result, took) = task.await.expect("no panic");
+        assert!(
+            follows(DegradedPolicy::FailOpen, &result),
+            "check {i}: {result:?}"
+        );
+        assert!(result.expect("fail open").degraded, "check {i}");
+        assert!(
+            took <= DEADLINE + MARGIN,
+            "check {i} took {took:?}: not the limiter's deadline"
+        );
+    }
+    assert!(limiter.stats().timeouts >= 1, "{:?}", limiter.stats());
+
+    drop(frozen);
+    let started = Instant::now();
+    loop {
+        clock.advance(OPEN_FOR);
+        let (result, _) = timed_check(&limiter, "thawed").await;
+        if !result.expect("fail open").degraded {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the store never decided again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -190,3 +190,72 @@ async fn redis_outage_is_unavailable_within_the_deadline() {
         );
     }
 }
+
+/// A Redis that stops answering without closing the connection (frozen with SIGSTOP): loads
+/// end at the facade's deadline, far below the store's call timeout, both on the read-only
+/// fast path (which the Redis store bounds itself, `SessionStore::load_within`, without a timer
+/// per load) and when every load refreshes (the script path); they succeed again once the
+/// server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_ends_loads_at_the_deadline() {
+    const DEADLINE: Duration = Duration::from_millis(100);
+    const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+    let server = RedisServer::start().expect("redis-server");
+    for touch_every_load in [false, true] {
+        let mut config = SessionConfig::builder();
+        if touch_every_load {
+            config = config.touch_after_share(0, 1);
+        }
+        let store = RedisSessionStore::builder(RedisTopology::Standalone(server.url()))
+            .prefix(&format!("frozen{}:", u8::from(touch_every_load)))
+            .config(config.build().expect("config"))
+            .call_timeout(CALL_TIMEOUT)
+            .connect()
+            .await
+            .expect("connect");
+        let sessions = Sessions::builder(store)
+            .deadline(DEADLINE)
+            .build()
+            .expect("sessions");
+        let (token, _) = sessions
+            .create(&NewSession::for_user("dave"))
+            .await
+            .expect("create");
+        assert!(sessions.load(&token).await.expect("load").is_some());
+
+        let frozen = server.freeze().expect("SIGSTOP");
+        let loads: Vec<_> = (0..10)
+            .map(|_| {
+                let (sessions, token) = (sessions.clone(), token.clone());
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    (sessions.load(&token).await, start.elapsed())
+                })
+            })
+            .collect();
+        for load in loads {
+            let (result, took) = load.await.expect("no panic");
+            let err = result.expect_err("frozen");
+            assert!(
+                err.is_unavailable(),
+                "touch every load {touch_every_load}: {err}"
+            );
+            assert!(
+                took < Duration::from_millis(600),
+                "touch every load {touch_every_load}: a load took {took:?}"
+            );
+        }
+        drop(frozen);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(_)) = sessions.load(&token).await {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no load after SIGCONT"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
