@@ -12,8 +12,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use async_trait::async_trait;
 use axum::body::{Body, Bytes};
 use http::header::{
-    ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, HOST, SET_COOKIE,
-    VARY,
+    ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, ETAG, HOST,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, SET_COOKIE, VARY,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
@@ -523,6 +523,74 @@ async fn head_is_answered_from_a_stored_get() {
         "the stored GET's length"
     );
     assert_eq!(h.calls(), 2);
+}
+
+/// A client that holds the stored representation (`If-None-Match` with its `ETag`, or
+/// `If-Modified-Since` at or after its `Last-Modified`) gets a `304 Not Modified` from the
+/// cache, without the body and without an origin call (RFC 9111 §4.3.2).
+#[tokio::test]
+async fn a_conditional_request_for_a_stored_response_gets_304() {
+    let h = harness(|_, n, now| {
+        Response::builder()
+            .header(DATE, http_date(now))
+            .header(CACHE_CONTROL, "max-age=60")
+            .header(ETAG, "\"v1\"")
+            .header(LAST_MODIFIED, "Sun, 06 Nov 1994 08:49:37 GMT")
+            .header("x-other", "kept out of a 304")
+            .body(Body::from(format!("response {n}")))
+            .expect("response")
+    });
+    assert_eq!(h.get("/a").await.body, "response 1");
+    h.advance(5);
+    for matching in ["\"v1\"", "W/\"v1\"", "\"zzz\", \"v1\"", "*"] {
+        let got = h.send(with(get("/a"), IF_NONE_MATCH, matching)).await;
+        assert_eq!(got.status, StatusCode::NOT_MODIFIED, "{matching}");
+        assert_eq!(got.body, "", "{matching}");
+        assert_eq!(got.headers[ETAG], "\"v1\"");
+        assert_eq!(got.headers[CACHE_CONTROL], "max-age=60");
+        assert_eq!(got.age(), Some(5));
+        assert!(!got.headers.contains_key("x-other"));
+        assert!(!got.headers.contains_key(CONTENT_LENGTH));
+        assert_eq!(got.cache_status(), "statehouse; hit; ttl=55");
+    }
+    let head = h
+        .send(with(request(Method::HEAD, "/a"), IF_NONE_MATCH, "\"v1\""))
+        .await;
+    assert_eq!(head.status, StatusCode::NOT_MODIFIED);
+    let since = h
+        .send(with(
+            get("/a"),
+            IF_MODIFIED_SINCE,
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+        ))
+        .await;
+    assert_eq!(since.status, StatusCode::NOT_MODIFIED);
+    // Another tag, an older date, or an If-None-Match that does not match (which wins over a
+    // matching If-Modified-Since): the whole stored response.
+    let other = h.send(with(get("/a"), IF_NONE_MATCH, "\"v2\"")).await;
+    assert_eq!(
+        (other.status, other.body.as_str()),
+        (StatusCode::OK, "response 1")
+    );
+    let older = h
+        .send(with(
+            get("/a"),
+            IF_MODIFIED_SINCE,
+            "Sat, 05 Nov 1994 08:49:37 GMT",
+        ))
+        .await;
+    assert_eq!(
+        (older.status, older.body.as_str()),
+        (StatusCode::OK, "response 1")
+    );
+    let both = with(
+        with(get("/a"), IF_NONE_MATCH, "\"v2\""),
+        IF_MODIFIED_SINCE,
+        "Sun, 06 Nov 1994 08:49:37 GMT",
+    );
+    assert_eq!(h.send(both).await.status, StatusCode::OK);
+    assert_eq!(h.calls(), 1, "every answer came from the stored response");
+    assert_eq!(h.layer.stats().hits(), 9);
 }
 
 #[tokio::test]

@@ -93,6 +93,12 @@
 //!   HEAD, OPTIONS, TRACE) that succeeds (2xx, 3xx) drops the entry of its target URI
 //!   (§4.4). The URIs in `Location` and `Content-Location`, which §4.4 allows dropping too,
 //!   are left alone.
+//! * A conditional GET or HEAD that a fresh stored `200` satisfies (`If-None-Match` matching
+//!   its `ETag` by the weak comparison, or `*`; without `If-None-Match`, `If-Modified-Since`
+//!   at or after its `Last-Modified`) gets a `304 Not Modified` from the cache, with the
+//!   stored `Cache-Control`, `Content-Location`, `Date`, `ETag`, `Expires`, `Vary`,
+//!   `Last-Modified` and `Age`, and no body (§4.3.2). One that misses goes to the origin as it
+//!   is, and a `304` from the origin is passed on, never stored.
 //! * A stale entry is not revalidated: the request goes to the origin (`fwd=stale`) and the
 //!   new response replaces it. If the entry's `stale-if-error` window (RFC 5861) is still
 //!   open and the origin fails (an error, or 500, 502, 503, 504), the stale entry is served
@@ -154,6 +160,7 @@
 
 mod assess;
 mod body;
+mod conditional;
 mod control;
 mod flight;
 mod future;

@@ -16,6 +16,7 @@ use tower_service::Service;
 
 use super::assess::{Plan, assess};
 use super::body::{CacheBody, Collected, collect};
+use super::conditional::{NOT_MODIFIED_FIELDS, not_modified};
 use super::control::RequestDirectives;
 use super::flight::{FlightGuard, Join, Outcome, wait};
 use super::future::ResponseFuture;
@@ -587,7 +588,7 @@ where
                             .is_none_or(|m| remaining >= Duration::from_secs(m));
                     if acceptable {
                         self.shared.stats.count_hit();
-                        let res = serve_stored(&response, head, now);
+                        let res = serve_stored_to(&req, &response, now);
                         let ttl = seconds_until(response.fresh_until, now);
                         return Ok(self.shared.finish(res, CacheStatus::hit(ttl)));
                     }
@@ -632,7 +633,7 @@ where
                         if matches {
                             self.shared.stats.count_coalesced();
                             let now = self.shared.clock.now();
-                            let res = serve_stored(response, false, now);
+                            let res = serve_stored_to(&req, response, now);
                             let mut status = CacheStatus::fwd(fwd, Some(response.status));
                             status.collapsed = true;
                             return Ok(self.shared.finish(res, status));
@@ -842,6 +843,29 @@ fn serve_stored<B: Body>(
     *res.headers_mut() = stored.headers.clone();
     res.headers_mut()
         .insert(AGE, HeaderValue::from(stored.current_age(now).as_secs()));
+    res
+}
+
+/// [`serve_stored`] for `req`, or a `304 Not Modified` when the request's preconditions say
+/// the client's copy is current (RFC 9111 §4.3.2): the fields a 304 carries, `Age`, no body.
+fn serve_stored_to<ReqBody, B: Body>(
+    req: &Request<ReqBody>,
+    stored: &StoredResponse,
+    now: Timestamp,
+) -> Response<CacheBody<B>> {
+    let head = req.method() == Method::HEAD;
+    if !not_modified(req.method(), req.headers(), stored.status, &stored.headers) {
+        return serve_stored(stored, head, now);
+    }
+    let mut res = Response::new(CacheBody::empty());
+    *res.status_mut() = StatusCode::NOT_MODIFIED;
+    let headers = res.headers_mut();
+    for name in NOT_MODIFIED_FIELDS {
+        for value in stored.headers.get_all(&name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(AGE, HeaderValue::from(stored.current_age(now).as_secs()));
     res
 }
 
