@@ -135,6 +135,10 @@ impl RedisStoreBuilder {
     /// connection in [`connect`](Self::connect). Must not be zero.
     ///
     /// The `statehouse` facade adds its own, usually shorter, deadline and a circuit breaker.
+    /// Coalesced calls (single checks, reads, read-only session loads) take that deadline
+    /// along (`check_within`, `get_within`, `load_within`): their callers are answered by it,
+    /// while the call on the wire stays bounded by this timeout, which is also what the
+    /// connection's health check counts (three calls in a row past it replace the connection).
     pub fn call_timeout(mut self, call_timeout: Duration) -> Self {
         self.call_timeout = call_timeout;
         self
