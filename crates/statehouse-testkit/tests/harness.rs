@@ -341,3 +341,28 @@ fn child_uses_shared_server_and_exits() {
     let server = shared_standalone();
     println!("STATEHOUSE_CHILD_PORT={}", server.port());
 }
+
+#[test]
+fn a_frozen_server_keeps_connections_open_but_answers_only_once_thawed() {
+    use std::io::{Read, Write};
+    let server = RedisServer::start().expect("start");
+    let mut conn = TcpStream::connect((Ipv4Addr::LOCALHOST, server.port())).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let frozen = server.freeze().expect("freeze");
+    conn.write_all(b"PING\r\n").expect("the socket stays open");
+    let mut reply = [0u8; 7];
+    let err = conn.read(&mut reply).expect_err("no answer while frozen");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err:?}"
+    );
+    drop(frozen);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.read_exact(&mut reply).expect("answered once thawed");
+    assert_eq!(&reply, b"+PONG\r\n");
+}
