@@ -593,6 +593,157 @@ async fn a_conditional_request_for_a_stored_response_gets_304() {
     assert_eq!(h.layer.stats().hits(), 9);
 }
 
+const LAST_MOD: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
+
+/// A 200 with `cc`, a `Date`, `ETag: "<etag>"`, `Last-Modified` and the call number as body.
+fn validated(cc: &str, etag: &str, n: usize, now: Timestamp) -> Response<Body> {
+    Response::builder()
+        .header(DATE, http_date(now))
+        .header(CACHE_CONTROL, cc)
+        .header(ETAG, format!("\"{etag}\""))
+        .header(LAST_MODIFIED, LAST_MOD)
+        .body(Body::from(format!("response {n}")))
+        .expect("response")
+}
+
+/// A 304 with `cc` and a `Date`.
+fn not_modified(cc: &str, now: Timestamp) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::NOT_MODIFIED)
+        .header(DATE, http_date(now))
+        .header(CACHE_CONTROL, cc)
+        .body(Body::empty())
+        .expect("response")
+}
+
+/// Whether the origin got the stored response's validators.
+fn conditional_on_v1(req: &Request<Body>) -> bool {
+    req.headers()
+        .get(IF_NONE_MATCH)
+        .is_some_and(|v| v == "\"v1\"")
+        && req
+            .headers()
+            .get(IF_MODIFIED_SINCE)
+            .is_some_and(|v| v == LAST_MOD)
+}
+
+/// A stale response with a validator is revalidated: the origin gets a conditional request
+/// with the stored `ETag` and `Last-Modified`, and its `304` refreshes the stored response
+/// (fields updated from the 304, body kept), which the client gets whole (RFC 9111 §4.3).
+#[tokio::test]
+async fn a_stale_response_with_a_validator_is_revalidated_by_a_304() {
+    let h = harness(|req, n, now| match n {
+        1 => validated("max-age=10", "v1", n, now),
+        _ if conditional_on_v1(req) => not_modified("max-age=30", now),
+        _ => ok("max-age=10", n, now),
+    });
+    assert_eq!(h.get("/a").await.body, "response 1");
+    h.advance(15);
+    let revalidated = h.get("/a").await;
+    assert_eq!(revalidated.status, StatusCode::OK);
+    assert_eq!(revalidated.body, "response 1", "the stored body, kept");
+    assert_eq!(
+        revalidated.cache_status(),
+        "statehouse; fwd=stale; fwd-status=304; stored"
+    );
+    assert_eq!(revalidated.headers[CACHE_CONTROL], "max-age=30", "updated");
+    assert_eq!(revalidated.headers[ETAG], "\"v1\"");
+    assert_eq!(revalidated.headers[CONTENT_LENGTH], "10");
+    assert_eq!(h.calls(), 2);
+    // Fresh again for the 304's 30 s.
+    h.advance(20);
+    let hit = h.get("/a").await;
+    assert_eq!(
+        (hit.body.as_str(), hit.cache_status()),
+        ("response 1", "statehouse; hit; ttl=10")
+    );
+    assert_eq!(h.calls(), 2);
+    let stats = h.layer.stats();
+    assert_eq!((stats.hits(), stats.stored()), (1, 2));
+}
+
+/// A revalidation the origin answers with a new `200` replaces the stored response.
+#[tokio::test]
+async fn a_revalidation_answered_200_replaces_the_response() {
+    let h = harness(|req, n, now| match n {
+        1 => validated("max-age=10", "v1", n, now),
+        _ if conditional_on_v1(req) => validated("max-age=10", "v2", n, now),
+        _ => ok("max-age=10", n, now),
+    });
+    h.get("/a").await;
+    h.advance(15);
+    let replaced = h.get("/a").await;
+    assert_eq!(replaced.body, "response 2");
+    assert_eq!(
+        replaced.cache_status(),
+        "statehouse; fwd=stale; fwd-status=200; stored"
+    );
+    let hit = h.get("/a").await;
+    assert_eq!(hit.body, "response 2");
+    assert_eq!(hit.headers[ETAG], "\"v2\"");
+    assert_eq!(h.calls(), 2);
+}
+
+/// A client's own conditions go to the origin as they are (not the stored validators), and
+/// the origin's `304` passes through unstored; a `304` that forbids storing still gives the
+/// client the updated response; with no revalidation window a stale response is gone.
+#[tokio::test]
+async fn revalidation_leaves_client_conditions_and_no_store_alone() {
+    let h = harness(|req, n, now| match req.uri().path() {
+        "/client"
+            if req
+                .headers()
+                .get(IF_NONE_MATCH)
+                .is_some_and(|v| v == "\"mine\"") =>
+        {
+            not_modified("max-age=30", now)
+        }
+        "/client" => validated("max-age=10", "v1", n, now),
+        _ if conditional_on_v1(req) => not_modified("no-store", now),
+        _ => validated("max-age=10", "v1", n, now),
+    });
+    h.get("/client").await;
+    h.get("/a").await;
+    h.advance(15);
+    let passed = h
+        .send(with(get("/client"), IF_NONE_MATCH, "\"mine\""))
+        .await;
+    assert_eq!(passed.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(
+        passed.cache_status(),
+        "statehouse; fwd=stale; fwd-status=304; detail=status"
+    );
+    let refused = h.get("/a").await;
+    assert_eq!(
+        (refused.status, refused.body.as_str()),
+        (StatusCode::OK, "response 2")
+    );
+    assert_eq!(refused.headers[CACHE_CONTROL], "no-store");
+    assert_eq!(
+        refused.cache_status(),
+        "statehouse; fwd=stale; fwd-status=304; detail=no-store"
+    );
+    assert_eq!(h.calls(), 4);
+
+    let h = harness_with(
+        None,
+        false,
+        |b| b.revalidate_window(Duration::ZERO),
+        |req, n, now| {
+            if req.headers().contains_key(IF_NONE_MATCH) {
+                not_modified("max-age=30", now)
+            } else {
+                validated("max-age=10", "v1", n, now)
+            }
+        },
+    );
+    h.get("/gone").await;
+    h.advance(15);
+    let again = h.get("/gone").await;
+    assert_eq!(again.body, "response 2", "fetched whole, unconditionally");
+    assert!(again.cache_status().starts_with("statehouse; fwd=uri-miss"));
+}
+
 #[tokio::test]
 async fn a_successful_unsafe_method_invalidates_its_uri() {
     let h = harness(|req, n, now| match *req.method() {

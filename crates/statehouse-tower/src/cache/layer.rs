@@ -26,6 +26,9 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_VARY_HEADERS: usize = 8;
 /// The default most variants stored for one URI.
 pub const DEFAULT_MAX_VARIANTS: usize = 16;
+/// The default time a response with a validator (`ETag`, `Last-Modified`) is kept after it
+/// went stale, to be revalidated with a conditional request instead of fetched again.
+pub const DEFAULT_REVALIDATE_WINDOW: Duration = Duration::from_secs(600);
 
 /// The layer's settings, fixed once built.
 #[derive(Debug, Clone)]
@@ -43,6 +46,7 @@ pub(crate) struct Config {
     pub(crate) max_vary_headers: usize,
     pub(crate) max_variants: usize,
     pub(crate) max_ttl: Duration,
+    pub(crate) revalidate_window: Duration,
 }
 
 impl Default for Config {
@@ -61,6 +65,7 @@ impl Default for Config {
             max_vary_headers: DEFAULT_MAX_VARY_HEADERS,
             max_variants: DEFAULT_MAX_VARIANTS,
             max_ttl: CachePolicy::MAX_TTL,
+            revalidate_window: DEFAULT_REVALIDATE_WINDOW,
         }
     }
 }
@@ -325,6 +330,17 @@ impl HttpCacheLayerBuilder {
         self
     }
 
+    /// How long a response with a validator (`ETag` or `Last-Modified`) is kept after it went
+    /// stale (0 to one day; default [`DEFAULT_REVALIDATE_WINDOW`], 10 minutes). Within it, a
+    /// request for it sends the origin a conditional request with the stored validators, and
+    /// a `304 Not Modified` refreshes the stored response (its fields updated, its body kept)
+    /// instead of sending the whole body again (RFC 9111 §4.3). Zero keeps a response only
+    /// while fresh (or within its `stale-if-error` window), as a cache that never revalidates.
+    pub fn revalidate_window(mut self, window: Duration) -> Self {
+        self.config.revalidate_window = window;
+        self
+    }
+
     /// The layer, or [`statehouse::Error::InvalidPolicy`] naming the first invalid field.
     pub fn build(self) -> statehouse::Result<HttpCacheLayer> {
         let c = &self.config;
@@ -358,6 +374,9 @@ impl HttpCacheLayerBuilder {
         }
         if c.max_ttl < Duration::from_secs(1) || c.max_ttl > CachePolicy::MAX_TTL {
             return Err(rejected("max_ttl", "must be 1 s to one year"));
+        }
+        if c.revalidate_window > Duration::from_secs(86_400) {
+            return Err(rejected("revalidate_window", "must be at most one day"));
         }
         Ok(HttpCacheLayer::from_parts(
             self.store,

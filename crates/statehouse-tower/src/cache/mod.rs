@@ -65,8 +65,8 @@
 //! * no `no-store` (unless `must-understand` and a status understood: §5.2.2.3), no
 //!   unqualified `private` or `no-cache`. The qualified forms (`private="Set-Cookie"`) store
 //!   the response without the fields they name. An unqualified `no-cache` response is not
-//!   stored because this cache does not revalidate (no conditional requests), so it could
-//!   never use it;
+//!   stored: it could never be used without a revalidation, and this cache revalidates only
+//!   responses that were fresh once (below);
 //! * no `Set-Cookie`, unless [`store_set_cookie(true)`](HttpCacheLayerBuilder::store_set_cookie);
 //! * for a request with `Authorization` (only handled at all with
 //!   [`cache_authorized(true)`](HttpCacheLayerBuilder::cache_authorized)): `public`,
@@ -99,10 +99,18 @@
 //!   stored `Cache-Control`, `Content-Location`, `Date`, `ETag`, `Expires`, `Vary`,
 //!   `Last-Modified` and `Age`, and no body (§4.3.2). One that misses goes to the origin as it
 //!   is, and a `304` from the origin is passed on, never stored.
-//! * A stale entry is not revalidated: the request goes to the origin (`fwd=stale`) and the
-//!   new response replaces it. If the entry's `stale-if-error` window (RFC 5861) is still
-//!   open and the origin fails (an error, or 500, 502, 503, 504), the stale entry is served
-//!   instead. `must-revalidate`, `proxy-revalidate` and `s-maxage` close that window.
+//! * A stale entry goes to the origin (`fwd=stale`; so does a fresh one the request refuses,
+//!   `fwd=request`). One with a validator (`ETag`, `Last-Modified`) is kept for
+//!   [`revalidate_window`](HttpCacheLayerBuilder::revalidate_window) (default 10 minutes)
+//!   after it went stale and is **revalidated** (§4.3): the origin gets `If-None-Match` and
+//!   `If-Modified-Since` with the stored validators (unless the client sent conditions of its
+//!   own, which then go as they are), and a `304 Not Modified` refreshes the stored response:
+//!   its fields updated from the 304's (`Content-Length` excepted), its freshness judged again,
+//!   its body kept; the client gets it whole (`fwd-status=304; stored`). Any other answer
+//!   replaces the entry as a new response would. If the entry's `stale-if-error` window
+//!   (RFC 5861) is still open and the origin fails (an error, or 500, 502, 503, 504), the
+//!   stale entry is served instead. `must-revalidate`, `proxy-revalidate` and `s-maxage`
+//!   close that window.
 //!   `stale-while-revalidate` is not implemented (it would need a copy of the request to
 //!   refresh in the background).
 //!
@@ -175,7 +183,7 @@ pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub use layer::{
     DEFAULT_LEASE_TTL, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_VARIANTS, DEFAULT_MAX_VARY_HEADERS,
-    DEFAULT_STORE_DEADLINE, HttpCacheLayer, HttpCacheLayerBuilder,
+    DEFAULT_REVALIDATE_WINDOW, DEFAULT_STORE_DEADLINE, HttpCacheLayer, HttpCacheLayerBuilder,
 };
 pub use purge::HttpCachePurger;
 pub use service::HttpCache;

@@ -7,7 +7,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AGE, AUTHORIZATION, CONTENT_LENGTH, RANGE};
+use http::header::{
+    AGE, AUTHORIZATION, CONTENT_LENGTH, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
+    RANGE,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use statehouse::Timestamp;
@@ -309,12 +312,27 @@ impl Shared {
         reason: NotStoredReason,
         res: Response<CacheBody<B>>,
     ) -> Response<CacheBody<B>> {
+        let origin_status = res.status();
+        self.not_stored_from(fill, lease, reason, res, origin_status)
+            .await
+    }
+
+    /// [`not_stored`](Self::not_stored) of a response the origin answered `origin_status`
+    /// (a revalidation's 304 for the stored response it refreshed).
+    async fn not_stored_from<B: Body>(
+        &self,
+        fill: Fill<'_>,
+        lease: Result<LeaseToken, NotStoredReason>,
+        reason: NotStoredReason,
+        res: Response<CacheBody<B>>,
+        origin_status: StatusCode,
+    ) -> Response<CacheBody<B>> {
         if let Ok(token) = &lease {
             self.release(&fill.fill_key, token).await;
         }
         fill.guard.finish(Outcome::NotShareable);
         self.stats.count_not_stored(reason);
-        let status = CacheStatus::fwd(fill.fwd, Some(res.status())).detail(reason.as_str());
+        let status = CacheStatus::fwd(fill.fwd, Some(origin_status)).detail(reason.as_str());
         self.finish(res, status)
     }
 
@@ -351,7 +369,9 @@ impl Shared {
         stored.tags = names.into_iter().zip(versions).collect();
 
         let now = shared.clock.now();
-        let ttl = stored.stale_until.saturating_duration_since(now);
+        let ttl = stored
+            .keep_until(shared.config.revalidate_window)
+            .saturating_duration_since(now);
         if ttl.is_zero() {
             return Err(NotStoredReason::StaleOnArrival);
         }
@@ -566,7 +586,7 @@ where
         for _ in 0..MAX_ATTEMPTS {
             let found = self.shared.lookup(&primary, req.headers()).await;
             let now = self.shared.clock.now();
-            let (fwd, fill_key, spec, stale) = match found {
+            let (fwd, fill_key, spec, prior) = match found {
                 Lookup::StoreDown => {
                     return self
                         .forward_alone(req, Fwd::UriMiss, NotStoredReason::StoreUnavailable)
@@ -592,12 +612,15 @@ where
                         let ttl = seconds_until(response.fresh_until, now);
                         return Ok(self.shared.finish(res, CacheStatus::hit(ttl)));
                     }
-                    if fresh {
-                        (Fwd::Request, fill_key, spec, None)
-                    } else {
-                        let usable = now < response.stale_until;
-                        (Fwd::Stale, fill_key, spec, usable.then_some(response))
-                    }
+                    // Kept to be served on an origin error (a stale one within its
+                    // stale-if-error window) or to be revalidated (one with a validator).
+                    let serve_on_error = !fresh && now < response.stale_until;
+                    let fwd = if fresh { Fwd::Request } else { Fwd::Stale };
+                    let prior = (serve_on_error || response.has_validator()).then(|| Prior {
+                        response,
+                        serve_on_error,
+                    });
+                    (fwd, fill_key, spec, prior)
                 }
                 Lookup::Missing { fill_key, spec } => {
                     let fwd = if spec.is_some() {
@@ -655,7 +678,7 @@ where
                         fill_key,
                         spec,
                         fwd,
-                        stale,
+                        prior,
                         authorized,
                         new_variant: fwd == Fwd::VaryMiss,
                     };
@@ -671,7 +694,7 @@ where
     async fn lead(
         &mut self,
         req: Request<ReqBody>,
-        fill: Fill<'_>,
+        mut fill: Fill<'_>,
     ) -> Result<Response<CacheBody<ResBody>>, S::Error> {
         let shared = self.shared.clone();
         let stats = &shared.stats;
@@ -708,12 +731,34 @@ where
             token: lease.as_ref().ok().cloned(),
         };
         let request_headers = req.headers().clone();
+        // A stored response with a validator is revalidated (RFC 9111 §4.3.1): the origin gets
+        // its validators, unless the client sent conditions of its own (the origin's answer
+        // then speaks to those, and passes through as it comes).
+        let mut req = req;
+        let revalidating = match &fill.prior {
+            Some(prior)
+                if prior.response.has_validator()
+                    && !req.headers().contains_key(IF_NONE_MATCH)
+                    && !req.headers().contains_key(IF_MODIFIED_SINCE) =>
+            {
+                let headers = req.headers_mut();
+                if let Some(etag) = prior.response.headers.get(ETAG) {
+                    headers.insert(IF_NONE_MATCH, etag.clone());
+                }
+                if let Some(modified) = prior.response.headers.get(LAST_MODIFIED) {
+                    headers.insert(IF_MODIFIED_SINCE, modified.clone());
+                }
+                true
+            }
+            _ => false,
+        };
         let request_time = shared.clock.now();
         let result = self.inner.call(req).await;
         let response_time = shared.clock.now();
 
+        let serve_on_error = fill.prior.as_ref().is_some_and(|p| p.serve_on_error);
         let res = match result {
-            Ok(res) if fill.stale.is_none() || !is_origin_error(res.status()) => res,
+            Ok(res) if !(serve_on_error && is_origin_error(res.status())) => res,
             other => {
                 if let Ok(token) = &lease {
                     self.shared.release(&fill.fill_key, token).await;
@@ -722,7 +767,10 @@ where
                 // leading, rather than all hitting a failing origin at once.
                 held.disarm();
                 drop(fill.guard);
-                let Some(stale) = fill.stale else {
+                let Some(Prior {
+                    response: stale, ..
+                }) = fill.prior.filter(|p| p.serve_on_error)
+                else {
                     return other.map(|res| res.map(CacheBody::stream));
                 };
                 // RFC 5861 stale-if-error, within the response's window.
@@ -738,6 +786,25 @@ where
         };
 
         let (parts, body) = res.into_parts();
+        if revalidating
+            && parts.status == StatusCode::NOT_MODIFIED
+            && let Some(prior) = fill.prior.take()
+        {
+            drop(body);
+            let times = (request_time, response_time);
+            return Ok(shared
+                .revalidated(
+                    fill,
+                    prior,
+                    lease,
+                    epoch,
+                    &mut held,
+                    &parts.headers,
+                    &request_headers,
+                    times,
+                )
+                .await);
+        }
         let plan = match assess(
             parts.status,
             &parts.headers,
@@ -770,61 +837,33 @@ where
                 return Ok(res);
             }
         };
-        let mut headers = plan.headers.clone();
-        let may_have_length =
-            !(parts.status.is_informational() || parts.status == StatusCode::NO_CONTENT);
-        if may_have_length && !headers.contains_key(CONTENT_LENGTH) {
-            // The length is known now; a HEAD answered from this entry reports it too.
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        }
-        let stored = StoredResponse {
-            status: parts.status,
-            headers,
-            body: body.clone(),
-            response_time,
-            initial_age: plan.initial_age,
-            fresh_until: plan.fresh_until,
-            stale_until: plan.stale_until,
-            tags: Vec::new(),
-        };
-        let digest = variant_digest(&plan.vary, &request_headers);
-        let written = match (lease, epoch) {
-            (Ok(token), Ok(epoch)) => {
-                let written = shared
-                    .store_fill(&fill, &token, epoch, &plan, stored.clone(), &digest)
-                    .await;
-                if written.is_err() {
-                    self.shared.release(&fill.fill_key, &token).await;
-                }
-                written
-            }
-            (Ok(token), Err(reason)) => {
-                self.shared.release(&fill.fill_key, &token).await;
-                Err(reason)
-            }
-            (Err(reason), _) => Err(reason),
-        };
-        held.disarm();
-        let vary = (!plan.vary.is_empty()).then(|| (plan.vary.clone(), digest));
-        fill.guard.finish(Outcome::Shared {
-            response: Arc::new(stored),
-            vary,
-        });
-
-        let mut status = CacheStatus::fwd(fill.fwd, Some(parts.status));
-        match written {
-            Ok(()) => {
-                stats.count_stored();
-                status.stored = true;
-            }
-            Err(reason) => {
-                stats.count_not_stored(reason);
-                status.detail = Some(reason.as_str());
-            }
-        }
+        let status = parts.status;
+        let (written, _) = shared
+            .store_and_share(
+                fill.fwd,
+                fill,
+                lease,
+                epoch,
+                &mut held,
+                (status, &plan, body.clone()),
+                &request_headers,
+                response_time,
+            )
+            .await;
         let res = Response::from_parts(parts, CacheBody::full(body));
-        Ok(self.shared.finish(res, status))
+        Ok(self.shared.finish(res, written))
     }
+}
+
+/// A stored response's fields with its `Content-Length`: the length is known once the body
+/// is, and a HEAD answered from the entry reports it too.
+fn with_length(headers: &HeaderMap, status: StatusCode, len: usize) -> HeaderMap {
+    let mut headers = headers.clone();
+    let may_have_length = !(status.is_informational() || status == StatusCode::NO_CONTENT);
+    if may_have_length && !headers.contains_key(CONTENT_LENGTH) {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    headers
 }
 
 /// A response built from a stored one, with its `Age` (RFC 9111 §5.1).
@@ -910,8 +949,151 @@ struct Fill<'a> {
     fill_key: String,
     spec: Option<VarySpec>,
     fwd: Fwd,
-    stale: Option<StoredResponse>,
+    /// The stored response the request found, when it may still serve (see [`Prior`]).
+    prior: Option<Prior>,
     authorized: bool,
     /// The key has a vary spec but no entry for this variant: storing adds a variant.
     new_variant: bool,
+}
+
+/// A stored response a leader found but could not serve as it was (stale, or refused by the
+/// request's own directives), kept for two uses: served if the origin fails within its
+/// `stale-if-error` window (`serve_on_error`), and revalidated when it has a validator.
+struct Prior {
+    response: StoredResponse,
+    serve_on_error: bool,
+}
+
+impl Shared {
+    /// The origin answered a revalidation `304 Not Modified`: the prior response, its fields
+    /// updated from the 304's (RFC 9111 §3.2, `Content-Length` excepted) and its freshness
+    /// judged again on them, is stored and shared under the fill, and the client gets it
+    /// whole. If the updated response may not be stored (the 304 now says `no-store`, say),
+    /// the client still gets it, and nothing is stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn revalidated<B: Body>(
+        &self,
+        fill: Fill<'_>,
+        Prior {
+            response: prior, ..
+        }: Prior,
+        lease: Result<LeaseToken, NotStoredReason>,
+        epoch: Result<u64, NotStoredReason>,
+        held: &mut HeldLease,
+        not_modified: &HeaderMap,
+        request_headers: &HeaderMap,
+        (request_time, response_time): (Timestamp, Timestamp),
+    ) -> Response<CacheBody<B>> {
+        let shared = self;
+        let mut headers = prior.headers.clone();
+        for name in not_modified.keys() {
+            if name == CONTENT_LENGTH {
+                continue;
+            }
+            headers.remove(name);
+            for value in not_modified.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let plan = match assess(
+            prior.status,
+            &headers,
+            fill.authorized,
+            &shared.config,
+            request_time,
+            response_time,
+        ) {
+            Ok(plan) => plan,
+            Err(reason) => {
+                let mut res = Response::new(CacheBody::full(prior.body.clone()));
+                *res.status_mut() = prior.status;
+                *res.headers_mut() = headers;
+                res.headers_mut().remove(AGE);
+                let res = shared
+                    .not_stored_from(fill, lease, reason, res, StatusCode::NOT_MODIFIED)
+                    .await;
+                held.disarm();
+                return res;
+            }
+        };
+        let (mut status, stored) = self
+            .store_and_share(
+                fill.fwd,
+                fill,
+                lease,
+                epoch,
+                held,
+                (prior.status, &plan, prior.body),
+                request_headers,
+                response_time,
+            )
+            .await;
+        status.fwd_status = Some(StatusCode::NOT_MODIFIED.as_u16());
+        let res = serve_stored(&stored, false, shared.clock.now());
+        shared.finish(res, status)
+    }
+
+    /// Stores a leader's response under its lease and shares it with the flight's waiters;
+    /// the `Cache-Status` of the leader's own response, and the response as stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_and_share(
+        &self,
+        fwd: Fwd,
+        fill: Fill<'_>,
+        lease: Result<LeaseToken, NotStoredReason>,
+        epoch: Result<u64, NotStoredReason>,
+        held: &mut HeldLease,
+        (status, plan, body): (StatusCode, &Plan, Bytes),
+        request_headers: &HeaderMap,
+        response_time: Timestamp,
+    ) -> (CacheStatus, Arc<StoredResponse>) {
+        let shared = self;
+        let stored = StoredResponse {
+            status,
+            headers: with_length(&plan.headers, status, body.len()),
+            body,
+            response_time,
+            initial_age: plan.initial_age,
+            fresh_until: plan.fresh_until,
+            stale_until: plan.stale_until,
+            tags: Vec::new(),
+        };
+        let digest = variant_digest(&plan.vary, request_headers);
+        let written = match (lease, epoch) {
+            (Ok(token), Ok(epoch)) => {
+                let written = shared
+                    .store_fill(&fill, &token, epoch, plan, stored.clone(), &digest)
+                    .await;
+                if written.is_err() {
+                    shared.release(&fill.fill_key, &token).await;
+                }
+                written
+            }
+            (Ok(token), Err(reason)) => {
+                shared.release(&fill.fill_key, &token).await;
+                Err(reason)
+            }
+            (Err(reason), _) => Err(reason),
+        };
+        held.disarm();
+        let vary = (!plan.vary.is_empty()).then(|| (plan.vary.clone(), digest));
+        let stored = Arc::new(stored);
+        fill.guard.finish(Outcome::Shared {
+            response: stored.clone(),
+            vary,
+        });
+
+        let mut cache_status = CacheStatus::fwd(fwd, Some(status));
+        match written {
+            Ok(()) => {
+                shared.stats.count_stored();
+                cache_status.stored = true;
+            }
+            Err(reason) => {
+                shared.stats.count_not_stored(reason);
+                cache_status.detail = Some(reason.as_str());
+            }
+        }
+        (cache_status, stored)
+    }
 }

@@ -22,6 +22,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{ETAG, LAST_MODIFIED};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use statehouse::Timestamp;
 use statehouse::statehouse_core::cache::{Envelope, EnvelopeFlags};
@@ -51,6 +52,21 @@ pub(crate) struct StoredResponse {
 }
 
 impl StoredResponse {
+    /// Whether it carries a validator a conditional request can send back (§4.3.1).
+    pub(crate) fn has_validator(&self) -> bool {
+        self.headers.contains_key(ETAG) || self.headers.contains_key(LAST_MODIFIED)
+    }
+
+    /// Until when the store keeps it: the end of its `stale-if-error` window, and, when it has
+    /// a validator, at least `revalidate_window` past its freshness, to be revalidated.
+    pub(crate) fn keep_until(&self, revalidate_window: Duration) -> Timestamp {
+        if revalidate_window.is_zero() || !self.has_validator() {
+            return self.stale_until;
+        }
+        self.stale_until
+            .max(self.fresh_until.saturating_add(revalidate_window))
+    }
+
     /// The response's age at `now` (§4.2.3 `current_age`).
     pub(crate) fn current_age(&self, now: Timestamp) -> Duration {
         self.initial_age + now.saturating_duration_since(self.response_time)
