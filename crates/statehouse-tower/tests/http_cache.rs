@@ -325,6 +325,45 @@ async fn no_cache_response_goes_to_the_origin_every_time() {
     assert_eq!(h.get("/a").await.body, "response 2");
 }
 
+/// A `no-cache` response with a validator is stored, but every use is revalidated first
+/// (RFC 9111 §5.2.2.4): each request costs the origin a conditional request, answered by a
+/// 304 without the body; it is never served stale, not even on an origin error.
+#[tokio::test]
+async fn a_no_cache_response_with_a_validator_is_revalidated_on_every_use() {
+    let h = harness(|req, n, now| match n {
+        1 => validated("no-cache, stale-if-error=600", "v1", n, now),
+        _ if !conditional_on_v1(req) => ok("max-age=10", n, now),
+        2 | 3 => not_modified("no-cache", now),
+        _ => Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(Body::from("down"))
+            .expect("response"),
+    });
+    assert_eq!(
+        h.get("/a").await.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
+    for calls in [2, 3] {
+        let got = h.get("/a").await;
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (StatusCode::OK, "response 1")
+        );
+        assert_eq!(
+            got.cache_status(),
+            "statehouse; fwd=stale; fwd-status=304; stored"
+        );
+        assert_eq!(h.calls(), calls);
+    }
+    let down = h.get("/a").await;
+    assert_eq!(
+        down.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "never served stale"
+    );
+    assert_eq!(h.layer.stats().hits(), 0);
+}
+
 #[tokio::test]
 async fn no_cache_or_max_age_zero_request_forwards_and_stores_the_new_response() {
     let h = harness(|_, n, now| ok("max-age=60", n, now));

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use http::header::{AGE, CONNECTION, DATE, EXPIRES, SET_COOKIE};
+use http::header::{AGE, CONNECTION, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
 use http::{HeaderMap, HeaderName, StatusCode};
 use statehouse::Timestamp;
 use statehouse::statehouse_core::cache::MAX_TAGS;
@@ -103,11 +103,23 @@ pub(crate) fn assess(
         Qualifiable::Fields(f) => dropped.extend(f.iter().cloned()),
         Qualifiable::Absent => {}
     }
-    match &cc.no_cache {
-        Qualifiable::Whole => return Err(NotStoredReason::NoCache),
-        Qualifiable::Fields(f) => dropped.extend(f.iter().cloned()),
-        Qualifiable::Absent => {}
-    }
+    // An unqualified `no-cache` response may be stored, but never used without a successful
+    // revalidation (§5.2.2.4): kept as a stale entry to revalidate, when it has a validator to
+    // revalidate with and revalidation is on; otherwise it could never serve.
+    let always_revalidate = match &cc.no_cache {
+        Qualifiable::Whole => {
+            let validator = headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED);
+            if !validator || config.revalidate_window.is_zero() {
+                return Err(NotStoredReason::NoCache);
+            }
+            true
+        }
+        Qualifiable::Fields(f) => {
+            dropped.extend(f.iter().cloned());
+            false
+        }
+        Qualifiable::Absent => false,
+    };
     if authorized && !(cc.public || cc.s_maxage.is_present() || cc.must_revalidate) {
         return Err(NotStoredReason::Authorization);
     }
@@ -126,6 +138,7 @@ pub(crate) fn assess(
     // §4.2.1: s-maxage (a shared cache), then max-age, then Expires − Date.
     let date = http_date(headers, DATE).flatten();
     let lifetime = match (cc.s_maxage, cc.max_age) {
+        _ if always_revalidate => Duration::ZERO,
         (Seconds::Value(s), _) => Duration::from_secs(s),
         (Seconds::Invalid, _) => return Err(NotStoredReason::NoFreshness),
         (Seconds::Absent, Seconds::Value(s)) => Duration::from_secs(s),
@@ -146,12 +159,14 @@ pub(crate) fn assess(
     let response_delay = response_time.saturating_duration_since(request_time);
     let corrected_age_value = age_value(headers) + response_delay;
     let initial_age = apparent_age.max(corrected_age_value);
-    if lifetime <= initial_age {
+    if lifetime <= initial_age && !always_revalidate {
         return Err(NotStoredReason::StaleOnArrival);
     }
-    let fresh_until = response_time.saturating_add(lifetime - initial_age);
+    let fresh_until = response_time.saturating_add(lifetime.saturating_sub(initial_age));
     let stale_window = match cc.stale_if_error {
-        Some(s) if !cc.forbids_stale() => Duration::from_secs(s).min(config.max_ttl),
+        Some(s) if !cc.forbids_stale() && !always_revalidate => {
+            Duration::from_secs(s).min(config.max_ttl)
+        }
         _ => Duration::ZERO,
     };
     let stale_until = fresh_until.saturating_add(stale_window);

@@ -64,9 +64,9 @@
 //!   (§4.2.1), and an invalid `Expires` (such as `0`) means "already expired";
 //! * no `no-store` (unless `must-understand` and a status understood: §5.2.2.3), no
 //!   unqualified `private` or `no-cache`. The qualified forms (`private="Set-Cookie"`) store
-//!   the response without the fields they name. An unqualified `no-cache` response is not
-//!   stored: it could never be used without a revalidation, and this cache revalidates only
-//!   responses that were fresh once (below);
+//!   the response without the fields they name. An unqualified `no-cache` response is
+//!   stored only when it has a validator (and revalidation is on), as an entry revalidated
+//!   before every use (§5.2.2.4, below) and never served stale;
 //! * no `Set-Cookie`, unless [`store_set_cookie(true)`](HttpCacheLayerBuilder::store_set_cookie);
 //! * for a request with `Authorization` (only handled at all with
 //!   [`cache_authorized(true)`](HttpCacheLayerBuilder::cache_authorized)): `public`,

@@ -14,8 +14,9 @@ pub enum NotStoredReason {
     NoStore,
     /// `Cache-Control: private` (this is a shared cache).
     Private,
-    /// `Cache-Control: no-cache`: it could only be used after revalidation, which this cache
-    /// does not do, so storing it would gain nothing.
+    /// `Cache-Control: no-cache` on a response without a validator (or with revalidation
+    /// off): it could only be used after a revalidation, which would need one, so storing it
+    /// would gain nothing.
     NoCache,
     /// The request carried `Authorization` and the response lacks `public`, `s-maxage` and
     /// `must-revalidate` (RFC 9111 §3.5).
