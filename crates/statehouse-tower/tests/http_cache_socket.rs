@@ -8,14 +8,14 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use http::header::{AGE, CACHE_CONTROL, HOST};
+use http::header::{AGE, CACHE_CONTROL, ETAG, HOST, IF_NONE_MATCH};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use statehouse::statehouse_core::cache::CacheStore;
 use statehouse::{Clock, EmbeddedCacheStore, ManualClock, RedisStore, RedisTopology};
-use statehouse_testkit::{shared_standalone, unique_prefix};
+use statehouse_testkit::{shared_cluster, shared_standalone, unique_prefix};
 use statehouse_tower::cache::HttpCacheLayer;
 use tower::ServiceExt;
 
@@ -132,4 +132,120 @@ async fn a_hit_and_a_purge_through_redis() {
     let body = third.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"article 2");
     assert_eq!(layer.stats().store_errors(), 0);
+}
+
+/// An app whose `/page` carries an `ETag` and answers `If-None-Match` with a 304, counting its
+/// calls and the conditional ones.
+fn validating_app(
+    store: Arc<dyn CacheStore>,
+    clock: &ManualClock,
+) -> (Router, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let conditional = Arc::new(AtomicUsize::new(0));
+    let (counted, counted_conditional) = (calls.clone(), conditional.clone());
+    let layer = HttpCacheLayer::builder(store)
+        .clock(Arc::new(clock.clone()) as Arc<dyn Clock>)
+        .build()
+        .expect("layer");
+    let router = Router::new()
+        .route(
+            "/page",
+            get(move |headers: http::HeaderMap| {
+                let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                let revalidation = headers.get(IF_NONE_MATCH).is_some_and(|v| v == "\"p1\"");
+                if revalidation {
+                    counted_conditional.fetch_add(1, Ordering::SeqCst);
+                }
+                async move {
+                    let fields = [(CACHE_CONTROL, "max-age=10"), (ETAG, "\"p1\"")];
+                    if revalidation {
+                        (StatusCode::NOT_MODIFIED, fields).into_response()
+                    } else {
+                        (fields, format!("page {n}")).into_response()
+                    }
+                }
+            }),
+        )
+        .layer(layer);
+    (router, calls, conditional)
+}
+
+/// Revalidation and conditional requests through a real HTTP client on a real socket, over
+/// Redis standalone and Redis Cluster: a stale entry is revalidated with its `ETag` and
+/// refreshed by the origin's 304; a client holding the representation gets a 304 from the
+/// cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revalidation_and_304s_over_redis_on_a_real_socket() {
+    let cluster = tokio::task::spawn_blocking(|| shared_cluster().urls())
+        .await
+        .expect("cluster");
+    for topology in [
+        RedisTopology::Standalone(shared_standalone().url()),
+        RedisTopology::Cluster(cluster.clone()),
+    ] {
+        let clock = ManualClock::starting_now();
+        let store = RedisStore::builder(topology.clone())
+            .prefix(&unique_prefix("http-revalidate"))
+            .connect()
+            .await
+            .expect("connect to the test Redis")
+            .cache_store();
+        let (router, calls, conditional) = validating_app(Arc::new(store), &clock);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router).await.expect("serve");
+        });
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let fetch = |if_none_match: Option<&'static str>| {
+            let client = client.clone();
+            async move {
+                let mut req = Request::get(format!("http://{addr}/page"));
+                if let Some(tag) = if_none_match {
+                    req = req.header(IF_NONE_MATCH, tag);
+                }
+                let req = req.body(Full::new(Bytes::new())).expect("request");
+                let res = client.request(req).await.expect("HTTP request");
+                let (parts, body) = res.into_parts();
+                let body = body.collect().await.expect("body").to_bytes();
+                (parts, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+
+        let (first, body) = fetch(None).await;
+        assert_eq!((first.status, body.as_str()), (StatusCode::OK, "page 1"));
+        clock.advance(std::time::Duration::from_secs(15));
+        let (revalidated, body) = fetch(None).await;
+        assert_eq!(
+            (revalidated.status, body.as_str()),
+            (StatusCode::OK, "page 1"),
+            "{topology:?}"
+        );
+        assert_eq!(
+            revalidated.headers["cache-status"],
+            "statehouse; fwd=stale; fwd-status=304; stored"
+        );
+        let (not_modified, body) = fetch(Some("\"p1\"")).await;
+        assert_eq!(
+            not_modified.status,
+            StatusCode::NOT_MODIFIED,
+            "{topology:?}"
+        );
+        assert_eq!(body, "");
+        assert_eq!(
+            not_modified.headers["cache-status"],
+            "statehouse; hit; ttl=10"
+        );
+        assert_eq!(
+            (
+                calls.load(Ordering::SeqCst),
+                conditional.load(Ordering::SeqCst)
+            ),
+            (2, 1),
+            "{topology:?}"
+        );
+        server.abort();
+    }
 }
