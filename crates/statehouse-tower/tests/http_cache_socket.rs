@@ -48,6 +48,44 @@ fn app(
     (router, calls, layer)
 }
 
+/// A router served on a free loopback port, and a real HTTP client for it.
+struct Served {
+    addr: std::net::SocketAddr,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Served {
+    /// Serves `router`; the task is the server's, to abort at the end.
+    async fn start(router: Router) -> (tokio::task::JoinHandle<()>, Served) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router).await.expect("serve");
+        });
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        (server, Served { addr, client })
+    }
+
+    /// GETs `path`, with `If-None-Match` when given; the response head and body.
+    async fn get(
+        &self,
+        path: &str,
+        if_none_match: Option<&str>,
+    ) -> (http::response::Parts, String) {
+        let mut req = Request::get(format!("http://{}{path}", self.addr));
+        if let Some(tag) = if_none_match {
+            req = req.header(IF_NONE_MATCH, tag);
+        }
+        let req = req.body(Full::new(Bytes::new())).expect("request");
+        let res = self.client.request(req).await.expect("HTTP request");
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (parts, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
 #[tokio::test]
 async fn a_hit_over_a_real_socket() {
     let clock = ManualClock::starting_now();
@@ -58,23 +96,8 @@ async fn a_hit_over_a_real_socket() {
             .expect("store"),
     );
     let (router, calls, layer) = app(store, &clock);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router).await.expect("serve");
-    });
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let fetch = || async {
-        let req = Request::get(format!("http://{addr}/article"))
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        let res = client.request(req).await.expect("HTTP request");
-        let (parts, body) = res.into_parts();
-        let body = body.collect().await.expect("body").to_bytes();
-        (parts, String::from_utf8_lossy(&body).into_owned())
-    };
+    let (server, client) = Served::start(router).await;
+    let fetch = || client.get("/article", None);
 
     let (first, body) = fetch().await;
     assert_eq!(first.status, StatusCode::OK);
@@ -191,28 +214,8 @@ async fn revalidation_and_304s_over_redis_on_a_real_socket() {
             .expect("connect to the test Redis")
             .cache_store();
         let (router, calls, conditional) = validating_app(Arc::new(store), &clock);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router).await.expect("serve");
-        });
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let fetch = |if_none_match: Option<&'static str>| {
-            let client = client.clone();
-            async move {
-                let mut req = Request::get(format!("http://{addr}/page"));
-                if let Some(tag) = if_none_match {
-                    req = req.header(IF_NONE_MATCH, tag);
-                }
-                let req = req.body(Full::new(Bytes::new())).expect("request");
-                let res = client.request(req).await.expect("HTTP request");
-                let (parts, body) = res.into_parts();
-                let body = body.collect().await.expect("body").to_bytes();
-                (parts, String::from_utf8_lossy(&body).into_owned())
-            }
-        };
+        let (server, client) = Served::start(router).await;
+        let fetch = |if_none_match| client.get("/page", if_none_match);
 
         let (first, body) = fetch(None).await;
         assert_eq!((first.status, body.as_str()), (StatusCode::OK, "page 1"));
