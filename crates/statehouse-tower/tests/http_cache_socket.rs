@@ -19,6 +19,14 @@ use statehouse_testkit::{shared_cluster, shared_standalone, unique_prefix};
 use statehouse_tower::cache::HttpCacheLayer;
 use tower::ServiceExt;
 
+/// The layer of these tests: every default, on `clock`.
+fn layer_on(store: Arc<dyn CacheStore>, clock: &ManualClock) -> HttpCacheLayer {
+    HttpCacheLayer::builder(store)
+        .clock(Arc::new(clock.clone()) as Arc<dyn Clock>)
+        .build()
+        .expect("layer")
+}
+
 /// An app whose one route counts its calls and may be cached for 60 s.
 fn app(
     store: Arc<dyn CacheStore>,
@@ -26,10 +34,7 @@ fn app(
 ) -> (Router, Arc<AtomicUsize>, HttpCacheLayer) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
-    let layer = HttpCacheLayer::builder(store)
-        .clock(Arc::new(clock.clone()) as Arc<dyn Clock>)
-        .build()
-        .expect("layer");
+    let layer = layer_on(store, clock);
     let router = Router::new()
         .route(
             "/article",
@@ -166,10 +171,7 @@ fn validating_app(
     let calls = Arc::new(AtomicUsize::new(0));
     let conditional = Arc::new(AtomicUsize::new(0));
     let (counted, counted_conditional) = (calls.clone(), conditional.clone());
-    let layer = HttpCacheLayer::builder(store)
-        .clock(Arc::new(clock.clone()) as Arc<dyn Clock>)
-        .build()
-        .expect("layer");
+    let layer = layer_on(store, clock);
     let router = Router::new()
         .route(
             "/page",
