@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -15,7 +15,7 @@ use http::header::{
     ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, ETAG, HOST,
     IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, SET_COOKIE, VARY,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use statehouse::statehouse_core::cache::{
@@ -723,46 +723,131 @@ async fn a_revalidation_answered_200_replaces_the_response() {
     assert_eq!(h.calls(), 2);
 }
 
-/// A client's own conditions go to the origin as they are (not the stored validators), and
-/// the origin's `304` passes through unstored; a `304` that forbids storing still gives the
-/// client the updated response; with no revalidation window a stale response is gone.
+/// A client's own conditions (a browser that holds a copy) are kept from the origin while the
+/// cache may store: the origin sends the whole response, which fills the cache, and the
+/// client's conditions are answered from it: a `304` when its copy is current, else the whole
+/// response. On a stale entry the origin gets the stored validators instead, and the client's
+/// conditions are answered from the refreshed entry. A response that may not be stored is
+/// answered the same way.
 #[tokio::test]
-async fn revalidation_leaves_client_conditions_and_no_store_alone() {
-    let h = harness(|req, n, now| match req.uri().path() {
-        "/client"
-            if req
-                .headers()
-                .get(IF_NONE_MATCH)
-                .is_some_and(|v| v == "\"mine\"") =>
-        {
-            not_modified("max-age=30", now)
+async fn client_conditions_are_answered_by_the_cache_which_fills() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let h = {
+        let seen = seen.clone();
+        harness(move |req, n, now| {
+            let tag = req.headers().get(IF_NONE_MATCH).cloned();
+            let since = req.headers().get(IF_MODIFIED_SINCE).cloned();
+            seen.lock().expect("lock").push((tag, since));
+            if req.uri().path() == "/unstored" {
+                validated("no-store", "v1", n, now)
+            } else if conditional_on_v1(req) {
+                not_modified("max-age=30", now)
+            } else {
+                validated("max-age=10", "v1", n, now)
+            }
+        })
+    };
+    // A cold key, and the client's copy is current: a 304, and the cache holds the response.
+    let current = h.send(with(get("/a"), IF_NONE_MATCH, "\"v1\"")).await;
+    assert_eq!(
+        (current.status, current.body.as_str()),
+        (StatusCode::NOT_MODIFIED, "")
+    );
+    assert_eq!(current.headers[ETAG], "\"v1\"");
+    assert!(!current.headers.contains_key(CONTENT_LENGTH));
+    assert_eq!(
+        current.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
+    let hit = h.get("/a").await;
+    assert_eq!(
+        (hit.status, hit.body.as_str()),
+        (StatusCode::OK, "response 1")
+    );
+    assert_eq!(hit.cache_status(), "statehouse; hit; ttl=10");
+    // The client holds another copy: the whole response, stored.
+    let other = h.send(with(get("/b"), IF_NONE_MATCH, "\"mine\"")).await;
+    assert_eq!(
+        (other.status, other.body.as_str()),
+        (StatusCode::OK, "response 2")
+    );
+    assert_eq!(
+        other.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
+    let since = h.send(with(get("/c"), IF_MODIFIED_SINCE, LAST_MOD)).await;
+    assert_eq!(since.status, StatusCode::NOT_MODIFIED);
+    // Not storable: still answered from what the origin sent.
+    let unstored = h
+        .send(with(get("/unstored"), IF_NONE_MATCH, "\"v1\""))
+        .await;
+    assert_eq!(
+        (unstored.status, unstored.body.as_str()),
+        (StatusCode::NOT_MODIFIED, "")
+    );
+    assert_eq!(
+        unstored.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; detail=no-store"
+    );
+    // Stale: revalidated with the stored validators; the client's conditions are answered
+    // from the refreshed entry.
+    h.advance(15);
+    let revalidated = h.send(with(get("/a"), IF_NONE_MATCH, "\"v1\"")).await;
+    assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(
+        revalidated.cache_status(),
+        "statehouse; fwd=stale; fwd-status=304; stored"
+    );
+    let whole = h.send(with(get("/b"), IF_NONE_MATCH, "\"mine\"")).await;
+    assert_eq!(
+        (whole.status, whole.body.as_str()),
+        (StatusCode::OK, "response 2"),
+        "the refreshed entry, whole"
+    );
+    assert_eq!(h.calls(), 6);
+    // The origin never saw a client's own condition: only the stored validators, when it
+    // revalidated.
+    let stored_validators = (
+        Some(HeaderValue::from_static("\"v1\"")),
+        Some(HeaderValue::from_static(LAST_MOD)),
+    );
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        vec![
+            (None, None),
+            (None, None),
+            (None, None),
+            (None, None),
+            stored_validators.clone(),
+            stored_validators,
+        ]
+    );
+}
+
+/// A `304` that forbids storing still gives the client the updated response; with no
+/// revalidation window a stale response is gone.
+#[tokio::test]
+async fn revalidation_leaves_no_store_alone() {
+    let h = harness(|req, n, now| {
+        if conditional_on_v1(req) {
+            not_modified("no-store", now)
+        } else {
+            validated("max-age=10", "v1", n, now)
         }
-        "/client" => validated("max-age=10", "v1", n, now),
-        _ if conditional_on_v1(req) => not_modified("no-store", now),
-        _ => validated("max-age=10", "v1", n, now),
     });
-    h.get("/client").await;
     h.get("/a").await;
     h.advance(15);
-    let passed = h
-        .send(with(get("/client"), IF_NONE_MATCH, "\"mine\""))
-        .await;
-    assert_eq!(passed.status, StatusCode::NOT_MODIFIED);
-    assert_eq!(
-        passed.cache_status(),
-        "statehouse; fwd=stale; fwd-status=304; detail=status"
-    );
     let refused = h.get("/a").await;
     assert_eq!(
         (refused.status, refused.body.as_str()),
-        (StatusCode::OK, "response 2")
+        (StatusCode::OK, "response 1")
     );
     assert_eq!(refused.headers[CACHE_CONTROL], "no-store");
     assert_eq!(
         refused.cache_status(),
         "statehouse; fwd=stale; fwd-status=304; detail=no-store"
     );
-    assert_eq!(h.calls(), 4);
+    assert_eq!(h.calls(), 2);
 
     let h = harness_with(
         None,

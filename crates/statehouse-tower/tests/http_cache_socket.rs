@@ -196,9 +196,9 @@ fn validating_app(
 }
 
 /// Revalidation and conditional requests through a real HTTP client on a real socket, over
-/// Redis standalone and Redis Cluster: a stale entry is revalidated with its `ETag` and
-/// refreshed by the origin's 304; a client holding the representation gets a 304 from the
-/// cache.
+/// Redis standalone and Redis Cluster: a conditional request on a cold cache fills it and gets
+/// a 304; a stale entry is revalidated with its `ETag` and refreshed by the origin's 304; a
+/// client holding the representation gets a 304 from the cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revalidation_and_304s_over_redis_on_a_real_socket() {
     let cluster = tokio::task::spawn_blocking(|| shared_cluster().urls())
@@ -219,8 +219,22 @@ async fn revalidation_and_304s_over_redis_on_a_real_socket() {
         let (server, client) = Served::start(router).await;
         let fetch = |if_none_match| client.get("/page", if_none_match);
 
-        let (first, body) = fetch(None).await;
-        assert_eq!((first.status, body.as_str()), (StatusCode::OK, "page 1"));
+        // A client that holds the page already, on a cold cache: the origin sends the whole
+        // page (the client's condition kept from it), which fills the cache, and the client
+        // gets a 304.
+        let (first, body) = fetch(Some("\"p1\"")).await;
+        assert_eq!(
+            (first.status, body.as_str()),
+            (StatusCode::NOT_MODIFIED, ""),
+            "{topology:?}"
+        );
+        assert_eq!(
+            first.headers["cache-status"],
+            "statehouse; fwd=uri-miss; fwd-status=200; stored"
+        );
+        let (hit, body) = fetch(None).await;
+        assert_eq!((hit.status, body.as_str()), (StatusCode::OK, "page 1"));
+        assert_eq!(hit.headers["cache-status"], "statehouse; hit; ttl=10");
         clock.advance(std::time::Duration::from_secs(15));
         let (revalidated, body) = fetch(None).await;
         assert_eq!(

@@ -97,16 +97,21 @@
 //!   its `ETag` by the weak comparison, or `*`; without `If-None-Match`, `If-Modified-Since`
 //!   at or after its `Last-Modified`) gets a `304 Not Modified` from the cache, with the
 //!   stored `Cache-Control`, `Content-Location`, `Date`, `ETag`, `Expires`, `Vary`,
-//!   `Last-Modified` and `Age`, and no body (§4.3.2). One that misses goes to the origin as it
-//!   is, and a `304` from the origin is passed on, never stored.
+//!   `Last-Modified` and `Age`, and no body (§4.3.2). One that misses is filled: its
+//!   `If-None-Match` and `If-Modified-Since` are kept from the origin (which then sends the
+//!   whole response, stored as any other), and answered from what the origin sent, with a
+//!   `304` when the client's copy is current. Only a request that cannot store (another
+//!   replica holds the fill's lease, or the store is down) goes to the origin with its
+//!   conditions, and the origin's `304` is passed on.
 //! * A stale entry goes to the origin (`fwd=stale`; so does a fresh one the request refuses,
 //!   `fwd=request`). One with a validator (`ETag`, `Last-Modified`) is kept for
 //!   [`revalidate_window`](HttpCacheLayerBuilder::revalidate_window) (default 10 minutes)
 //!   after it went stale and is **revalidated** (§4.3): the origin gets `If-None-Match` and
-//!   `If-Modified-Since` with the stored validators (unless the client sent conditions of its
-//!   own, which then go as they are), and a `304 Not Modified` refreshes the stored response:
-//!   its fields updated from the 304's (`Content-Length` excepted), its freshness judged again,
-//!   its body kept; the client gets it whole (`fwd-status=304; stored`). Any other answer
+//!   `If-Modified-Since` with the stored validators (never the client's own), and a
+//!   `304 Not Modified` refreshes the stored response: its fields updated from the 304's
+//!   (`Content-Length` excepted), its freshness judged again, its body kept; the client gets
+//!   it whole, or a `304` when its own conditions say its copy is current
+//!   (`fwd-status=304; stored`). Any other answer
 //!   replaces the entry as a new response would. If the entry's `stale-if-error` window
 //!   (RFC 5861) is still open and the origin fails (an error, or 500, 502, 503, 504), the
 //!   stale entry is served instead. `must-revalidate`, `proxy-revalidate` and `s-maxage`

@@ -304,22 +304,10 @@ impl Shared {
     }
 
     /// A leader's response that is not stored: the lease goes back, waiters go upstream
-    /// themselves, and the client gets the response as it came.
+    /// themselves, and the client gets `res`, to a request the origin answered `origin_status`
+    /// (a revalidation's 304 for the stored response it refreshed; a 200 turned into a 304
+    /// for the client's own conditions).
     async fn not_stored<B: Body>(
-        &self,
-        fill: Fill<'_>,
-        lease: Result<LeaseToken, NotStoredReason>,
-        reason: NotStoredReason,
-        res: Response<CacheBody<B>>,
-    ) -> Response<CacheBody<B>> {
-        let origin_status = res.status();
-        self.not_stored_from(fill, lease, reason, res, origin_status)
-            .await
-    }
-
-    /// [`not_stored`](Self::not_stored) of a response the origin answered `origin_status`
-    /// (a revalidation's 304 for the stored response it refreshed).
-    async fn not_stored_from<B: Body>(
         &self,
         fill: Fill<'_>,
         lease: Result<LeaseToken, NotStoredReason>,
@@ -731,10 +719,23 @@ where
             token: lease.as_ref().ok().cloned(),
         };
         let request_headers = req.headers().clone();
-        // A stored response with a validator is revalidated (RFC 9111 §4.3.1): the origin gets
-        // its validators, unless the client sent conditions of its own (the origin's answer
-        // then speaks to those, and passes through as it comes).
         let mut req = req;
+        // A client's own conditions (`If-None-Match`, `If-Modified-Since`: a browser that holds
+        // a copy) are kept from the origin when this fill may store, so that the origin sends
+        // the whole response and the cache fills (a 304 for the client's copy could not be
+        // stored); the client's conditions are then answered from what the origin sent
+        // (`answer_conditions`). Without the lease, nothing will be stored: they go as they are.
+        let client_conditions = req.headers().contains_key(IF_NONE_MATCH)
+            || req.headers().contains_key(IF_MODIFIED_SINCE);
+        let answering = client_conditions && lease.is_ok() && epoch.is_ok();
+        if answering {
+            let headers = req.headers_mut();
+            headers.remove(IF_NONE_MATCH);
+            headers.remove(IF_MODIFIED_SINCE);
+        }
+        // A stored response with a validator is revalidated (RFC 9111 §4.3.1): the origin gets
+        // its validators, unless the client's own conditions went to it (the origin's answer
+        // then speaks to those, and passes through as it comes).
         let revalidating = match &fill.prior {
             Some(prior)
                 if prior.response.has_validator()
@@ -815,13 +816,13 @@ where
         ) {
             Ok(plan) => plan,
             Err(reason) => {
+                let origin_status = parts.status;
+                let mut res = Response::from_parts(parts, CacheBody::stream(body));
+                if answering {
+                    res = answer_conditions(&request_headers, res);
+                }
                 let res = shared
-                    .not_stored(
-                        fill,
-                        lease,
-                        reason,
-                        Response::from_parts(parts, CacheBody::stream(body)),
-                    )
+                    .not_stored(fill, lease, reason, res, origin_status)
                     .await;
                 held.disarm();
                 return Ok(res);
@@ -830,8 +831,13 @@ where
         let body = match collect(body, shared.config.max_body_bytes).await {
             Collected::Complete(bytes) => bytes,
             Collected::Partial(body, reason) => {
+                let origin_status = parts.status;
+                let mut res = Response::from_parts(parts, body);
+                if answering {
+                    res = answer_conditions(&request_headers, res);
+                }
                 let res = shared
-                    .not_stored(fill, lease, reason, Response::from_parts(parts, body))
+                    .not_stored(fill, lease, reason, res, origin_status)
                     .await;
                 held.disarm();
                 return Ok(res);
@@ -850,7 +856,10 @@ where
                 response_time,
             )
             .await;
-        let res = Response::from_parts(parts, CacheBody::full(body));
+        let mut res = Response::from_parts(parts, CacheBody::full(body));
+        if answering {
+            res = answer_conditions(&request_headers, res);
+        }
         Ok(self.shared.finish(res, written))
     }
 }
@@ -892,20 +901,54 @@ fn serve_stored_to<ReqBody, B: Body>(
     stored: &StoredResponse,
     now: Timestamp,
 ) -> Response<CacheBody<B>> {
-    let head = req.method() == Method::HEAD;
-    if !not_modified(req.method(), req.headers(), stored.status, &stored.headers) {
-        return serve_stored(stored, head, now);
+    serve_stored_for(req.method(), req.headers(), stored, now)
+}
+
+/// [`serve_stored_to`] for a request's method and fields.
+fn serve_stored_for<B: Body>(
+    method: &Method,
+    request: &HeaderMap,
+    stored: &StoredResponse,
+    now: Timestamp,
+) -> Response<CacheBody<B>> {
+    if !not_modified(method, request, stored.status, &stored.headers) {
+        return serve_stored(stored, method == Method::HEAD, now);
     }
+    let mut res = not_modified_from(&stored.headers);
+    res.headers_mut()
+        .insert(AGE, HeaderValue::from(stored.current_age(now).as_secs()));
+    res
+}
+
+/// A `304 Not Modified` carrying the fields of `NOT_MODIFIED_FIELDS` from `headers` (those of
+/// the `200` the client's copy matches), and no body.
+fn not_modified_from<B: Body>(headers: &HeaderMap) -> Response<CacheBody<B>> {
     let mut res = Response::new(CacheBody::empty());
     *res.status_mut() = StatusCode::NOT_MODIFIED;
-    let headers = res.headers_mut();
+    let out = res.headers_mut();
     for name in NOT_MODIFIED_FIELDS {
-        for value in stored.headers.get_all(&name) {
-            headers.append(name.clone(), value.clone());
+        for value in headers.get_all(&name) {
+            out.append(name.clone(), value.clone());
         }
     }
-    headers.insert(AGE, HeaderValue::from(stored.current_age(now).as_secs()));
     res
+}
+
+/// A leader's response to a GET whose client conditions were kept from the origin: a
+/// `304 Not Modified` when the conditions (`client`) say the client's copy of this `200` is
+/// current, else the response as it is. The body of a response turned into a 304 is dropped.
+fn answer_conditions<B: Body>(
+    client: &HeaderMap,
+    res: Response<CacheBody<B>>,
+) -> Response<CacheBody<B>> {
+    if !not_modified(&Method::GET, client, res.status(), res.headers()) {
+        return res;
+    }
+    let mut not_modified = not_modified_from(res.headers());
+    if let Some(age) = res.headers().get(AGE) {
+        not_modified.headers_mut().insert(AGE, age.clone());
+    }
+    not_modified
 }
 
 /// A status that lets a stale-if-error response be served instead (RFC 5861 §4).
@@ -1010,7 +1053,7 @@ impl Shared {
                 *res.headers_mut() = headers;
                 res.headers_mut().remove(AGE);
                 let res = shared
-                    .not_stored_from(fill, lease, reason, res, StatusCode::NOT_MODIFIED)
+                    .not_stored(fill, lease, reason, res, StatusCode::NOT_MODIFIED)
                     .await;
                 held.disarm();
                 return res;
@@ -1029,7 +1072,8 @@ impl Shared {
             )
             .await;
         status.fwd_status = Some(StatusCode::NOT_MODIFIED.as_u16());
-        let res = serve_stored(&stored, false, shared.clock.now());
+        // The client's own conditions, if it sent any, are answered from the refreshed entry.
+        let res = serve_stored_for(&Method::GET, request_headers, &stored, shared.clock.now());
         shared.finish(res, status)
     }
 
