@@ -110,6 +110,18 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
                 .map_or("–".into(), |v| format!("{v:.1}"))
         )?;
     }
+    if let Some(c) = r.ceiling_matched {
+        writeln!(
+            out,
+            "| (context) the same with `-c 1 -P {}`: one connection with {} requests in flight, as many as the subject's tasks (the ceiling has {}) | {} | {} |",
+            o.tasks,
+            o.tasks,
+            grouped((o.tasks * 64) as f64),
+            grouped(c.per_second()),
+            c.server_micros_per_decision()
+                .map_or("–".into(), |v| format!("{v:.1}"))
+        )?;
+    }
     if let Some(c) = r.statehouse_script_ceiling {
         writeln!(
             out,
@@ -159,6 +171,14 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
         )?;
     }
     let redis_gcra = r.redis.iter().find(|x| x.algorithm == Algorithm::Gcra);
+    if let (Some(gcra), Some(matched)) = (redis_gcra, r.ceiling_matched) {
+        writeln!(
+            out,
+            "| (context) Redis GCRA ÷ the script at `-c 1 -P {}` (the same requests in flight) | {:.2} | – | – |",
+            o.tasks,
+            gcra.throughput.per_second() / matched.per_second()
+        )?;
+    }
     if let (Some(gcra), Some(script)) = (redis_gcra, r.statehouse_script_ceiling) {
         writeln!(
             out,

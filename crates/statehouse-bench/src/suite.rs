@@ -64,6 +64,9 @@ pub struct Results {
     pub ceiling: Option<CeilingRun>,
     /// `redis-benchmark -c 64 -P 1` (context: the same without pipelining).
     pub ceiling_unpipelined: Option<CeilingRun>,
+    /// `redis-benchmark -c 1 -P 64` (context: the same script with as many requests in flight
+    /// as the subject's tasks, instead of the ceiling's 64 × 64).
+    pub ceiling_matched: Option<CeilingRun>,
     /// `redis-benchmark -c 64 -P 64` calling Statehouse's own limiter script with the GCRA
     /// policy's arguments (context: the server's cost of the script, without our client).
     pub statehouse_script_ceiling: Option<CeilingRun>,
@@ -142,6 +145,7 @@ pub fn run(options: &Options) -> anyhow::Result<Results> {
         redis: Vec::new(),
         ceiling: None,
         ceiling_unpipelined: None,
+        ceiling_matched: None,
         statehouse_script_ceiling: None,
         latencies: Vec::new(),
         timer_overhead: latency::timer_overhead(),
@@ -383,6 +387,28 @@ async fn run_redis(
         unpipelined.per_second()
     );
     results.ceiling_unpipelined = Some(unpipelined);
+
+    // The subject's concurrency: one connection with `tasks` requests in flight.
+    target.flush()?;
+    let matched_requests = results
+        .ceiling
+        .map_or(FIRST_CEILING_GUESS, |c| c.per_second() / 2.0);
+    let matched = redis_benchmark(
+        &target,
+        CEILING_CALL,
+        CeilingShape {
+            requests: ((matched_requests * seconds) as u64).max(MIN_CEILING_REQUESTS),
+            clients: 1,
+            pipeline: options.tasks,
+            keys: options.keys,
+        },
+    )?;
+    eprintln!(
+        "redis-benchmark -c 1 -P {}: {:.0} requests/s",
+        options.tasks,
+        matched.per_second()
+    );
+    results.ceiling_matched = Some(matched);
 
     match statehouse_script_reference(&target, options, seconds) {
         Ok(Some(run)) => {

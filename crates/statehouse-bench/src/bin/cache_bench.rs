@@ -545,6 +545,8 @@ struct Results {
     round_ratios: Vec<f64>,
     store_level: Window,
     unpipelined: Reference,
+    /// `redis-benchmark -c 1 -P <tasks>`: as many requests in flight as the subject's tasks.
+    matched: Reference,
 }
 
 fn load_average() -> String {
@@ -724,6 +726,9 @@ fn run(o: &Options) -> anyhow::Result<Results> {
     };
     let unpipelined_requests = requests_lasting(&target, o.tasks, 1, o.keys, o.measure)?;
     let unpipelined = redis_benchmark_get(&target, o.tasks, 1, o.keys, unpipelined_requests)?;
+    // The subject's concurrency: one connection with `tasks` requests in flight.
+    let matched_requests = requests_lasting(&target, 1, o.tasks, o.keys, o.measure)?;
+    let matched = redis_benchmark_get(&target, 1, o.tasks, o.keys, matched_requests)?;
     drop(l2_cache);
 
     Ok(Results {
@@ -743,6 +748,7 @@ fn run(o: &Options) -> anyhow::Result<Results> {
         round_ratios,
         store_level,
         unpipelined,
+        matched,
     })
 }
 
@@ -878,6 +884,16 @@ fn markdown(r: &Results, o: &Options) -> Result<String, std::fmt::Error> {
             "(context) the same with `-P 1`: no pipelining".to_owned(),
             r.unpipelined,
         ),
+        (
+            format!(
+                "(context) `-c 1 -P {}`: one connection with {} requests in flight, as many as \
+                 the subject's tasks (the reference has {})",
+                o.tasks,
+                o.tasks,
+                grouped((o.tasks * 64) as f64)
+            ),
+            r.matched,
+        ),
     ] {
         writeln!(
             out,
@@ -927,6 +943,12 @@ fn markdown(r: &Results, o: &Options) -> Result<String, std::fmt::Error> {
         out,
         "| (context) `RedisCacheStore::get` ÷ redis-benchmark GET `-P 64` | {:.2} | – | – |",
         r.store_level.per_second() / r.reference.run.per_second()
+    )?;
+    writeln!(
+        out,
+        "| (context) Cache L2 hits/s ÷ redis-benchmark GET `-c 1 -P {}` (the same requests in flight) | {:.2} | – | – |",
+        o.tasks,
+        r.l2.per_second() / r.matched.run.per_second()
     )?;
     writeln!(out)?;
     Ok(out)

@@ -10,7 +10,8 @@
 //! a refresh (`last_seen`, the key's `PEXPIREAT`, the index score and expiry: the worst case),
 //! and the default 1/4, where loads of fresh sessions only read. Both run 64 concurrent tasks
 //! over one multiplexed connection on one client thread (`--client-threads`);
-//! `redis-benchmark` runs 64 clients pipelining 64 commands, on its one thread.
+//! `redis-benchmark` runs 64 clients pipelining 64 commands, on its one thread; as context it
+//! also runs one client pipelining 64 (as many requests in flight as the 64 tasks).
 
 use std::process::Command;
 use std::sync::Arc;
@@ -86,9 +87,16 @@ async fn run(options: Options) -> anyhow::Result<()> {
         options.client_threads, options.sessions, options.seconds
     );
 
-    let ceiling = redis_benchmark_getex(port, options.sessions, options.seconds, false)?;
+    let ceiling = redis_benchmark_getex(port, options.sessions, options.seconds, false, CEILING)?;
     println!("redis-benchmark GETEX PX (-P 64 -c 64):      {ceiling:>12.0} ops/s");
-    let script_ceiling = redis_benchmark_getex(port, options.sessions, options.seconds, true)?;
+    let matched = redis_benchmark_getex(port, options.sessions, options.seconds, false, MATCHED)?;
+    println!(
+        "redis-benchmark GETEX PX (-P {TASKS} -c 1):       {matched:>12.0} ops/s  (context: as many \
+         requests in flight as the {TASKS} tasks; the reference has {})",
+        CEILING.clients * CEILING.pipeline
+    );
+    let script_ceiling =
+        redis_benchmark_getex(port, options.sessions, options.seconds, true, CEILING)?;
     println!(
         "redis-benchmark minimal GET+PEXPIRE script:  {script_ceiling:>12.0} ops/s  = {:.2}x GETEX",
         script_ceiling / ceiling
@@ -120,7 +128,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
         results.push((label, rate));
     }
     for (label, rate) in results {
-        println!("ratio [{label}]: {:.2}", rate / ceiling);
+        println!(
+            "ratio [{label}]: {:.2}   (context: {:.2}x GETEX at -P {TASKS} -c 1)",
+            rate / ceiling,
+            rate / matched
+        );
     }
     Ok(())
 }
@@ -244,6 +256,7 @@ fn redis_benchmark_getex(
     keys: usize,
     seconds: u64,
     script: bool,
+    shape: Shape,
 ) -> anyhow::Result<f64> {
     raw_command(port, &["FLUSHALL"]).context("FLUSHALL")?;
     let fill = "for i = 0, tonumber(ARGV[1]) - 1 do \
@@ -251,10 +264,10 @@ fn redis_benchmark_getex(
     let value = "x".repeat(200);
     raw_command(port, &["EVAL", fill, "0", &keys.to_string(), &value]).context("filling keys")?;
     // A first short run to size the measured one.
-    let probe = run_redis_benchmark(port, keys, 100_000, script)?;
+    let probe = run_redis_benchmark(port, keys, 100_000, script, shape)?;
     let n = ((probe * seconds as f64) as u64).max(100_000);
     raw_command(port, &["CONFIG", "RESETSTAT"]).context("CONFIG RESETSTAT")?;
-    let rate = run_redis_benchmark(port, keys, n, script)?;
+    let rate = run_redis_benchmark(port, keys, n, script, shape)?;
     let stats = raw_command(port, &["INFO", "commandstats"]).context("INFO")?;
     for line in stats
         .lines()
@@ -265,11 +278,36 @@ fn redis_benchmark_getex(
     Ok(rate)
 }
 
-fn run_redis_benchmark(port: u16, keys: usize, n: u64, script: bool) -> anyhow::Result<f64> {
+/// `redis-benchmark`'s connections (`-c`) and requests pipelined on each (`-P`).
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    clients: usize,
+    pipeline: usize,
+}
+
+/// The reference of the ratios: 64 connections pipelining 64 requests each.
+const CEILING: Shape = Shape {
+    clients: 64,
+    pipeline: 64,
+};
+/// Context: one connection with as many requests in flight as the subject's tasks.
+const MATCHED: Shape = Shape {
+    clients: 1,
+    pipeline: TASKS,
+};
+
+fn run_redis_benchmark(
+    port: u16,
+    keys: usize,
+    n: u64,
+    script: bool,
+    shape: Shape,
+) -> anyhow::Result<f64> {
     let (n, keys) = (n.to_string(), keys.to_string());
+    let (clients, pipeline) = (shape.clients.to_string(), shape.pipeline.to_string());
     let mut command = Command::new("redis-benchmark");
     command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
-    command.args(["-n", &n, "-P", "64", "-c", "64", "-r", &keys, "-q"]);
+    command.args(["-n", &n, "-P", &pipeline, "-c", &clients, "-r", &keys, "-q"]);
     if script {
         let sha = raw_command(port, &["SCRIPT", "LOAD", MINIMAL_SCRIPT]).context("SCRIPT LOAD")?;
         command.args(["EVALSHA", &sha, "1", "key:__rand_int__"]);
