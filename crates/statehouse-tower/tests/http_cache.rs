@@ -1494,3 +1494,168 @@ async fn a_cancelled_filler_gives_its_lease_and_its_flight_back() {
     h.gate.as_ref().unwrap().add_permits(1);
     assert_eq!(waiter.await.unwrap().body, "response 4");
 }
+
+/// RFC 5861 `stale-while-revalidate`: within the window after freshness, a GET is answered
+/// from the stale entry at once, and the request goes on to the origin in the background,
+/// whose response replaces the entry; past the window, a request waits for the origin again.
+#[tokio::test(flavor = "current_thread")]
+async fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
+    let h = harness(|_, n, now| ok("max-age=10, stale-while-revalidate=30", n, now));
+    assert_eq!(h.get("/a").await.body, "response 1");
+    h.advance(15);
+    let stale = h.get("/a").await;
+    assert_eq!(
+        (stale.status, stale.body.as_str()),
+        (StatusCode::OK, "response 1")
+    );
+    assert_eq!(stale.age(), Some(15));
+    assert_eq!(
+        stale.cache_status(),
+        "statehouse; hit; ttl=-5; detail=stale-while-revalidate"
+    );
+    settle().await;
+    assert_eq!(h.calls(), 2, "the background request went to the origin");
+    let refreshed = h.get("/a").await;
+    assert_eq!(refreshed.body, "response 2");
+    assert_eq!(refreshed.cache_status(), "statehouse; hit; ttl=10");
+    // At the window's last second the stale entry still answers; past it, the origin does.
+    h.advance(39);
+    assert_eq!(h.get("/a").await.body, "response 2");
+    settle().await;
+    assert_eq!(h.get("/a").await.body, "response 3");
+    h.advance(41);
+    let past = h.get("/a").await;
+    assert_eq!(past.body, "response 4");
+    assert!(past.cache_status().starts_with("statehouse; fwd="));
+    assert_eq!(h.calls(), 4);
+    assert_eq!(h.layer.stats().stale_while_revalidate(), 2);
+}
+
+/// While one background revalidation is on its way, other requests for the key get the stale
+/// entry without another origin call; the client's own conditions are answered from it.
+#[tokio::test(flavor = "current_thread")]
+async fn one_background_revalidation_per_key_at_a_time() {
+    let h = harness_with(
+        None,
+        true,
+        |b| b,
+        |_, n, now| validated("max-age=10, stale-while-revalidate=60", "v1", n, now),
+    );
+    h.gate.as_ref().unwrap().add_permits(1);
+    h.get("/a").await;
+    h.advance(15);
+    // The origin answers nothing until the gate opens: a request that waited for it would
+    // hang, so each is bounded (a guard against a regression, not a measurement).
+    let at_once = |req| {
+        let answer = h.send(req);
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), answer)
+                .await
+                .expect("answered from the stale entry, without waiting for the origin")
+        }
+    };
+    for _ in 0..5 {
+        let stale = at_once(get("/a")).await;
+        assert_eq!(stale.body, "response 1");
+    }
+    let conditional = at_once(with(get("/a"), IF_NONE_MATCH, "\"v1\"")).await;
+    assert_eq!(conditional.status, StatusCode::NOT_MODIFIED);
+    settle().await;
+    assert_eq!(
+        h.calls(),
+        2,
+        "one background request, waiting at the origin"
+    );
+    h.gate.as_ref().unwrap().add_permits(1);
+    settle().await;
+    assert_eq!(h.get("/a").await.body, "response 2");
+    assert_eq!(h.layer.stats().stale_while_revalidate(), 6);
+}
+
+/// A response that must not be served stale (`must-revalidate`, `s-maxage`, `no-cache`), a
+/// request that refuses a stored or old response, a HEAD, and a layer built with
+/// `stale_while_revalidate(false)` all wait for the origin.
+#[tokio::test(flavor = "current_thread")]
+async fn stale_while_revalidate_only_where_allowed() {
+    let h = harness(|req, n, now| match req.uri().path() {
+        "/must" => ok(
+            "max-age=10, stale-while-revalidate=60, must-revalidate",
+            n,
+            now,
+        ),
+        "/shared" => ok("s-maxage=10, stale-while-revalidate=60", n, now),
+        "/no-cache" => validated("no-cache, stale-while-revalidate=60", "v1", n, now),
+        _ => ok("max-age=10, stale-while-revalidate=60", n, now),
+    });
+    for path in ["/must", "/shared", "/no-cache", "/a", "/b", "/c"] {
+        h.get(path).await;
+    }
+    h.advance(15);
+    for path in ["/must", "/shared", "/no-cache"] {
+        let got = h.get(path).await;
+        assert!(
+            got.cache_status().starts_with("statehouse; fwd="),
+            "{path}: {}",
+            got.cache_status()
+        );
+    }
+    let refused = h.send(with(get("/a"), CACHE_CONTROL, "no-cache")).await;
+    assert!(refused.cache_status().starts_with("statehouse; fwd=stale"));
+    let too_old = h.send(with(get("/b"), CACHE_CONTROL, "max-age=12")).await;
+    assert!(too_old.cache_status().starts_with("statehouse; fwd=stale"));
+    let head = h.send(request(Method::HEAD, "/c")).await;
+    assert!(head.cache_status().starts_with("statehouse; fwd=stale"));
+    settle().await;
+    assert_eq!(
+        h.calls(),
+        6 + 6,
+        "each waited for the origin, none in the background"
+    );
+    assert_eq!(h.layer.stats().stale_while_revalidate(), 0);
+
+    let h = harness_with(
+        None,
+        false,
+        |b| b.stale_while_revalidate(false),
+        |_, n, now| ok("max-age=10, stale-while-revalidate=60", n, now),
+    );
+    h.get("/a").await;
+    h.advance(15);
+    let got = h.get("/a").await;
+    assert_eq!(got.body, "response 2");
+    assert!(got.cache_status().starts_with("statehouse; fwd="));
+}
+
+/// A background revalidation asks the origin only when it takes the key's fill lease: while
+/// another replica fills the key, a replica answers from the stale entry and sends nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn a_background_revalidation_leaves_a_key_another_replica_fills() {
+    let a = harness(|_, n, now| ok("max-age=10, stale-while-revalidate=60", n, now));
+    let b = Arc::new(harness_with(
+        Some(a.store.clone()),
+        true,
+        |b| b,
+        |_, n, now| ok("max-age=10, stale-while-revalidate=60", n + 100, now),
+    ));
+    a.get("/a").await;
+    a.advance(15);
+    b.advance(15);
+    // Replica b refuses the stale entry, so it leads a fill and holds the lease, at its origin.
+    let filling = {
+        let b = b.clone();
+        tokio::spawn(async move { b.send(with(get("/a"), CACHE_CONTROL, "no-cache")).await })
+    };
+    settle().await;
+    assert_eq!(b.calls(), 1);
+    let stale = a.get("/a").await;
+    assert_eq!(stale.body, "response 1");
+    settle().await;
+    assert_eq!(
+        a.calls(),
+        1,
+        "no background request while b holds the lease"
+    );
+    b.gate.as_ref().unwrap().add_permits(1);
+    assert_eq!(filling.await.unwrap().body, "response 101");
+    assert_eq!(a.get("/a").await.body, "response 101");
+}

@@ -27,27 +27,26 @@ fn layer_on(store: Arc<dyn CacheStore>, clock: &ManualClock) -> HttpCacheLayer {
         .expect("layer")
 }
 
-/// An app whose one route counts its calls and may be cached for 60 s.
+/// An app whose routes count their calls (one counter): `/article` may be cached for 60 s,
+/// `/feed` for 10 s and then served stale for 60 s while it is revalidated.
 fn app(
     store: Arc<dyn CacheStore>,
     clock: &ManualClock,
 ) -> (Router, Arc<AtomicUsize>, HttpCacheLayer) {
     let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
     let layer = layer_on(store, clock);
+    let route = |cache_control: &'static str, name: &'static str| {
+        let counted = calls.clone();
+        get(move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { ([(CACHE_CONTROL, cache_control)], format!("{name} {n}")).into_response() }
+        })
+    };
     let router = Router::new()
+        .route("/article", route("public, max-age=60", "article"))
         .route(
-            "/article",
-            get(move || {
-                let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
-                async move {
-                    (
-                        [(CACHE_CONTROL, "public, max-age=60")],
-                        format!("article {n}"),
-                    )
-                        .into_response()
-                }
-            }),
+            "/feed",
+            route("max-age=10, stale-while-revalidate=60", "feed"),
         )
         .layer(layer.clone());
     (router, calls, layer)
@@ -265,6 +264,62 @@ async fn revalidation_and_304s_over_redis_on_a_real_socket() {
             (2, 1),
             "{topology:?}"
         );
+        server.abort();
+    }
+}
+
+/// `stale-while-revalidate` through a real HTTP client on a real socket, over Redis standalone
+/// and Redis Cluster: a stale response is served at once, the background request refreshes
+/// the entry in Redis, and the next request gets the new response from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_over_redis_on_a_real_socket() {
+    let cluster = tokio::task::spawn_blocking(|| shared_cluster().urls())
+        .await
+        .expect("cluster");
+    for topology in [
+        RedisTopology::Standalone(shared_standalone().url()),
+        RedisTopology::Cluster(cluster.clone()),
+    ] {
+        let clock = ManualClock::starting_now();
+        let store = RedisStore::builder(topology.clone())
+            .prefix(&unique_prefix("http-swr"))
+            .connect()
+            .await
+            .expect("connect to the test Redis")
+            .cache_store();
+        let (router, calls, layer) = app(Arc::new(store), &clock);
+        let (server, client) = Served::start(router).await;
+
+        let (first, body) = client.get("/feed", None).await;
+        assert_eq!((first.status, body.as_str()), (StatusCode::OK, "feed 1"));
+        clock.advance(std::time::Duration::from_secs(15));
+        let (stale, body) = client.get("/feed", None).await;
+        assert_eq!((stale.status, body.as_str()), (StatusCode::OK, "feed 1"));
+        assert_eq!(
+            stale.headers["cache-status"], "statehouse; hit; ttl=-5; detail=stale-while-revalidate",
+            "{topology:?}"
+        );
+        // The background request stores its response in Redis; until it has, the stale entry
+        // answers and no second background request starts. Bounded: a guard, not a timing.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let refreshed = loop {
+            let (res, body) = client.get("/feed", None).await;
+            if body != "feed 1" {
+                break (res, body);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{topology:?}: the background revalidation never stored its response"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert_eq!(refreshed.1, "feed 2", "{topology:?}");
+        assert_eq!(
+            refreshed.0.headers["cache-status"],
+            "statehouse; hit; ttl=10"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{topology:?}");
+        assert!(layer.stats().stale_while_revalidate() >= 1);
         server.abort();
     }
 }

@@ -140,6 +140,8 @@ pub(crate) struct ResponseDirectives {
     pub(crate) must_understand: bool,
     /// RFC 5861's `stale-if-error`, when valid.
     pub(crate) stale_if_error: Option<u64>,
+    /// RFC 5861's `stale-while-revalidate`, when valid.
+    pub(crate) stale_while_revalidate: Option<u64>,
 }
 
 impl ResponseDirectives {
@@ -155,6 +157,7 @@ impl ResponseDirectives {
             proxy_revalidate: false,
             must_understand: false,
             stale_if_error: None,
+            stale_while_revalidate: None,
         };
         for Directive { name, argument } in directives(headers) {
             let arg = argument.as_deref();
@@ -169,6 +172,7 @@ impl ResponseDirectives {
                 "proxy-revalidate" => d.proxy_revalidate = true,
                 "must-understand" => d.must_understand = true,
                 "stale-if-error" => d.stale_if_error = delta_seconds(arg),
+                "stale-while-revalidate" => d.stale_while_revalidate = delta_seconds(arg),
                 _ => {}
             }
         }

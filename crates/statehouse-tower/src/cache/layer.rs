@@ -47,6 +47,7 @@ pub(crate) struct Config {
     pub(crate) max_variants: usize,
     pub(crate) max_ttl: Duration,
     pub(crate) revalidate_window: Duration,
+    pub(crate) stale_while_revalidate: bool,
 }
 
 impl Default for Config {
@@ -66,6 +67,7 @@ impl Default for Config {
             max_variants: DEFAULT_MAX_VARIANTS,
             max_ttl: CachePolicy::MAX_TTL,
             revalidate_window: DEFAULT_REVALIDATE_WINDOW,
+            stale_while_revalidate: true,
         }
     }
 }
@@ -338,6 +340,16 @@ impl HttpCacheLayerBuilder {
     /// while fresh (or within its `stale-if-error` window), as a cache that never revalidates.
     pub fn revalidate_window(mut self, window: Duration) -> Self {
         self.config.revalidate_window = window;
+        self
+    }
+
+    /// Whether a response's `stale-while-revalidate=N` (RFC 5861 §3) is honoured (default
+    /// true): for N seconds after it went stale, a GET for it is answered from the store at
+    /// once, and the request goes on to the origin in a background task (one per key at a
+    /// time in a process, and only by the replica that takes the key's fill lease), whose
+    /// response replaces the stored one. False treats such a response as any stale one.
+    pub fn stale_while_revalidate(mut self, honour: bool) -> Self {
+        self.config.stale_while_revalidate = honour;
         self
     }
 

@@ -116,8 +116,17 @@
 //!   (RFC 5861) is still open and the origin fails (an error, or 500, 502, 503, 504), the
 //!   stale entry is served instead. `must-revalidate`, `proxy-revalidate` and `s-maxage`
 //!   close that window.
-//!   `stale-while-revalidate` is not implemented (it would need a copy of the request to
-//!   refresh in the background).
+//! * **`stale-while-revalidate=N`** (RFC 5861 §3; on unless
+//!   [`stale_while_revalidate(false)`](HttpCacheLayerBuilder::stale_while_revalidate)): for N
+//!   seconds after a response went stale (at most `max_ttl`), a GET for it is answered from
+//!   the store at once (`hit; ttl=-5; detail=stale-while-revalidate`, counted in
+//!   [`HttpCacheStats::stale_while_revalidate`]), and the request itself goes on to the
+//!   origin from a background task, as the fill of the key (revalidating with the stored
+//!   validators where it has them): one per key at a time in a process, and only in the
+//!   replica that takes the key's lease (another replica already refreshing it means nothing
+//!   more is sent). Not for a response that may never be served stale (`must-revalidate`,
+//!   `proxy-revalidate`, `s-maxage`, unqualified `no-cache`), a request with `no-cache`,
+//!   `max-age` or `min-fresh`, or a HEAD: those wait for the origin.
 //!
 //! ## Keys, `Vary`, coalescing, leases
 //!

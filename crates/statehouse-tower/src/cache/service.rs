@@ -358,7 +358,7 @@ impl Shared {
 
         let now = shared.clock.now();
         let ttl = stored
-            .keep_until(shared.config.revalidate_window)
+            .keep_until(shared.config.revalidate_window, shared.config.max_ttl)
             .saturating_duration_since(now);
         if ttl.is_zero() {
             return Err(NotStoredReason::StaleOnArrival);
@@ -479,9 +479,12 @@ impl Shared {
 
 impl<S, ReqBody, ResBody> Run<S, ReqBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
-    ReqBody: Send,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send + 'static,
 {
     /// The inner service's response, untouched.
     async fn forward(
@@ -600,6 +603,23 @@ where
                         let ttl = seconds_until(response.fresh_until, now);
                         return Ok(self.shared.finish(res, CacheStatus::hit(ttl)));
                     }
+                    let swr = &self.shared.config;
+                    if !fresh
+                        && !head
+                        && swr.stale_while_revalidate
+                        && !cc.refuses_stored()
+                        && cc.max_age.is_none()
+                        && cc.min_fresh.is_none()
+                        && now < response.revalidate_until(swr.max_ttl)
+                    {
+                        let stale = Stale {
+                            response,
+                            fill_key,
+                            spec,
+                            authorized,
+                        };
+                        return Ok(self.while_revalidating(req, &primary, stale, now));
+                    }
                     // Kept to be served on an origin error (a stale one within its
                     // stale-if-error window) or to be revalidated (one with a validator).
                     let serve_on_error = !fresh && now < response.stale_until;
@@ -669,6 +689,7 @@ where
                         prior,
                         authorized,
                         new_variant: fwd == Fwd::VaryMiss,
+                        background: false,
                     };
                     return self.lead(req, fill).await;
                 }
@@ -676,6 +697,63 @@ where
         }
         self.forward_alone(req, Fwd::UriMiss, NotStoredReason::LeaseHeld)
             .await
+    }
+
+    /// Answers a GET from a stale response within its `stale-while-revalidate` window
+    /// (RFC 5861 §3) and revalidates it in the background: the request itself goes on to the
+    /// origin from a task of its own, as the leader of the key's flight, unless another
+    /// request of this process already leads one (then nothing more is sent), or no tokio
+    /// runtime is current. The client's own conditions are answered from the stale response.
+    fn while_revalidating(
+        &mut self,
+        req: Request<ReqBody>,
+        primary: &str,
+        stale: Stale,
+        now: Timestamp,
+    ) -> Response<CacheBody<ResBody>> {
+        let shared = self.shared.clone();
+        shared.stats.count_hit();
+        shared.stats.count_stale_while_revalidate();
+        let res = serve_stored_to(&req, &stale.response, now);
+        let status = CacheStatus::hit(seconds_until(stale.response.fresh_until, now))
+            .detail("stale-while-revalidate");
+        let res = shared.finish(res, status);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return res;
+        };
+        let Join::Leader(guard) = shared.flights.join(&stale.fill_key, false) else {
+            return res;
+        };
+        // The service this request was polled ready for goes to the background request.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let mut run = Run {
+            shared: shared.clone(),
+            inner,
+            _request: PhantomData,
+        };
+        let primary = primary.to_owned();
+        runtime.spawn(async move {
+            let serve_on_error = now < stale.response.stale_until;
+            let fill = Fill {
+                guard,
+                primary: &primary,
+                fill_key: stale.fill_key,
+                spec: stale.spec,
+                fwd: Fwd::Stale,
+                prior: Some(Prior {
+                    response: stale.response,
+                    serve_on_error,
+                }),
+                authorized: stale.authorized,
+                new_variant: false,
+                background: true,
+            };
+            // Nobody waits for this response: storing it was the point. An origin error
+            // leaves the stale entry in place until its window ends.
+            drop(run.lead(req, fill).await);
+        });
+        res
     }
 
     /// The leader of a flight: takes the store lease, forwards, stores, shares.
@@ -700,6 +778,12 @@ where
             Ok(LeaseOutcome::HeldElsewhere) => Err(NotStoredReason::LeaseHeld),
             Err(_) => Err(NotStoredReason::StoreUnavailable),
         };
+        if fill.background && lease.is_err() {
+            // A background revalidation that cannot store (another replica refreshes the key,
+            // or the store is down) does not ask the origin; its client was answered already,
+            // and this response goes nowhere.
+            return Ok(Response::new(CacheBody::empty()));
+        }
         // The tag epoch before the origin is asked (see `purge.rs`).
         let epoch = match &lease {
             Ok(_) => match shared
@@ -997,6 +1081,18 @@ struct Fill<'a> {
     authorized: bool,
     /// The key has a vary spec but no entry for this variant: storing adds a variant.
     new_variant: bool,
+    /// A `stale-while-revalidate` refresh, whose client was answered already: it asks the
+    /// origin only when it holds the store's lease.
+    background: bool,
+}
+
+/// A stale response served within its `stale-while-revalidate` window, and what its
+/// background revalidation needs.
+struct Stale {
+    response: StoredResponse,
+    fill_key: String,
+    spec: Option<VarySpec>,
+    authorized: bool,
 }
 
 /// A stored response a leader found but could not serve as it was (stale, or refused by the

@@ -141,6 +141,7 @@ pub struct HttpCacheStats {
     decode_errors: AtomicU64,
     store_errors: AtomicU64,
     stale_served: AtomicU64,
+    stale_while_revalidate: AtomicU64,
 }
 
 macro_rules! getters {
@@ -180,6 +181,9 @@ impl HttpCacheStats {
         store_errors,
         /// Stale responses served because the origin failed (`stale-if-error`).
         stale_served,
+        /// Stale responses served while a background request revalidated them
+        /// (`stale-while-revalidate`; also counted in `hits`).
+        stale_while_revalidate,
     }
 
     /// Responses not stored for `reason`.
@@ -228,6 +232,9 @@ impl HttpCacheStats {
     pub(crate) fn count_stale_served(&self) {
         self.stale_served.fetch_add(1, Ordering::Relaxed);
     }
+    pub(crate) fn count_stale_while_revalidate(&self) {
+        self.stale_while_revalidate.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl fmt::Debug for HttpCacheStats {
@@ -243,7 +250,8 @@ impl fmt::Debug for HttpCacheStats {
             .field("purges", &self.purges())
             .field("decode_errors", &self.decode_errors())
             .field("store_errors", &self.store_errors())
-            .field("stale_served", &self.stale_served());
+            .field("stale_served", &self.stale_served())
+            .field("stale_while_revalidate", &self.stale_while_revalidate());
         d.finish()
     }
 }

@@ -27,6 +27,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use statehouse::Timestamp;
 use statehouse::statehouse_core::cache::{Envelope, EnvelopeFlags};
 
+use super::control::{Qualifiable, ResponseDirectives};
+
 /// The core envelope's codec id for raw bytes.
 pub(crate) const CODEC_RAW: u8 = 2;
 const KIND_RESPONSE_V1: u8 = 1;
@@ -57,14 +59,30 @@ impl StoredResponse {
         self.headers.contains_key(ETAG) || self.headers.contains_key(LAST_MODIFIED)
     }
 
-    /// Until when the store keeps it: the end of its `stale-if-error` window, and, when it has
-    /// a validator, at least `revalidate_window` past its freshness, to be revalidated.
-    pub(crate) fn keep_until(&self, revalidate_window: Duration) -> Timestamp {
+    /// Until when the store keeps it: the end of its `stale-if-error` window and of its
+    /// `stale-while-revalidate` window, and, when it has a validator, at least
+    /// `revalidate_window` past its freshness, to be revalidated.
+    pub(crate) fn keep_until(&self, revalidate_window: Duration, max_ttl: Duration) -> Timestamp {
+        let kept = self.stale_until.max(self.revalidate_until(max_ttl));
         if revalidate_window.is_zero() || !self.has_validator() {
-            return self.stale_until;
+            return kept;
         }
-        self.stale_until
-            .max(self.fresh_until.saturating_add(revalidate_window))
+        kept.max(self.fresh_until.saturating_add(revalidate_window))
+    }
+
+    /// The end of its `stale-while-revalidate` window (RFC 5861 §3), read from its stored
+    /// `Cache-Control` and at most `max_ttl` long: while it lasts, the stale response may be
+    /// served as it is revalidated in the background. `fresh_until` when it has none, or must
+    /// never be served stale (`must-revalidate`, `proxy-revalidate`, `s-maxage`, or an
+    /// unqualified `no-cache`: revalidated before every use).
+    pub(crate) fn revalidate_until(&self, max_ttl: Duration) -> Timestamp {
+        let cc = ResponseDirectives::parse(&self.headers);
+        match cc.stale_while_revalidate {
+            Some(window) if !cc.forbids_stale() && cc.no_cache != Qualifiable::Whole => self
+                .fresh_until
+                .saturating_add(Duration::from_secs(window).min(max_ttl)),
+            _ => self.fresh_until,
+        }
     }
 
     /// The response's age at `now` (§4.2.3 `current_age`).
