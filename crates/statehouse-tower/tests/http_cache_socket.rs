@@ -194,27 +194,37 @@ fn validating_app(
     (router, calls, conditional)
 }
 
+/// A cache store on the shared test Redis standalone and one on the shared test Cluster, each
+/// under a fresh prefix starting with `prefix`.
+async fn redis_stores(prefix: &str) -> Vec<(RedisTopology, Arc<dyn CacheStore>)> {
+    let cluster = tokio::task::spawn_blocking(|| shared_cluster().urls())
+        .await
+        .expect("cluster");
+    let mut stores = Vec::new();
+    for topology in [
+        RedisTopology::Standalone(shared_standalone().url()),
+        RedisTopology::Cluster(cluster),
+    ] {
+        let store = RedisStore::builder(topology.clone())
+            .prefix(&unique_prefix(prefix))
+            .connect()
+            .await
+            .expect("connect to the test Redis")
+            .cache_store();
+        stores.push((topology, Arc::new(store) as Arc<dyn CacheStore>));
+    }
+    stores
+}
+
 /// Revalidation and conditional requests through a real HTTP client on a real socket, over
 /// Redis standalone and Redis Cluster: a conditional request on a cold cache fills it and gets
 /// a 304; a stale entry is revalidated with its `ETag` and refreshed by the origin's 304; a
 /// client holding the representation gets a 304 from the cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revalidation_and_304s_over_redis_on_a_real_socket() {
-    let cluster = tokio::task::spawn_blocking(|| shared_cluster().urls())
-        .await
-        .expect("cluster");
-    for topology in [
-        RedisTopology::Standalone(shared_standalone().url()),
-        RedisTopology::Cluster(cluster.clone()),
-    ] {
+    for (topology, store) in redis_stores("http-revalidate").await {
         let clock = ManualClock::starting_now();
-        let store = RedisStore::builder(topology.clone())
-            .prefix(&unique_prefix("http-revalidate"))
-            .connect()
-            .await
-            .expect("connect to the test Redis")
-            .cache_store();
-        let (router, calls, conditional) = validating_app(Arc::new(store), &clock);
+        let (router, calls, conditional) = validating_app(store, &clock);
         let (server, client) = Served::start(router).await;
         let fetch = |if_none_match| client.get("/page", if_none_match);
 
@@ -273,21 +283,9 @@ async fn revalidation_and_304s_over_redis_on_a_real_socket() {
 /// the entry in Redis, and the next request gets the new response from the cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_over_redis_on_a_real_socket() {
-    let cluster = tokio::task::spawn_blocking(|| shared_cluster().urls())
-        .await
-        .expect("cluster");
-    for topology in [
-        RedisTopology::Standalone(shared_standalone().url()),
-        RedisTopology::Cluster(cluster.clone()),
-    ] {
+    for (topology, store) in redis_stores("http-swr").await {
         let clock = ManualClock::starting_now();
-        let store = RedisStore::builder(topology.clone())
-            .prefix(&unique_prefix("http-swr"))
-            .connect()
-            .await
-            .expect("connect to the test Redis")
-            .cache_store();
-        let (router, calls, layer) = app(Arc::new(store), &clock);
+        let (router, calls, layer) = app(store, &clock);
         let (server, client) = Served::start(router).await;
 
         let (first, body) = client.get("/feed", None).await;
