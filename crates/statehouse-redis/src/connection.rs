@@ -1,16 +1,26 @@
 //! The connection a store sends its scripts over.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, RedisResult, ScriptInvocation, Value};
+use redis::{Cmd, ErrorKind, RedisResult, ScriptInvocation, ServerErrorKind, Value};
+use tokio::time::Instant;
 
 use crate::pipe::Pipe;
 
 /// After this many calls in a row missed their deadline, the standalone connection is replaced.
 const REPLACE_AFTER_TIMEOUTS: u32 = 3;
+
+/// How long a cluster call keeps trying again while a slot moves (see [`across_slot_moves`]);
+/// every call is also bounded by its caller's deadline, usually far shorter.
+const SLOT_MOVE_PATIENCE: Duration = Duration::from_secs(2);
+/// The first pause before trying again; it doubles up to [`SLOT_MOVE_MAX_PAUSE`].
+const SLOT_MOVE_FIRST_PAUSE: Duration = Duration::from_millis(2);
+const SLOT_MOVE_MAX_PAUSE: Duration = Duration::from_millis(50);
 
 /// A standalone or cluster connection. Both are cheap handles to shared, multiplexed
 /// connections: cloning one per call is how redis-rs expects them to be used, and concurrent
@@ -71,7 +81,13 @@ impl Connection {
     pub(crate) async fn invoke(&self, inv: &ScriptInvocation<'_>) -> RedisResult<Value> {
         match self {
             Connection::Standalone(conn) => inv.invoke_async(&mut conn.manager()).await,
-            Connection::Cluster(conn) => inv.invoke_async(&mut conn.clone()).await,
+            Connection::Cluster(conn) => {
+                across_slot_moves(|| {
+                    let mut conn = conn.clone();
+                    async move { inv.invoke_async(&mut conn).await }
+                })
+                .await
+            }
         }
     }
 
@@ -79,7 +95,13 @@ impl Connection {
     pub(crate) async fn exec(&self, cmd: &Cmd) -> RedisResult<()> {
         match self {
             Connection::Standalone(conn) => cmd.exec_async(&mut conn.manager()).await,
-            Connection::Cluster(conn) => cmd.exec_async(&mut conn.clone()).await,
+            Connection::Cluster(conn) => {
+                across_slot_moves(|| {
+                    let mut conn = conn.clone();
+                    async move { cmd.exec_async(&mut conn).await }
+                })
+                .await
+            }
         }
     }
 
@@ -87,7 +109,7 @@ impl Connection {
     pub(crate) async fn query(&self, cmd: &Cmd) -> RedisResult<Value> {
         match self {
             Connection::Standalone(conn) => cmd.query_async(&mut conn.manager()).await,
-            Connection::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+            Connection::Cluster(conn) => query_cluster(conn, cmd).await,
         }
     }
 
@@ -100,7 +122,7 @@ impl Connection {
                 Some(pipe) => pipe.query(cmd.get_packed_command()).await,
                 None => cmd.query_async(&mut conn.manager()).await,
             },
-            Connection::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+            Connection::Cluster(conn) => query_cluster(conn, cmd).await,
         }
     }
 
@@ -140,6 +162,52 @@ impl Connection {
             Err(err) => {
                 tracing::warn!(error = %err, "statehouse-redis: could not replace the connection");
             }
+        }
+    }
+}
+
+/// A command on the cluster, tried again while it meets `TRYAGAIN`.
+async fn query_cluster(conn: &ClusterConnection, cmd: &Cmd) -> RedisResult<Value> {
+    across_slot_moves(|| {
+        let mut conn = conn.clone();
+        async move { cmd.query_async(&mut conn).await }
+    })
+    .await
+}
+
+/// Runs `call` until it answers something other than a slot-move redirection (`TRYAGAIN`,
+/// `MOVED`, `ASK`), for at most [`SLOT_MOVE_PATIENCE`] (then the last one is the answer).
+///
+/// While a slot moves between nodes, a command on several of its keys, some moved and some not
+/// yet, is refused with `TRYAGAIN` until the keys it names are together again; and until every
+/// node (and the slot map redis-rs reads back from one of them) agrees on the new owner, a
+/// command can bounce between the two with `MOVED`/`ASK`. Each is refused before it runs, so
+/// nothing was applied. redis-rs follows redirections and tries again a few times (its retry
+/// count is kept low so that an outage is reported fast), which can end before a slot of many
+/// keys has moved or the nodes agree. So the call goes on trying here, with short pauses,
+/// bounded by its caller's deadline.
+async fn across_slot_moves<T, F, Fut>(mut call: F) -> RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = RedisResult<T>>,
+{
+    let give_up = Instant::now() + SLOT_MOVE_PATIENCE;
+    let mut pause = SLOT_MOVE_FIRST_PAUSE;
+    loop {
+        match call().await {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    ErrorKind::Server(
+                        ServerErrorKind::TryAgain | ServerErrorKind::Moved | ServerErrorKind::Ask
+                    )
+                ) && Instant::now() + pause < give_up =>
+            {
+                tracing::debug!(error = %err, "statehouse-redis: a slot is moving; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(SLOT_MOVE_MAX_PAUSE);
+            }
+            other => return other,
         }
     }
 }

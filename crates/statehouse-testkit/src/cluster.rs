@@ -13,6 +13,8 @@ use crate::server::{CLI_ENV, Mode, RedisServer, resolve_binary};
 const SLOTS: usize = 16384;
 /// How long to wait for the cluster to converge.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one administrative command of a slot move may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `redis-cli --cluster create` may run.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -69,6 +71,73 @@ impl RedisCluster {
     /// The port of every node, in node order.
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// The index (in node order) of the node that owns `slot`, as that node says.
+    pub fn owner_of(&self, slot: u16) -> io::Result<usize> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let nodes = raw_command_timeout(node.port(), &["CLUSTER", "NODES"], COMMAND_TIMEOUT)?;
+            let Some(myself) = nodes.lines().find(|l| l.contains("myself")) else {
+                continue;
+            };
+            let owns = myself.split(' ').skip(8).any(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                match (first.parse::<u16>(), last.parse::<u16>()) {
+                    (Ok(first), Ok(last)) => (first..=last).contains(&slot),
+                    _ => false, // `[slot->-id]` migration markers
+                }
+            });
+            if owns {
+                return Ok(i);
+            }
+        }
+        Err(io::Error::other(format!("no node owns slot {slot}")))
+    }
+
+    /// Starts a live migration of `slot` from its owner to node `to` (in node order), as
+    /// `redis-cli --cluster reshard` does: `IMPORTING` on the target, then `MIGRATING` on the
+    /// source. Until [`SlotMove::finish`], the source answers a command for a key it no longer
+    /// holds with `ASK` (the key moved with [`SlotMove::move_keys`]), and the target answers
+    /// only commands preceded by `ASKING`; a command on several keys of the slot, some moved and
+    /// some not, gets `TRYAGAIN`.
+    pub fn start_moving_slot(&self, slot: u16, to: usize) -> io::Result<SlotMove> {
+        let from = self.owner_of(slot)?;
+        if from == to {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("slot {slot} is already on node {to}"),
+            ));
+        }
+        let slot_arg = slot.to_string();
+        let to_id = self.node_id(to)?;
+        let from_id = self.node_id(from)?;
+        let (from_port, to_port) = (self.nodes[from].port(), self.nodes[to].port());
+        expect_ok(
+            to_port,
+            &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id],
+            COMMAND_TIMEOUT,
+        )?;
+        expect_ok(
+            from_port,
+            &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id],
+            COMMAND_TIMEOUT,
+        )?;
+        Ok(SlotMove {
+            slot,
+            from_port,
+            to_port,
+            to_id,
+            ports: self.ports(),
+        })
+    }
+
+    /// The node's cluster id (`CLUSTER MYID`).
+    fn node_id(&self, i: usize) -> io::Result<String> {
+        let node = self
+            .nodes
+            .get(i)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no node {i}")))?;
+        raw_command_timeout(node.port(), &["CLUSTER", "MYID"], COMMAND_TIMEOUT)
     }
 
     /// Runs `redis-cli --cluster create`, logging to the first node's dir.
@@ -181,6 +250,61 @@ impl RedisCluster {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A slot being moved between two nodes of a [`RedisCluster`] (see
+/// [`RedisCluster::start_moving_slot`]).
+#[derive(Debug)]
+pub struct SlotMove {
+    slot: u16,
+    from_port: u16,
+    to_port: u16,
+    to_id: String,
+    ports: Vec<u16>,
+}
+
+impl SlotMove {
+    /// Moves up to `max` of the slot's keys still on the source to the target with `MIGRATE`;
+    /// how many it moved (0 once the source holds none).
+    pub fn move_keys(&self, max: usize) -> io::Result<usize> {
+        let slot = self.slot.to_string();
+        let listed = raw_command_timeout(
+            self.from_port,
+            &["CLUSTER", "GETKEYSINSLOT", &slot, &max.to_string()],
+            COMMAND_TIMEOUT,
+        )?;
+        if listed.starts_with("ERR") {
+            return Err(io::Error::other(format!("CLUSTER GETKEYSINSLOT: {listed}")));
+        }
+        let keys: Vec<&str> = listed.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let port = self.to_port.to_string();
+        let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        args.extend(keys.iter().copied());
+        let reply = raw_command_timeout(self.from_port, &args, COMMAND_TIMEOUT)?;
+        if reply != "OK" {
+            return Err(io::Error::other(format!("MIGRATE replied {reply:?}")));
+        }
+        Ok(keys.len())
+    }
+
+    /// Moves every key left, then gives the slot to the target on every node (the target
+    /// first, as `redis-cli --cluster reshard` does): the source answers `MOVED` from then on.
+    pub fn finish(self) -> io::Result<()> {
+        while self.move_keys(100)? > 0 {}
+        let slot = self.slot.to_string();
+        let setslot = ["CLUSTER", "SETSLOT", &slot, "NODE", &self.to_id];
+        expect_ok(self.to_port, &setslot, COMMAND_TIMEOUT)?;
+        expect_ok(self.from_port, &setslot, COMMAND_TIMEOUT)?;
+        for &port in &self.ports {
+            if port != self.to_port && port != self.from_port {
+                expect_ok(port, &setslot, COMMAND_TIMEOUT)?;
+            }
+        }
+        Ok(())
     }
 }
 

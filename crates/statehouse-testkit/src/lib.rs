@@ -44,7 +44,7 @@ pub mod session_suite;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use cluster::RedisCluster;
+pub use cluster::{RedisCluster, SlotMove};
 pub use resp::raw_command;
 pub use server::{Frozen, RedisServer};
 

@@ -1,0 +1,306 @@
+//! A Redis Cluster whose slot moves while the store works on it: the source answers `ASK` for
+//! the keys it handed over and `TRYAGAIN` for a call on several keys of the slot, some moved
+//! and some not, and `MOVED` once the move is done. Each test has a private 3-master cluster
+//! (the shared one keeps its slots where they are for the other tests).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use statehouse_core::cache::CacheStore;
+use statehouse_core::session::{NewSession, SessionConfig, SessionStore};
+use statehouse_core::{Algorithm, LimitCheck, Mode, Policy, RateLimitStore};
+use statehouse_redis::{RedisSessionStore, RedisStore, RedisTopology, hash_slot};
+use statehouse_testkit::RedisCluster;
+
+use common::{admitted_at_once, store_prefix};
+
+/// Keys of the test whose storage keys (under `store` and `policy`) all fall in one slot, and
+/// that slot: the first slot that `wanted` keys of the form `user:<n>` share.
+fn keys_in_one_slot(store: &RedisStore, policy: &Policy, wanted: usize) -> (u16, Vec<String>) {
+    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for n in 0.. {
+        let key = format!("user:{n}");
+        let storage = store.storage_key(&key, policy).expect("storage key");
+        let slot = hash_slot(storage.as_bytes());
+        let keys = by_slot.entry(slot).or_default();
+        keys.push(key);
+        if keys.len() == wanted {
+            return (slot, keys.clone());
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// A private 3-master cluster (the shared one keeps its slots where they are).
+async fn private_cluster() -> Arc<RedisCluster> {
+    Arc::new(
+        tokio::task::spawn_blocking(|| RedisCluster::start(3))
+            .await
+            .expect("join")
+            .expect("start a private cluster"),
+    )
+}
+
+/// Moves `slot` to node `to` in a blocking task: one key at a time with pauses of 20 ms (so that
+/// the calls under test meet every stage: `ASK` for moved keys, `TRYAGAIN` for calls on moved
+/// and unmoved keys together, then `MOVED`). The flag is true until the move is finished.
+fn move_slot_in_background(
+    cluster: &Arc<RedisCluster>,
+    slot: u16,
+    to: usize,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let moving = Arc::new(AtomicBool::new(true));
+    let mover = {
+        let (cluster, moving) = (cluster.clone(), moving.clone());
+        tokio::task::spawn_blocking(move || {
+            let slot_move = cluster.start_moving_slot(slot, to).expect("start the move");
+            loop {
+                std::thread::sleep(Duration::from_millis(20));
+                if slot_move.move_keys(1).expect("MIGRATE") == 0 {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            slot_move.finish().expect("finish the move");
+            moving.store(false, Ordering::SeqCst);
+        })
+    };
+    (moving, mover)
+}
+
+/// Eight keys of one slot take checks from 32 concurrent tasks (so the store coalesces them
+/// into script calls on several keys of the slot) while the slot moves to another node, key by
+/// key: every check is answered (no error, none degraded), and each key admits exactly its
+/// allowance over the whole run: a check applied on both nodes, or on the node that no longer
+/// holds the key's state, would admit more; one applied twice, fewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_stay_exact_while_their_slot_moves() {
+    let cluster = private_cluster().await;
+    let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&store_prefix("reshard"))
+        // Correctness under redirections is under test, not latency: a slow moment of the
+        // shared machine must not turn a retried call into a timeout.
+        .call_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect");
+    for algorithm in [
+        Algorithm::Gcra,
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindowLog,
+    ] {
+        let policy = Policy::new(algorithm, 300, Duration::from_secs(3600)).expect("policy");
+        let allowance = admitted_at_once(&policy);
+        let (slot, keys) = keys_in_one_slot(&store, &policy, 8);
+        let from = cluster.owner_of(slot).expect("owner");
+        let to = (from + 1) % 3;
+
+        // Some state on the source before the move starts.
+        for key in &keys {
+            let check = [LimitCheck::new(key, &policy, 1)];
+            let verdict = store.check(&check, Mode::Consume).await.expect("check");
+            assert!(verdict.allowed());
+        }
+
+        let (moving, mover) = move_slot_in_background(&cluster, slot, to);
+        let admitted: Arc<Vec<AtomicU64>> =
+            Arc::new(keys.iter().map(|_| AtomicU64::new(1)).collect());
+        let checks = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..32)
+            .map(|t| {
+                let (store, policy, keys) = (store.clone(), policy.clone(), keys.clone());
+                let (moving, admitted, checks) = (moving.clone(), admitted.clone(), checks.clone());
+                tokio::spawn(async move {
+                    let i = t % keys.len();
+                    while moving.load(Ordering::SeqCst) {
+                        let check = [LimitCheck::new(&keys[i], &policy, 1)];
+                        let verdict = store.check(&check, Mode::Consume).await;
+                        let verdict = verdict.unwrap_or_else(|e| {
+                            panic!(
+                                "{algorithm:?} {}: a check failed during the move: {e}",
+                                keys[i]
+                            )
+                        });
+                        assert!(!verdict.decisions[0].degraded);
+                        if verdict.allowed() {
+                            admitted[i].fetch_add(1, Ordering::SeqCst);
+                        }
+                        checks.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        mover.await.expect("the mover");
+        for task in tasks {
+            task.await.expect("a checking task");
+        }
+        assert_eq!(cluster.owner_of(slot).expect("owner"), to);
+        assert!(
+            checks.load(Ordering::SeqCst) > 0,
+            "checks ran while the slot moved"
+        );
+
+        // After the move: whatever is left of each allowance, then a denial.
+        for (i, key) in keys.iter().enumerate() {
+            let check = [LimitCheck::new(key, &policy, 1)];
+            loop {
+                let verdict = store.check(&check, Mode::Consume).await.expect("check");
+                if !verdict.allowed() {
+                    break;
+                }
+                admitted[i].fetch_add(1, Ordering::SeqCst);
+            }
+            assert_eq!(
+                admitted[i].load(Ordering::SeqCst),
+                allowance,
+                "{algorithm:?} {key}: admitted over the whole run"
+            );
+        }
+    }
+}
+
+/// Cache writes (a script on the value and its lease key) and coalesced reads (`MGET`s of
+/// several keys of the slot) of eight keys of one slot, while the slot moves: every call is
+/// answered, every read finds its key, and each writer reads its own last write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_reads_and_writes_carry_on_while_their_slot_moves() {
+    let cluster = private_cluster().await;
+    let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&store_prefix("reshard-cache"))
+        .call_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect")
+        .cache_store();
+    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    let (slot, keys) = (0..)
+        .find_map(|n| {
+            let key = format!("product:{n}");
+            let data_key = store.data_key(&key).expect("data key");
+            let keys = by_slot.entry(hash_slot(data_key.as_bytes())).or_default();
+            keys.push(key);
+            (keys.len() == 8).then(|| (hash_slot(data_key.as_bytes()), keys.clone()))
+        })
+        .expect("eight keys of one slot");
+    let ttl = Duration::from_secs(3600);
+    for key in &keys {
+        store.set(key, b"v0", ttl, None).await.expect("set");
+    }
+    let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
+
+    let (moving, mover) = move_slot_in_background(&cluster, slot, to);
+    let last_written: Arc<Vec<AtomicU64>> =
+        Arc::new(keys.iter().map(|_| AtomicU64::new(0)).collect());
+    let tasks: Vec<_> = (0..32)
+        .map(|t| {
+            let (store, keys, moving) = (store.clone(), keys.clone(), moving.clone());
+            let last_written = last_written.clone();
+            tokio::spawn(async move {
+                let i = t % keys.len();
+                let mut version = 0;
+                while moving.load(Ordering::SeqCst) {
+                    if t < keys.len() {
+                        // The one writer of key i.
+                        version += 1;
+                        let value = format!("v{version}");
+                        let stored = store.set(&keys[i], value.as_bytes(), ttl, None).await;
+                        assert!(stored.expect("a write during the move"));
+                        last_written[i].store(version, Ordering::SeqCst);
+                        let read = store.get(&keys[i]).await.expect("a read during the move");
+                        assert_eq!(read.as_deref(), Some(value.as_bytes()), "{}", keys[i]);
+                    } else {
+                        let read = store.get(&keys[i]).await.expect("a read during the move");
+                        assert!(read.is_some(), "{}: missing during the move", keys[i]);
+                    }
+                }
+            })
+        })
+        .collect();
+    mover.await.expect("the mover");
+    for task in tasks {
+        task.await.expect("a reading or writing task");
+    }
+    assert_eq!(cluster.owner_of(slot).expect("owner"), to);
+    for (i, key) in keys.iter().enumerate() {
+        let version = last_written[i].load(Ordering::SeqCst);
+        assert!(version > 0, "{key}: written during the move");
+        let value = store.get(key).await.expect("get").expect("present");
+        assert_eq!(value, format!("v{version}").as_bytes(), "{key}");
+    }
+}
+
+/// Session loads (the coalesced read-only fast path, and the script that refreshes a session
+/// and its user's index, two keys of the slot) of eight users of one slot, while the slot
+/// moves: every load finds its session, and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_loads_carry_on_while_their_slot_moves() {
+    let cluster = private_cluster().await;
+    for share in [(1, 4), (0, 1)] {
+        let config = SessionConfig::builder()
+            .touch_after_share(share.0, share.1)
+            .build()
+            .expect("config");
+        let store = RedisSessionStore::builder(RedisTopology::Cluster(cluster.urls()))
+            .prefix(&store_prefix("reshard-session"))
+            .call_timeout(Duration::from_secs(10))
+            .config(config)
+            .connect()
+            .await
+            .expect("connect");
+        let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        let (slot, users) = (0..)
+            .find_map(|n| {
+                let user = format!("member-{n}");
+                let slot = hash_slot(store.index_key(&user).as_bytes());
+                let users = by_slot.entry(slot).or_default();
+                users.push(user);
+                (users.len() == 8).then(|| (slot, users.clone()))
+            })
+            .expect("eight users of one slot");
+        let mut tokens = Vec::new();
+        for user in &users {
+            let (token, _) = store
+                .create(&NewSession::for_user(user.as_str()))
+                .await
+                .expect("create");
+            tokens.push(token);
+        }
+        let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
+
+        let (moving, mover) = move_slot_in_background(&cluster, slot, to);
+        let loads = Arc::new(AtomicU64::new(0));
+        let tokens = Arc::new(tokens);
+        let tasks: Vec<_> = (0..32)
+            .map(|t| {
+                let (store, tokens, moving) = (store.clone(), tokens.clone(), moving.clone());
+                let (users, loads) = (users.clone(), loads.clone());
+                tokio::spawn(async move {
+                    let i = t % tokens.len();
+                    while moving.load(Ordering::SeqCst) {
+                        let loaded = store
+                            .load(&tokens[i])
+                            .await
+                            .unwrap_or_else(|e| panic!("{}: a load failed: {e}", users[i]));
+                        let loaded = loaded.unwrap_or_else(|| panic!("{}: no session", users[i]));
+                        assert_eq!(loaded.record.user_id, users[i]);
+                        loads.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        mover.await.expect("the mover");
+        for task in tasks {
+            task.await.expect("a loading task");
+        }
+        assert_eq!(cluster.owner_of(slot).expect("owner"), to);
+        assert!(loads.load(Ordering::SeqCst) > 0);
+        for (token, user) in tokens.iter().zip(&users) {
+            let loaded = store.load(token).await.expect("load").expect("present");
+            assert_eq!(&loaded.record.user_id, user);
+        }
+    }
+}
