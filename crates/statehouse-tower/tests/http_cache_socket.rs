@@ -311,12 +311,20 @@ async fn stale_while_revalidate_over_redis_on_a_real_socket() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         };
-        assert_eq!(refreshed.1, "feed 2", "{topology:?}");
+        // Normally "feed 2". A poll that read the stale entry just before the background
+        // request stored its response, and looked for a flight just after that request ended,
+        // starts one more revalidation: then a later version, each from one origin call.
+        let version: usize = refreshed
+            .1
+            .strip_prefix("feed ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{topology:?}: unexpected body {:?}", refreshed.1));
+        assert!(version >= 2, "{topology:?}");
         assert_eq!(
             refreshed.0.headers["cache-status"],
             "statehouse; hit; ttl=10"
         );
-        assert_eq!(calls.load(Ordering::SeqCst), 2, "{topology:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), version, "{topology:?}");
         assert!(layer.stats().stale_while_revalidate() >= 1);
         server.abort();
     }
