@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use statehouse_core::cache::CacheStore;
+use statehouse_core::session::{NewSession, SessionConfig, SessionStore};
 use statehouse_core::{LimitCheck, Mode, Policy, RateLimitStore};
 use statehouse_redis::{RedisStore, RedisTopology};
 use statehouse_testkit::{RedisServer, raw_command};
@@ -227,4 +228,106 @@ async fn callers_queued_behind_a_stalled_server_time_out_at_their_own_deadline()
         assert!(err.is_unavailable(), "{err:?}");
         assert!(waited < CALL_TIMEOUT + MARGIN, "waited {waited:?}");
     }
+}
+
+/// A Redis that is full (`maxmemory` reached under `noeviction`) refuses every write with
+/// `OOM`. Rate-limit checks (a single call, a coalesced batch of concurrent ones, a multi-limit
+/// call), cache writes and session writes then fail as *unavailable* (so a limiter's degraded
+/// policy takes over), nothing is half-applied, reads (a peek, a cache read) still work, and
+/// everything works again once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_is_unavailable_for_writes_and_recovers() {
+    let server = start_server().await;
+    let store = store_on(&server).await;
+    let cache = store.cache_store();
+    let sessions = store.session_store(SessionConfig::default());
+    let policy = Policy::gcra(1_000, Duration::from_secs(60)).expect("policy");
+    let hourly = Policy::gcra(5_000, Duration::from_secs(3600)).expect("policy");
+    let single = [LimitCheck::new("user:1", &policy, 1)];
+    let multi = [
+        LimitCheck::new("user:1", &policy, 1),
+        LimitCheck::new("user:1", &hourly, 1),
+    ];
+    assert!(admits(&store, &single).await);
+    assert!(
+        cache
+            .set("product:0", b"v0", Duration::from_secs(60), None)
+            .await
+            .expect("set")
+    );
+    let remaining_before = store
+        .check(&single, Mode::Peek)
+        .await
+        .expect("peek")
+        .decisions[0]
+        .remaining;
+
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let reply = raw_command(server.port(), &["CONFIG", "SET", name, value]).expect("CONFIG");
+        assert_eq!(reply, "OK");
+    }
+    let refused = store
+        .check(&single, Mode::Consume)
+        .await
+        .expect_err("refused");
+    assert!(refused.is_unavailable(), "{refused}");
+    // Reads need no memory: a peek and a cache read still work.
+    let peek = store
+        .check(&single, Mode::Peek)
+        .await
+        .expect("a peek of a full Redis");
+    assert_eq!(peek.decisions[0].remaining, remaining_before);
+    let read = cache
+        .get("product:0")
+        .await
+        .expect("a read of a full Redis");
+    assert_eq!(read.as_deref(), Some(&b"v0"[..]));
+    let refused = store
+        .check(&multi, Mode::Consume)
+        .await
+        .expect_err("refused");
+    assert!(refused.is_unavailable(), "{refused}");
+    let concurrent: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            let policy = policy.clone();
+            tokio::spawn(async move {
+                let key = format!("user:{i}");
+                store
+                    .check(&[LimitCheck::new(&key, &policy, 1)], Mode::Consume)
+                    .await
+            })
+        })
+        .collect();
+    for task in concurrent {
+        let refused = task.await.expect("task").expect_err("refused");
+        assert!(refused.is_unavailable(), "{refused}");
+    }
+    let refused = cache
+        .set("product:1", b"v", Duration::from_secs(60), None)
+        .await
+        .expect_err("refused");
+    assert!(refused.is_unavailable(), "{refused}");
+    let refused = sessions
+        .create(&NewSession::for_user("alice"))
+        .await
+        .expect_err("refused");
+    assert!(refused.is_unavailable(), "{refused}");
+
+    let reply = raw_command(server.port(), &["CONFIG", "SET", "maxmemory", "0"]).expect("CONFIG");
+    assert_eq!(reply, "OK");
+    // Nothing of the refused checks was applied: the key is where the first check left it.
+    let peek = store.check(&single, Mode::Peek).await.expect("peek");
+    assert_eq!(peek.decisions[0].remaining, remaining_before);
+    assert!(admits(&store, &multi).await);
+    assert!(
+        cache
+            .set("product:1", b"v", Duration::from_secs(60), None)
+            .await
+            .expect("set")
+    );
+    sessions
+        .create(&NewSession::for_user("alice"))
+        .await
+        .expect("create");
 }
