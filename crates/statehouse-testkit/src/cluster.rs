@@ -73,6 +73,28 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::port).collect()
     }
 
+    /// SIGKILLs node `i` (in node order); its port and `nodes.conf` are kept for
+    /// [`restart_node`](Self::restart_node). The other nodes mark it failed after the node
+    /// timeout (5 s), and with no replica to promote the cluster then refuses every command
+    /// (`CLUSTERDOWN`, `cluster-require-full-coverage` being on by default).
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(node) = self.nodes.get_mut(i) {
+            node.kill();
+        }
+    }
+
+    /// Restarts node `i` on its port with its `nodes.conf`, so that it rejoins with the same
+    /// id and slots, then waits until every node reports a healthy cluster again. Its data is
+    /// gone (no persistence).
+    pub fn restart_node(&mut self, i: usize) -> io::Result<()> {
+        let node = self
+            .nodes
+            .get_mut(i)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no node {i}")))?;
+        node.restart()?;
+        self.wait_until_ok()
+    }
+
     /// The index (in node order) of the node that owns `slot`, as that node says.
     pub fn owner_of(&self, slot: u16) -> io::Result<usize> {
         for (i, node) in self.nodes.iter().enumerate() {

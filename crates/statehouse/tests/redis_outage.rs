@@ -18,7 +18,8 @@ use statehouse::{
     BreakerState, CircuitBreakerConfig, Decision, DegradedPolicy, ManualClock, Policy, RateLimiter,
     RedisStore, RedisTopology, Result,
 };
-use statehouse_testkit::{RedisServer, unique_prefix};
+use statehouse_redis::hash_slot;
+use statehouse_testkit::{RedisCluster, RedisServer, unique_prefix};
 
 const DEADLINE: Duration = Duration::from_millis(100);
 /// Scheduling slack on top of the deadline for one decision.
@@ -291,4 +292,89 @@ async fn a_frozen_redis_degrades_single_checks_at_the_limiters_deadline() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A master of a Redis Cluster dies while checks run against keys on it and on another
+/// master: every decision follows the fail-open policy (or is the store's) within the
+/// deadline, none is an error or a panic; once the node is back in the cluster, the store
+/// decides again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_cluster_master_degrades_within_the_deadline_and_recovers() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .expect("join")
+        .expect("start a private cluster");
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&format!("{}:", unique_prefix("cluster-outage")))
+        .call_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .expect("connect");
+    // A key on node 0 (the one that dies) and a key on node 1.
+    let key_on = |node: usize| {
+        (0..)
+            .map(|n| format!("user:{n}"))
+            .find(|key| {
+                let storage = store.storage_key(key, &policy()).expect("storage key");
+                cluster
+                    .owner_of(hash_slot(storage.as_bytes()))
+                    .expect("owner")
+                    == node
+            })
+            .expect("a key on the node")
+    };
+    let (doomed, surviving) = (key_on(0), key_on(1));
+    let limiter = limiter_on(store, DegradedPolicy::FailOpen, &clock);
+    for key in [&doomed, &surviving] {
+        let (result, _) = timed_check(&limiter, key).await;
+        assert!(!result.expect("store decides").degraded);
+    }
+
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill_node(0);
+        cluster
+    })
+    .await
+    .expect("kill task");
+    let mut degraded_seen = 0;
+    for i in 0..40 {
+        let key = if i % 2 == 0 { &doomed } else { &surviving };
+        let (result, took) = timed_check(&limiter, key).await;
+        assert!(
+            follows(DegradedPolicy::FailOpen, &result),
+            "{key}: {result:?}"
+        );
+        assert!(took <= DEADLINE + MARGIN, "{key}: a decision took {took:?}");
+        if result.expect("fail open").degraded {
+            degraded_seen += 1;
+        }
+    }
+    assert!(degraded_seen > 0, "the dead master was never noticed");
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart_node(0).expect("node 0 rejoins");
+        cluster
+    })
+    .await
+    .expect("restart task");
+    let started = Instant::now();
+    for key in [&doomed, &surviving] {
+        loop {
+            clock.advance(OPEN_FOR);
+            let (result, took) = timed_check(&limiter, key).await;
+            assert!(took <= DEADLINE + MARGIN, "{key}: a probe took {took:?}");
+            if !result.expect("fail open").degraded {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{key}: the store never decided again"
+            );
+            // Real time for the client to reconnect and refresh its slot map (a socket, not
+            // time logic).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    drop(cluster);
 }
