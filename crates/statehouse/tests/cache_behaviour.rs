@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use intercept::{Intercept, Intercepted};
 use statehouse::{
-    Cache, CachePolicy, CacheStore, EmbeddedCacheStore, Loaded, Lookup, ManualClock,
-    NearCacheConfig, SetOptions, Source, Tier, Timestamp,
+    BreakerState, Cache, CachePolicy, CacheStore, CircuitBreakerConfig, EmbeddedCacheStore, Loaded,
+    Lookup, ManualClock, NearCacheConfig, SetOptions, Source, Tier, Timestamp,
 };
 use statehouse_core::cache::Envelope;
 use tokio::sync::watch;
@@ -318,6 +318,100 @@ struct Slow {
 #[async_trait]
 impl Intercept for Slow {
     async fn get(&self, inner: &dyn CacheStore, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
+        if self.slow.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        inner.get(key).await
+    }
+}
+
+/// A store that keeps missing the deadline opens the breaker after `failure_threshold` calls:
+/// from then on no call reaches it (`get` fails at once, `get_or_load` goes straight to the
+/// loader, near-cache hits go on), until `open_for` has passed on the cache's clock and one
+/// call probes it; a successful probe closes the breaker.
+#[tokio::test(start_paused = true)]
+async fn a_failing_store_opens_the_breaker_until_a_probe_succeeds() {
+    let clock = clock();
+    let slow = Arc::new(Intercepted {
+        inner: store(&clock),
+        intercept: Counted {
+            slow: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        },
+    });
+    let cache = Cache::<String>::builder(slow.clone(), "t")
+        .clock(Arc::new(clock.clone()))
+        .deadline(Duration::from_millis(50))
+        .circuit_breaker(CircuitBreakerConfig {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(5),
+        })
+        .build()
+        .await
+        .expect("cache");
+    cache.set("near", &"in L1".to_string()).await.expect("set");
+    // A read fills the near cache.
+    assert!(cache.get("near").await.expect("get").is_hit());
+    assert_eq!(cache.near_cache_len(), 1);
+    let calls_before = slow.intercept.calls.load(Ordering::SeqCst);
+    slow.intercept.slow.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let err = cache.get("k").await.expect_err("deadline");
+        assert!(err.is_unavailable(), "{err}");
+    }
+    assert_eq!(
+        slow.intercept.calls.load(Ordering::SeqCst),
+        calls_before + 3
+    );
+    let stats = cache.stats();
+    assert_eq!(stats.breaker_state, BreakerState::Open, "{stats:?}");
+    assert_eq!(stats.breaker_opened, 1);
+
+    // Open: the store is not called.
+    let err = cache.get("k").await.expect_err("breaker open");
+    assert!(err.is_unavailable(), "{err}");
+    let f = cache
+        .get_or_load_with("k", || async {
+            Ok::<_, io::Error>(Loaded::found("db".to_string()))
+        })
+        .await
+        .expect("bypassed");
+    assert_eq!(f.source, Source::Bypassed);
+    let near = cache.get("near").await.expect("a near-cache hit");
+    assert_eq!(near.value().map(|v| v.as_str()), Some("in L1"));
+    assert_eq!(
+        slow.intercept.calls.load(Ordering::SeqCst),
+        calls_before + 3,
+        "store not called"
+    );
+
+    // After `open_for`, one probe; the store answers again, so the breaker closes.
+    slow.intercept.slow.store(false, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(5));
+    assert!(cache.get("k").await.expect("probe").is_miss());
+    assert_eq!(
+        slow.intercept.calls.load(Ordering::SeqCst),
+        calls_before + 4
+    );
+    assert_eq!(cache.stats().breaker_state, BreakerState::Closed);
+    assert!(cache.get("k").await.expect("get").is_miss());
+    assert_eq!(
+        slow.intercept.calls.load(Ordering::SeqCst),
+        calls_before + 5
+    );
+}
+
+/// [`Slow`], counting the reads that reach the store.
+#[derive(Debug)]
+struct Counted {
+    slow: AtomicBool,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Intercept for Counted {
+    async fn get(&self, inner: &dyn CacheStore, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         if self.slow.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_secs(30)).await;
         }

@@ -18,9 +18,9 @@ use async_trait::async_trait;
 use common::{CacheBackend, CacheFleet, Deployment};
 use intercept::{Intercept, Intercepted};
 use statehouse::{
-    Cache, CacheError, CachePolicy, CacheStore, Clock, Invalidation, InvalidationSink,
-    InvalidationSubscription, JsonCodec, LeaseOutcome, Loaded, Lookup, ManualClock, SetOptions,
-    Source, Tier, Timestamp,
+    BreakerState, Cache, CacheError, CachePolicy, CacheStore, Clock, Invalidation,
+    InvalidationSink, InvalidationSubscription, JsonCodec, LeaseOutcome, Loaded, Lookup,
+    ManualClock, SetOptions, Source, Tier, Timestamp,
 };
 use statehouse_core::cache::{Envelope, EnvelopeFlags};
 use tokio::sync::watch;
@@ -1068,7 +1068,9 @@ mod redis_outages {
     }
 
     /// With the store down, `get_or_load` still serves the loader's value (not cached, counted
-    /// as a store error); `get` reports the outage.
+    /// as a store error); `get` reports the outage; a few failures open the circuit breaker,
+    /// and once Redis is back and `open_for` has passed, a probe closes it and the cache reads
+    /// and writes the store again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_loader_serves_while_the_store_is_down() {
         let mut server = RedisServer::start().expect("private redis");
@@ -1104,5 +1106,45 @@ mod redis_outages {
         assert_eq!(cache.stats().loads, 1);
         let err = cache.get("k").await.expect_err("store down");
         assert!(err.is_unavailable(), "{err}");
+
+        // A few more failures open the breaker: the store is no longer called, and the loader
+        // still serves.
+        for _ in 0..3 {
+            let _ = cache.get("k").await;
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.breaker_state, BreakerState::Open, "{stats:?}");
+        assert_eq!(stats.breaker_opened, 1);
+        let f = cache
+            .get_or_load_with("k", || async {
+                Ok::<_, io::Error>(Loaded::found("from the database".to_string()))
+            })
+            .await
+            .expect("served by the loader");
+        assert_eq!(f.source, Source::Bypassed);
+
+        // Redis comes back: once `open_for` (1 s by default) has passed on the cache's clock, a
+        // probe finds it and the cache uses the store again.
+        let _server = tokio::task::spawn_blocking(move || {
+            server.restart().expect("restart");
+            server
+        })
+        .await
+        .expect("restart task");
+        poll("the cache to use the store again", || {
+            clock.advance(Duration::from_secs(1));
+            let cache = cache.clone();
+            async move { cache.get("k").await.is_ok() }
+        })
+        .await;
+        assert_eq!(cache.stats().breaker_state, BreakerState::Closed);
+        // The write connection finds its socket broken by the restart on its first command,
+        // and reconnects: a write succeeds within a few tries.
+        poll("a write to succeed", || {
+            let cache = cache.clone();
+            async move { cache.set("k", &"cached".to_string()).await.is_ok() }
+        })
+        .await;
+        assert_eq!(value_of(&cache, "k").await.as_deref(), Some("cached"));
     }
 }

@@ -39,7 +39,9 @@
 //! [`get_or_load`](Cache::get_or_load) with the store down or slow calls the loader and
 //! returns its value without caching it ([`Source::Bypassed`], counted in
 //! [`CacheStats::store_errors`]); [`get`](Cache::get) and the writes return the error
-//! ([`Error::is_unavailable`]). There is no circuit breaker: each call waits for the deadline.
+//! ([`Error::is_unavailable`]). A [circuit breaker](CacheBuilder::circuit_breaker) (3
+//! failures in a row, then 1 s without calling the store, then one probe) makes a dead store
+//! cost microseconds per call rather than a deadline; near-cache hits go on as before.
 //!
 //! ## Stored entries
 //!
@@ -105,6 +107,7 @@ use statehouse_core::cache::{
 };
 use statehouse_core::{Clock, Error, Result, SystemClock, Timestamp};
 
+use crate::breaker::{Admission, CircuitBreaker, CircuitBreakerConfig, Permit};
 use flight::{Flights, Join, Shared};
 use near::{NearCache, NearEntry};
 use stats::CacheCounters;
@@ -454,6 +457,7 @@ pub struct CacheBuilder<V, C = MsgPackCodec> {
     compress_above: Option<usize>,
     clock: Arc<dyn Clock>,
     deadline: Duration,
+    breaker: CircuitBreakerConfig,
     _value: std::marker::PhantomData<fn() -> V>,
 }
 
@@ -489,6 +493,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
             compress_above: self.compress_above,
             clock: self.clock,
             deadline: self.deadline,
+            breaker: self.breaker,
             _value: std::marker::PhantomData,
         }
     }
@@ -521,6 +526,18 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
         self
     }
 
+    /// The circuit breaker in front of the store, as the rate limiter's and the sessions':
+    /// after `failure_threshold` failures in a row (unavailable or past the deadline) the
+    /// store is not called for `open_for`, so that a dead store costs microseconds per call
+    /// instead of a deadline: [`get_or_load`](Cache::get_or_load) goes straight to its loader
+    /// ([`Source::Bypassed`]), [`get`](Cache::get) and the writes fail at once
+    /// ([`Error::is_unavailable`]); then one call probes the store. Near-cache hits never touch
+    /// it. Default 3 failures, 1 s, on the cache's [`clock`](Self::clock).
+    pub fn circuit_breaker(mut self, config: CircuitBreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
     /// Builds, and subscribes the near cache to the store's invalidations (waiting, within
     /// ten deadlines and at least 5 s, for the subscription).
     ///
@@ -536,6 +553,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
                 "a cache namespace must not contain `:` and must be at most 1000 bytes".into(),
             ));
         }
+        self.breaker.validate()?;
         if self.deadline.is_zero() {
             return Err(Error::InvalidInput(
                 "deadline must be more than zero".into(),
@@ -586,6 +604,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
                 compress_above: self.compress_above,
                 clock: self.clock,
                 deadline: self.deadline,
+                breaker: CircuitBreaker::new(self.breaker),
                 l1: near_config.max_bytes > 0,
                 near,
                 _subscription: subscription,
@@ -637,6 +656,8 @@ struct Inner<V, C> {
     compress_above: Option<usize>,
     clock: Arc<dyn Clock>,
     deadline: Duration,
+    /// In front of every store call (see "Store outages" in the module docs).
+    breaker: CircuitBreaker,
     /// Whether the near cache holds entries (it always tracks tag versions).
     l1: bool,
     near: Arc<NearCache<V>>,
@@ -746,6 +767,7 @@ impl<V: Send + Sync + 'static> Cache<V, MsgPackCodec> {
             compress_above: Some(DEFAULT_COMPRESS_ABOVE),
             clock: Arc::new(SystemClock),
             deadline: DEFAULT_CACHE_DEADLINE,
+            breaker: CircuitBreakerConfig::default(),
             _value: std::marker::PhantomData,
         }
     }
@@ -1090,7 +1112,11 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
 
     /// The counters.
     pub fn stats(&self) -> CacheStats {
-        self.inner.counters.snapshot()
+        let inner = &*self.inner;
+        let mut stats = inner.counters.snapshot();
+        stats.breaker_state = inner.breaker.state(&*inner.clock);
+        stats.breaker_opened = inner.breaker.opened_count();
+        stats
     }
 
     /// How many entries the near cache holds now.
@@ -1213,28 +1239,65 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         }
     }
 
-    /// A store call under the deadline; failures counted.
+    /// A store call through the breaker and under the deadline; failures counted.
     async fn call<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
         let inner = &*self.inner;
+        let permit = match inner.breaker.admit(&*inner.clock) {
+            Admission::Call(permit) => permit,
+            Admission::Skip => return self.counted(Err(self.breaker_open_error())),
+        };
         let result = tokio::time::timeout(inner.deadline, call)
             .await
             .unwrap_or(Err(Error::Timeout {
                 deadline: inner.deadline,
             }));
-        self.counted(result)
+        self.counted_through(permit, result)
     }
 
-    /// The store's `get` under the deadline; failures counted. A store that bounds its own
-    /// calls takes the deadline along ([`CacheStore::get_within`]) instead of our timer around
-    /// its own (the Redis store's coalesced reads then arm no timer per read at all).
+    /// The store's `get` through the breaker and under the deadline; failures counted. A store
+    /// that bounds its own calls takes the deadline along ([`CacheStore::get_within`]) instead
+    /// of our timer around its own (the Redis store's coalesced reads then arm no timer per
+    /// read at all).
     async fn store_get(&self, store_key: &str) -> Result<Option<Vec<u8>>> {
         let inner = &*self.inner;
         // Called on the `dyn CacheStore` itself, not through the blanket `impl CacheStore for
         // Arc<S>` that method resolution would pick: that one boxes a second future per read.
         let store: &dyn CacheStore = &*inner.store;
-        match store.get_within(store_key, inner.deadline).await {
-            Some(result) => self.counted(result),
-            None => self.call(store.get(store_key)).await,
+        let permit = match inner.breaker.admit(&*inner.clock) {
+            Admission::Call(permit) => permit,
+            Admission::Skip => return self.counted(Err(self.breaker_open_error())),
+        };
+        let result = match store.get_within(store_key, inner.deadline).await {
+            Some(result) => result,
+            None => tokio::time::timeout(inner.deadline, store.get(store_key))
+                .await
+                .unwrap_or(Err(Error::Timeout {
+                    deadline: inner.deadline,
+                })),
+        };
+        self.counted_through(permit, result)
+    }
+
+    /// Reports a store call's outcome to the breaker (an outage or a missed deadline counts
+    /// against the store; invalid input is the caller's), then [`counted`](Self::counted).
+    fn counted_through<T>(&self, permit: Permit<'_>, result: Result<T>) -> Result<T> {
+        match &result {
+            Err(e) if e.is_invalid_input() => permit.inconclusive(),
+            Err(e) if e.is_unavailable() => permit.failed(self.inner.clock.now(), e),
+            _ => permit.succeeded(),
+        }
+        self.counted(result)
+    }
+
+    /// The error of a call the open breaker kept from the store.
+    fn breaker_open_error(&self) -> Error {
+        Error::Unavailable {
+            message: format!(
+                "circuit breaker open after repeated cache store failures; the store was not \
+                 called (probed again at most {:?} after it opened)",
+                self.inner.breaker.config().open_for
+            ),
+            source: None,
         }
     }
 

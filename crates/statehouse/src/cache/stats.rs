@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::BreakerState;
+
 /// A snapshot of a [`Cache`](crate::Cache)'s counters, from
 /// [`Cache::stats`](crate::Cache::stats).
 ///
@@ -47,6 +49,10 @@ pub struct CacheStats {
     pub decode_errors: u64,
     /// Store calls that failed or passed the deadline.
     pub store_errors: u64,
+    /// Where the circuit breaker in front of the store stands now.
+    pub breaker_state: BreakerState,
+    /// Times the breaker opened (a run of store failures).
+    pub breaker_opened: u64,
 }
 
 /// The live counters behind [`CacheStats`]. Relaxed atomics: each counter is exact, a snapshot
@@ -95,6 +101,8 @@ impl CacheCounters {
             l1_evictions: read(&self.l1_evictions),
             decode_errors: read(&self.decode_errors),
             store_errors: read(&self.store_errors),
+            breaker_state: BreakerState::Closed,
+            breaker_opened: 0,
         }
     }
 }
