@@ -309,22 +309,6 @@ async fn a_near_cache_entry_ends_with_its_stored_entry() {
     assert!(cache.get("k").await.expect("get").is_miss());
 }
 
-/// A store that answers `get` only after a long time: the cache's deadline cuts it.
-#[derive(Debug)]
-struct Slow {
-    slow: AtomicBool,
-}
-
-#[async_trait]
-impl Intercept for Slow {
-    async fn get(&self, inner: &dyn CacheStore, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
-        if self.slow.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        }
-        inner.get(key).await
-    }
-}
-
 /// A store that keeps missing the deadline opens the breaker after `failure_threshold` calls:
 /// from then on no call reaches it (`get` fails at once, `get_or_load` goes straight to the
 /// loader, near-cache hits go on), until `open_for` has passed on the cache's clock and one
@@ -332,13 +316,7 @@ impl Intercept for Slow {
 #[tokio::test(start_paused = true)]
 async fn a_failing_store_opens_the_breaker_until_a_probe_succeeds() {
     let clock = clock();
-    let slow = Arc::new(Intercepted {
-        inner: store(&clock),
-        intercept: Counted {
-            slow: AtomicBool::new(false),
-            calls: AtomicUsize::new(0),
-        },
-    });
+    let slow = counted_store(&clock, false);
     let cache = Cache::<String>::builder(slow.clone(), "t")
         .clock(Arc::new(clock.clone()))
         .deadline(Duration::from_millis(50))
@@ -368,15 +346,7 @@ async fn a_failing_store_opens_the_breaker_until_a_probe_succeeds() {
     assert_eq!(stats.breaker_opened, 1);
 
     // Open: the store is not called.
-    let err = cache.get("k").await.expect_err("breaker open");
-    assert!(err.is_unavailable(), "{err}");
-    let f = cache
-        .get_or_load_with("k", || async {
-            Ok::<_, io::Error>(Loaded::found("db".to_string()))
-        })
-        .await
-        .expect("bypassed");
-    assert_eq!(f.source, Source::Bypassed);
+    store_is_out(&cache).await;
     let near = cache.get("near").await.expect("a near-cache hit");
     assert_eq!(near.value().map(|v| v.as_str()), Some("in L1"));
     assert_eq!(
@@ -401,7 +371,33 @@ async fn a_failing_store_opens_the_breaker_until_a_probe_succeeds() {
     );
 }
 
-/// [`Slow`], counting the reads that reach the store.
+/// The store is out of the picture: `get` of `k` fails as unavailable, and `get_or_load` of
+/// `k` serves its loader's value uncached.
+async fn store_is_out(cache: &Cache<String>) {
+    let err = cache.get("k").await.expect_err("the store is out");
+    assert!(err.is_unavailable(), "{err}");
+    let f = cache
+        .get_or_load_with("k", || async {
+            Ok::<_, io::Error>(Loaded::found("db".to_string()))
+        })
+        .await
+        .expect("bypassed");
+    assert_eq!(f.source, Source::Bypassed);
+}
+
+/// An embedded store behind [`Counted`], slow from the start when `slow`.
+fn counted_store(clock: &ManualClock, slow: bool) -> Arc<Intercepted<Counted>> {
+    Arc::new(Intercepted {
+        inner: store(clock),
+        intercept: Counted {
+            slow: AtomicBool::new(slow),
+            calls: AtomicUsize::new(0),
+        },
+    })
+}
+
+/// A store that answers `get` only after a long time while `slow` (the cache's deadline cuts
+/// it), counting the reads that reach it.
 #[derive(Debug)]
 struct Counted {
     slow: AtomicBool,
@@ -424,27 +420,14 @@ impl Intercept for Counted {
 #[tokio::test(start_paused = true)]
 async fn a_store_past_the_deadline_is_bypassed() {
     let clock = clock();
-    let slow = Arc::new(Intercepted {
-        inner: store(&clock),
-        intercept: Slow {
-            slow: AtomicBool::new(true),
-        },
-    });
+    let slow = counted_store(&clock, true);
     let cache = Cache::<String>::builder(slow.clone(), "t")
         .clock(Arc::new(clock.clone()))
         .deadline(Duration::from_millis(50))
         .build()
         .await
         .expect("cache");
-    let err = cache.get("k").await.expect_err("deadline");
-    assert!(err.is_unavailable(), "{err}");
-    let f = cache
-        .get_or_load_with("k", || async {
-            Ok::<_, io::Error>(Loaded::found("db".to_string()))
-        })
-        .await
-        .expect("bypassed");
-    assert_eq!(f.source, Source::Bypassed);
+    store_is_out(&cache).await;
     assert_eq!(cache.stats().store_errors, 2);
     slow.slow.store(false, Ordering::SeqCst);
     assert!(

@@ -1085,13 +1085,13 @@ mod redis_outages {
             .await
             .expect("build");
         server.kill();
-        let began = Instant::now();
-        let f = cache
-            .get_or_load_with("k", || async {
+        let from_the_database = || {
+            cache.get_or_load_with("k", || async {
                 Ok::<_, io::Error>(Loaded::found("from the database".to_string()))
             })
-            .await
-            .expect("served by the loader");
+        };
+        let began = Instant::now();
+        let f = from_the_database().await.expect("served by the loader");
         assert_eq!(f.source, Source::Bypassed);
         assert_eq!(
             f.value.as_deref().map(String::as_str),
@@ -1115,12 +1115,7 @@ mod redis_outages {
         let stats = cache.stats();
         assert_eq!(stats.breaker_state, BreakerState::Open, "{stats:?}");
         assert_eq!(stats.breaker_opened, 1);
-        let f = cache
-            .get_or_load_with("k", || async {
-                Ok::<_, io::Error>(Loaded::found("from the database".to_string()))
-            })
-            .await
-            .expect("served by the loader");
+        let f = from_the_database().await.expect("served by the loader");
         assert_eq!(f.source, Source::Bypassed);
 
         // Redis comes back: once `open_for` (1 s by default) has passed on the cache's clock, a
