@@ -68,3 +68,32 @@ pub fn grouped(value: f64) -> String {
     }
     out
 }
+
+/// The median of `values` (the mean of the middle two for an even count); `None` when empty or
+/// when a value is not a number.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() || values.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn one_stalled_round_does_not_move_the_median() {
+        assert_eq!(median(&[0.28, 7.0, 0.29]), Some(0.29));
+        assert_eq!(median(&[0.3, 0.1, 0.2, 0.4]), Some(0.25));
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[0.3, f64::NAN]), None);
+    }
+}

@@ -153,10 +153,23 @@ fn write_report(out: &mut String, r: &Results) -> std::fmt::Result {
     writeln!(out, "|---|---:|---:|---|")?;
     ratio_row(
         out,
-        "Redis GCRA ÷ Redis ceiling",
+        "Redis GCRA ÷ Redis ceiling (median of the rounds)",
         r.redis_ratio(),
         REDIS_TARGET,
     )?;
+    if !r.redis_round_ratios.is_empty() {
+        writeln!(
+            out,
+            "| (context) the same ratio per round; pooled over the rounds | {}; {} | – | – |",
+            r.redis_round_ratios
+                .iter()
+                .map(|v| format!("{v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.pooled_redis_ratio()
+                .map_or("–".to_owned(), |v| format!("{v:.2}"))
+        )?;
+    }
     ratio_row(
         out,
         "Embedded GCRA ÷ governor keyed",

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use cli::{Flags, grouped, number, positive};
+use cli::{Flags, grouped, median, number, positive};
 use serde::{Deserialize, Serialize};
 use statehouse::{
     Cache, CachePolicy, CacheStore, EmbeddedCacheStore, NearCacheConfig, RedisCacheStore,
@@ -924,15 +924,17 @@ fn markdown(r: &Results, o: &Options) -> Result<String, std::fmt::Error> {
             }
         )?;
     }
-    let ratio = r.l2.per_second() / r.reference.run.per_second();
+    let pooled = r.l2.per_second() / r.reference.run.per_second();
+    // The median of the rounds: one round in which either side stalled cannot swing it.
+    let ratio = median(&r.round_ratios).unwrap_or(pooled);
     writeln!(
         out,
-        "| Cache L2 hits/s ÷ redis-benchmark GET `-P 64` | {ratio:.2} | ≥ {L2_TARGET:.1} | {} |",
+        "| Cache L2 hits/s ÷ redis-benchmark GET `-P 64` (median of the rounds) | {ratio:.2} | ≥ {L2_TARGET:.1} | {} |",
         if ratio >= L2_TARGET { "PASS" } else { "BELOW" }
     )?;
     writeln!(
         out,
-        "| (context) the same ratio per round | {} | – | – |",
+        "| (context) the same ratio per round; pooled over the rounds | {}; {pooled:.2} | – | – |",
         r.round_ratios
             .iter()
             .map(|v| format!("{v:.2}"))
