@@ -137,6 +137,22 @@ pub trait RateLimitStore: Send + Sync + fmt::Debug + 'static {
 
     /// Forgets the state of `key` under `policy`, as if it had never been seen.
     async fn reset(&self, key: &str, policy: &Policy) -> Result<()>;
+
+    /// How many failure domains the store has: parts that can fail while the others go on
+    /// (groups of hash slots of a Redis Cluster, each on one master or two). A caller with a
+    /// circuit breaker (the `statehouse` facade's `RateLimiter`) keeps one per domain, so that
+    /// one dead part does not send keys that live on the others to the degraded path. The
+    /// default is 1: the store fails as a whole.
+    fn failure_domains(&self) -> usize {
+        1
+    }
+
+    /// The failure domain, below [`failure_domains`](Self::failure_domains), of a call whose
+    /// first check is `check`. The default is 0.
+    fn failure_domain(&self, check: &LimitCheck<'_>) -> usize {
+        let _ = check;
+        0
+    }
 }
 
 /// Forwards to the shared store. Written out by hand rather than with `#[async_trait]`, which
@@ -158,6 +174,14 @@ impl<S: RateLimitStore + ?Sized> RateLimitStore for std::sync::Arc<S> {
 
     fn check_one_now(&self, check: &LimitCheck<'_>, mode: Mode) -> Option<Result<Decision>> {
         (**self).check_one_now(check, mode)
+    }
+
+    fn failure_domains(&self) -> usize {
+        (**self).failure_domains()
+    }
+
+    fn failure_domain(&self, check: &LimitCheck<'_>) -> usize {
+        (**self).failure_domain(check)
     }
 
     fn check_within<'life0, 'life1, 'life2, 'async_trait>(

@@ -103,4 +103,4 @@ pub use session::{
     DEFAULT_SESSION_PREFIX, RedisSessionStore, RedisSessionStoreBuilder,
     SERVER_TIME_FAST_PATH_MARGIN,
 };
-pub use store::RedisStore;
+pub use store::{CLUSTER_FAILURE_DOMAINS, RedisStore};

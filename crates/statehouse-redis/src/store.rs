@@ -406,6 +406,12 @@ fn assemble(groups: &[SlotGroup], replies: Vec<ScriptReply>, total: usize) -> Re
     Ok(Verdict { decisions })
 }
 
+/// The failure domains of a store on Redis Cluster: groups of 1 024 contiguous hash slots.
+/// Finer groups would each need their own run of failures before their breaker opens (each
+/// failure costing a caller its deadline); coarser ones would put keys of live masters behind
+/// a dead one's breaker more often.
+pub const CLUSTER_FAILURE_DOMAINS: usize = 16;
+
 #[async_trait]
 impl RateLimitStore for RedisStore {
     /// Decides every check together, all or nothing; see the type's docs for the one exception
@@ -463,6 +469,29 @@ impl RateLimitStore for RedisStore {
             [single] => Some(self.check_single(single, mode, Some(timeout)).await),
             _ => None,
         }
+    }
+
+    /// On Redis Cluster, [`CLUSTER_FAILURE_DOMAINS`] groups of contiguous hash slots (a
+    /// cluster assigns slots to masters in ranges, so a group lives on one master, or two at a
+    /// range's edge); on standalone Redis, one.
+    fn failure_domains(&self) -> usize {
+        if self.inner.link.conn.is_cluster() {
+            CLUSTER_FAILURE_DOMAINS
+        } else {
+            1
+        }
+    }
+
+    /// The slot group of the check's key (a key that cannot be encoded: group 0, and the call
+    /// will fail as invalid input, which no breaker counts).
+    fn failure_domain(&self, check: &LimitCheck<'_>) -> usize {
+        if !self.inner.link.conn.is_cluster() {
+            return 0;
+        }
+        encode_key(check.key).map_or(0, |key| {
+            usize::from(hash_slot(key.as_bytes())) * CLUSTER_FAILURE_DOMAINS
+                / usize::from(crate::SLOT_COUNT)
+        })
     }
 
     /// Deletes the key's state (`UNLINK`).

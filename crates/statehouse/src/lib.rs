@@ -108,6 +108,15 @@
 //!
 //! The breaker is lock-free (a few atomics) and a cancelled probe hands its turn back.
 //!
+//! A store made of parts that fail apart names its **failure domains**
+//! ([`RateLimitStore::failure_domains`]): on Redis Cluster, 16 groups of 1 024 hash slots
+//! (`statehouse_redis::CLUSTER_FAILURE_DOMAINS`). The limiter keeps
+//! one breaker per domain (at most [`MAX_BREAKERS`]), chosen by a call's first check, so a dead
+//! master opens the breakers of its slots only: its keys cost microseconds, and keys on the
+//! live masters are still decided by the store. With one breaker for the whole cluster, the
+//! live masters' successes kept resetting the run of failures, so the breaker never opened and
+//! every check of a dead master's key waited out the deadline.
+//!
 //! ## Several limits on one request
 //!
 //! [`RateLimiter::check_all`] checks several limits at once (per second and per day, per user
@@ -212,7 +221,7 @@ pub use cache::{
     SetOptions, Source, Tier,
 };
 pub use degraded::DegradedPolicy;
-pub use limiter::{DEFAULT_DEADLINE, RateLimiter, RateLimiterBuilder};
+pub use limiter::{DEFAULT_DEADLINE, MAX_BREAKERS, RateLimiter, RateLimiterBuilder};
 pub use session::{
     DEFAULT_SESSION_DEADLINE, JsonCodec, SessionCodec, SessionStoreDown, Sessions, SessionsBuilder,
 };

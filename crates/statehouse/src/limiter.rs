@@ -9,7 +9,7 @@ use statehouse_core::{
     prepare_checks,
 };
 
-use crate::breaker::{Admission, CircuitBreaker, CircuitBreakerConfig};
+use crate::breaker::{Admission, BreakerState, CircuitBreaker, CircuitBreakerConfig};
 use crate::degraded::DegradedPolicy;
 use crate::stats::{Counters, LimiterStats};
 
@@ -23,6 +23,10 @@ use std::num::NonZeroU32;
 /// timeout, which is what made every request wait during a Redis outage in Envoy's rate-limit
 /// service (envoyproxy/ratelimit #462).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(50);
+
+/// The most circuit breakers a limiter keeps, whatever number of failure domains its store
+/// names.
+pub const MAX_BREAKERS: usize = 64;
 
 /// What an application holds to rate-limit: a [`RateLimitStore`] (Redis, the embedded store)
 /// behind a per-call deadline, a circuit breaker and a [`DegradedPolicy`].
@@ -65,7 +69,9 @@ struct Inner {
     store: Arc<dyn RateLimitStore>,
     degraded: Degraded,
     deadline: Duration,
-    breaker: CircuitBreaker,
+    /// One per failure domain of the store ([`RateLimitStore::failure_domains`], at most
+    /// [`MAX_BREAKERS`]): a dead part of the store opens only its own.
+    breakers: Box<[CircuitBreaker]>,
     clock: Arc<dyn Clock>,
     counters: Counters,
 }
@@ -186,12 +192,15 @@ impl RateLimiterBuilder {
     }
 
     fn assemble(self, degraded: Degraded) -> RateLimiter {
+        let domains = self.store.failure_domains().clamp(1, MAX_BREAKERS);
         RateLimiter {
             inner: Arc::new(Inner {
                 store: self.store,
                 degraded,
                 deadline: self.deadline,
-                breaker: CircuitBreaker::new(self.breaker),
+                breakers: (0..domains)
+                    .map(|_| CircuitBreaker::new(self.breaker))
+                    .collect(),
                 clock: self.clock,
                 counters: Counters::default(),
             }),
@@ -443,8 +452,11 @@ impl RateLimiter {
         if let Degraded::LocalFallback { store, .. } = &self.inner.degraded {
             store.reset_sync(key, policy)?;
         }
+        let breaker = self.breaker_of(&LimitCheck::new(key, policy, 1));
         match self
-            .call_store(|| self.within_deadline(self.inner.store.reset(key, policy)))
+            .call_store(breaker, || {
+                self.within_deadline(self.inner.store.reset(key, policy))
+            })
             .await
         {
             StoreCall::Answered(result) => result,
@@ -456,10 +468,34 @@ impl RateLimiter {
     /// A snapshot of the counters and the breaker's state; see [`LimiterStats`].
     pub fn stats(&self) -> LimiterStats {
         let inner = &*self.inner;
-        inner.counters.snapshot(
-            inner.breaker.opened_count(),
-            inner.breaker.state(&*inner.clock),
-        )
+        let opened = inner
+            .breakers
+            .iter()
+            .map(CircuitBreaker::opened_count)
+            .sum();
+        // The breaker furthest from closed (open, then half-open), when there are several.
+        let state = inner
+            .breakers
+            .iter()
+            .map(|b| b.state(&*inner.clock))
+            .max_by_key(|state| match state {
+                BreakerState::Closed => 0,
+                BreakerState::HalfOpen => 1,
+                _ => 2,
+            })
+            .unwrap_or_default();
+        inner.counters.snapshot(opened, state)
+    }
+
+    /// The breaker of the store's failure domain of a call whose first check is `check`.
+    fn breaker_of(&self, check: &LimitCheck<'_>) -> &CircuitBreaker {
+        let breakers = &self.inner.breakers;
+        let domain = if breakers.len() == 1 {
+            0
+        } else {
+            self.inner.store.failure_domain(check)
+        };
+        &breakers[domain % breakers.len()]
     }
 
     /// The degraded policy this limiter was built with.
@@ -487,8 +523,12 @@ impl RateLimiter {
                 decisions: vec![decision],
             });
         }
+        let breaker = match checks.first() {
+            Some(first) => self.breaker_of(first),
+            None => &self.inner.breakers[0],
+        };
         let call = self
-            .call_store(|| async {
+            .call_store(breaker, || async {
                 let store = &self.inner.store;
                 // A store that bounds its own calls takes the deadline along: no timer of ours
                 // (the Redis store's coalesced single checks then arm none per check at all).
@@ -527,13 +567,13 @@ impl RateLimiter {
     /// Calls the store through the breaker (`call` is bounded by the deadline, by
     /// [`within_deadline`](Self::within_deadline) or by the store itself), and sorts the
     /// outcome.
-    async fn call_store<T, F, Fut>(&self, call: F) -> StoreCall<T>
+    async fn call_store<T, F, Fut>(&self, breaker: &CircuitBreaker, call: F) -> StoreCall<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
         let inner = &*self.inner;
-        let permit = match inner.breaker.admit(&*inner.clock) {
+        let permit = match breaker.admit(&*inner.clock) {
             Admission::Call(permit) => permit,
             Admission::Skip => return StoreCall::Skipped,
         };
@@ -581,7 +621,7 @@ impl RateLimiter {
         mode: Mode,
         error: Option<Error>,
     ) -> Result<Verdict> {
-        let open_for = self.inner.breaker.config().open_for;
+        let open_for = self.inner.breakers[0].config().open_for;
         let decisions = match &self.inner.degraded {
             Degraded::FailOpen => checks
                 .iter()
@@ -607,7 +647,7 @@ impl RateLimiter {
             message: format!(
                 "circuit breaker open after repeated store failures; the store was not called \
                  (it is probed again at most {:?} after the breaker opened)",
-                self.inner.breaker.config().open_for
+                self.inner.breakers[0].config().open_for
             ),
             source: None,
         }

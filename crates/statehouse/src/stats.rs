@@ -56,9 +56,11 @@ pub struct LimiterStats {
     /// value): returned to the caller, never degraded, and not counted as breaker failures.
     pub backend_errors: u64,
     /// Times the circuit breaker went from closed to open (a failed half-open probe re-opens it
-    /// without counting again).
+    /// without counting again); with one breaker per failure domain of the store (Redis
+    /// Cluster), the sum over them.
     pub breaker_opened: u64,
-    /// Where the circuit breaker stands now.
+    /// Where the circuit breaker stands now; with one per failure domain, the one furthest from
+    /// closed (open, then half-open).
     pub breaker_state: BreakerState,
 }
 
