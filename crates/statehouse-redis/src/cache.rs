@@ -20,7 +20,7 @@ use crate::cache_get::GetBatcher;
 use crate::cache_script::{self, flag, fresh_version, ttl_millis};
 use crate::hash_slot::hash_slot;
 use crate::link::Link;
-use crate::store::RedisStore;
+use crate::store::{RedisStore, failure_domain_of_slot};
 
 /// The caller's `now` must stay below 2^53 µs (the year 2255): the script compares lease
 /// expiries as Lua numbers, which are exact only below that.
@@ -272,6 +272,24 @@ impl RedisCacheStore {
 
 #[async_trait]
 impl CacheStore for RedisCacheStore {
+    /// On Redis Cluster, the groups of hash slots of the rate limiter's store
+    /// ([`CLUSTER_FAILURE_DOMAINS`](crate::CLUSTER_FAILURE_DOMAINS)); on standalone Redis, one.
+    fn failure_domains(&self) -> usize {
+        if self.inner.link.conn.is_cluster() {
+            crate::CLUSTER_FAILURE_DOMAINS
+        } else {
+            1
+        }
+    }
+
+    /// The slot group of `key`'s data key.
+    fn failure_domain(&self, key: &str) -> usize {
+        if !self.inner.link.conn.is_cluster() {
+            return 0;
+        }
+        failure_domain_of_slot(hash_slot(self.data_key_unchecked(key).as_bytes()))
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.read(key, None).await
     }

@@ -412,6 +412,11 @@ fn assemble(groups: &[SlotGroup], replies: Vec<ScriptReply>, total: usize) -> Re
 /// a dead one's breaker more often.
 pub const CLUSTER_FAILURE_DOMAINS: usize = 16;
 
+/// The failure domain of a hash slot: its group of contiguous slots.
+pub(crate) fn failure_domain_of_slot(slot: u16) -> usize {
+    usize::from(slot) * CLUSTER_FAILURE_DOMAINS / usize::from(crate::SLOT_COUNT)
+}
+
 #[async_trait]
 impl RateLimitStore for RedisStore {
     /// Decides every check together, all or nothing; see the type's docs for the one exception
@@ -488,10 +493,7 @@ impl RateLimitStore for RedisStore {
         if !self.inner.link.conn.is_cluster() {
             return 0;
         }
-        encode_key(check.key).map_or(0, |key| {
-            usize::from(hash_slot(key.as_bytes())) * CLUSTER_FAILURE_DOMAINS
-                / usize::from(crate::SLOT_COUNT)
-        })
+        encode_key(check.key).map_or(0, |key| failure_domain_of_slot(hash_slot(key.as_bytes())))
     }
 
     /// Deletes the key's state (`UNLINK`).

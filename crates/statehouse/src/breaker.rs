@@ -101,6 +101,63 @@ pub(crate) struct CircuitBreaker {
     opened_count: AtomicU64,
 }
 
+/// The most circuit breakers a facade keeps, whatever number of failure domains its store
+/// names.
+pub const MAX_BREAKERS: usize = 64;
+
+/// One [`CircuitBreaker`] per failure domain of a store (see
+/// `RateLimitStore::failure_domains`): a dead part of the store opens its own breaker only, and
+/// the parts that answer keep theirs closed. With one breaker for a store whose parts fail
+/// apart (the masters of a Redis Cluster), the live parts' successes reset the run of failures,
+/// so it never opens, and once open it degrades every key.
+#[derive(Debug)]
+pub(crate) struct Breakers {
+    breakers: Box<[CircuitBreaker]>,
+}
+
+impl Breakers {
+    /// `domains` breakers (1 to [`MAX_BREAKERS`]) of `config`.
+    pub(crate) fn new(config: CircuitBreakerConfig, domains: usize) -> Self {
+        Breakers {
+            breakers: (0..domains.clamp(1, MAX_BREAKERS))
+                .map(|_| CircuitBreaker::new(config))
+                .collect(),
+        }
+    }
+
+    /// Whether there is more than one (so that a caller asks the store for a domain at all).
+    pub(crate) fn per_domain(&self) -> bool {
+        self.breakers.len() > 1
+    }
+
+    /// The breaker of `domain` (any number: it wraps).
+    pub(crate) fn of(&self, domain: usize) -> &CircuitBreaker {
+        &self.breakers[domain % self.breakers.len()]
+    }
+
+    pub(crate) fn config(&self) -> &CircuitBreakerConfig {
+        self.breakers[0].config()
+    }
+
+    /// Times any of them went from closed to open.
+    pub(crate) fn opened_count(&self) -> u64 {
+        self.breakers.iter().map(CircuitBreaker::opened_count).sum()
+    }
+
+    /// The state of the one furthest from closed (open, then half-open).
+    pub(crate) fn state(&self, clock: &dyn Clock) -> BreakerState {
+        self.breakers
+            .iter()
+            .map(|b| b.state(clock))
+            .max_by_key(|state| match state {
+                BreakerState::Closed => 0,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Open => 2,
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// What the breaker lets a caller do.
 #[derive(Debug)]
 pub(crate) enum Admission<'a> {

@@ -214,14 +214,14 @@ mod limiter;
 mod session;
 mod stats;
 
-pub use breaker::{BreakerState, CircuitBreakerConfig};
+pub use breaker::{BreakerState, CircuitBreakerConfig, MAX_BREAKERS};
 pub use cache::{
     Cache, CacheBuilder, CacheCodec, CacheError, CacheStats, DEFAULT_CACHE_DEADLINE,
     DEFAULT_COMPRESS_ABOVE, Fetched, Loaded, Lookup, MsgPackCodec, NearCacheConfig, RawCodec,
     SetOptions, Source, Tier,
 };
 pub use degraded::DegradedPolicy;
-pub use limiter::{DEFAULT_DEADLINE, MAX_BREAKERS, RateLimiter, RateLimiterBuilder};
+pub use limiter::{DEFAULT_DEADLINE, RateLimiter, RateLimiterBuilder};
 pub use session::{
     DEFAULT_SESSION_DEADLINE, JsonCodec, SessionCodec, SessionStoreDown, Sessions, SessionsBuilder,
 };

@@ -9,7 +9,7 @@ use statehouse_core::{
     prepare_checks,
 };
 
-use crate::breaker::{Admission, BreakerState, CircuitBreaker, CircuitBreakerConfig};
+use crate::breaker::{Admission, Breakers, CircuitBreaker, CircuitBreakerConfig};
 use crate::degraded::DegradedPolicy;
 use crate::stats::{Counters, LimiterStats};
 
@@ -23,10 +23,6 @@ use std::num::NonZeroU32;
 /// timeout, which is what made every request wait during a Redis outage in Envoy's rate-limit
 /// service (envoyproxy/ratelimit #462).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(50);
-
-/// The most circuit breakers a limiter keeps, whatever number of failure domains its store
-/// names.
-pub const MAX_BREAKERS: usize = 64;
 
 /// What an application holds to rate-limit: a [`RateLimitStore`] (Redis, the embedded store)
 /// behind a per-call deadline, a circuit breaker and a [`DegradedPolicy`].
@@ -69,9 +65,8 @@ struct Inner {
     store: Arc<dyn RateLimitStore>,
     degraded: Degraded,
     deadline: Duration,
-    /// One per failure domain of the store ([`RateLimitStore::failure_domains`], at most
-    /// [`MAX_BREAKERS`]): a dead part of the store opens only its own.
-    breakers: Box<[CircuitBreaker]>,
+    /// One per failure domain of the store ([`RateLimitStore::failure_domains`]).
+    breakers: Breakers,
     clock: Arc<dyn Clock>,
     counters: Counters,
 }
@@ -192,15 +187,13 @@ impl RateLimiterBuilder {
     }
 
     fn assemble(self, degraded: Degraded) -> RateLimiter {
-        let domains = self.store.failure_domains().clamp(1, MAX_BREAKERS);
+        let domains = self.store.failure_domains();
         RateLimiter {
             inner: Arc::new(Inner {
                 store: self.store,
                 degraded,
                 deadline: self.deadline,
-                breakers: (0..domains)
-                    .map(|_| CircuitBreaker::new(self.breaker))
-                    .collect(),
+                breakers: Breakers::new(self.breaker, domains),
                 clock: self.clock,
                 counters: Counters::default(),
             }),
@@ -468,34 +461,20 @@ impl RateLimiter {
     /// A snapshot of the counters and the breaker's state; see [`LimiterStats`].
     pub fn stats(&self) -> LimiterStats {
         let inner = &*self.inner;
-        let opened = inner
-            .breakers
-            .iter()
-            .map(CircuitBreaker::opened_count)
-            .sum();
-        // The breaker furthest from closed (open, then half-open), when there are several.
-        let state = inner
-            .breakers
-            .iter()
-            .map(|b| b.state(&*inner.clock))
-            .max_by_key(|state| match state {
-                BreakerState::Closed => 0,
-                BreakerState::HalfOpen => 1,
-                _ => 2,
-            })
-            .unwrap_or_default();
-        inner.counters.snapshot(opened, state)
+        inner.counters.snapshot(
+            inner.breakers.opened_count(),
+            inner.breakers.state(&*inner.clock),
+        )
     }
 
     /// The breaker of the store's failure domain of a call whose first check is `check`.
     fn breaker_of(&self, check: &LimitCheck<'_>) -> &CircuitBreaker {
         let breakers = &self.inner.breakers;
-        let domain = if breakers.len() == 1 {
-            0
+        if breakers.per_domain() {
+            breakers.of(self.inner.store.failure_domain(check))
         } else {
-            self.inner.store.failure_domain(check)
-        };
-        &breakers[domain % breakers.len()]
+            breakers.of(0)
+        }
     }
 
     /// The degraded policy this limiter was built with.
@@ -525,7 +504,7 @@ impl RateLimiter {
         }
         let breaker = match checks.first() {
             Some(first) => self.breaker_of(first),
-            None => &self.inner.breakers[0],
+            None => self.inner.breakers.of(0),
         };
         let call = self
             .call_store(breaker, || async {
@@ -621,7 +600,7 @@ impl RateLimiter {
         mode: Mode,
         error: Option<Error>,
     ) -> Result<Verdict> {
-        let open_for = self.inner.breakers[0].config().open_for;
+        let open_for = self.inner.breakers.config().open_for;
         let decisions = match &self.inner.degraded {
             Degraded::FailOpen => checks
                 .iter()
@@ -647,7 +626,7 @@ impl RateLimiter {
             message: format!(
                 "circuit breaker open after repeated store failures; the store was not called \
                  (it is probed again at most {:?} after the breaker opened)",
-                self.inner.breakers[0].config().open_for
+                self.inner.breakers.config().open_for
             ),
             source: None,
         }

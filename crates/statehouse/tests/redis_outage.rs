@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use statehouse::{
-    BreakerState, CircuitBreakerConfig, Decision, DegradedPolicy, ManualClock, Policy, RateLimiter,
-    RedisStore, RedisTopology, Result,
+    BreakerState, Cache, CircuitBreakerConfig, Decision, DegradedPolicy, ManualClock, Policy,
+    RateLimiter, RedisStore, RedisTopology, Result,
 };
 use statehouse_redis::{CLUSTER_FAILURE_DOMAINS, hash_slot};
 use statehouse_testkit::{RedisCluster, RedisServer, unique_prefix};
@@ -294,6 +294,20 @@ async fn a_frozen_redis_degrades_single_checks_at_the_limiters_deadline() {
     }
 }
 
+/// The first key `user:<n>` whose slot (`slot_of`) lies in a group of slots (a failure domain
+/// of the Redis stores) wholly on `node`.
+fn key_on_node(cluster: &RedisCluster, node: usize, slot_of: impl Fn(&str) -> u16) -> String {
+    let size = 16_384 / CLUSTER_FAILURE_DOMAINS;
+    let owner = |slot: usize| cluster.owner_of(slot as u16).expect("owner");
+    (0..)
+        .map(|n| format!("user:{n}"))
+        .find(|key| {
+            let group = usize::from(slot_of(key)) / size;
+            owner(group * size) == node && owner(group * size + size - 1) == node
+        })
+        .expect("a key on the node")
+}
+
 /// A master of a Redis Cluster dies while checks run against keys on it and on another
 /// master: every decision follows the fail-open policy (or is the store's) within the
 /// deadline, none is an error or a panic; the dead master's keys degrade while the other
@@ -312,20 +326,11 @@ async fn a_dead_cluster_master_degrades_within_the_deadline_and_recovers() {
         .connect()
         .await
         .expect("connect");
-    // A key on node 0 (the one that dies) and a key on node 1, in slot groups (the limiter's
-    // failure domains) that lie wholly on their node.
+    // A key on node 0 (the one that dies) and a key on node 1.
     let key_on = |node: usize| {
-        (0..)
-            .map(|n| format!("user:{n}"))
-            .find(|key| {
-                let storage = store.storage_key(key, &policy()).expect("storage key");
-                let slot = usize::from(hash_slot(storage.as_bytes()));
-                let group = slot * CLUSTER_FAILURE_DOMAINS / 16_384;
-                let size = 16_384 / CLUSTER_FAILURE_DOMAINS;
-                let owner = |s: usize| cluster.owner_of(s as u16).expect("owner");
-                owner(group * size) == node && owner(group * size + size - 1) == node
-            })
-            .expect("a key on the node")
+        key_on_node(&cluster, node, |key| {
+            hash_slot(store.storage_key(key, &policy()).expect("key").as_bytes())
+        })
     };
     let (doomed, surviving) = (key_on(0), key_on(1));
     let limiter = limiter_on(store, DegradedPolicy::FailOpen, &clock);
@@ -390,6 +395,90 @@ async fn a_dead_cluster_master_degrades_within_the_deadline_and_recovers() {
             // time logic).
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+    drop(cluster);
+}
+
+/// The cache's breakers on a Redis Cluster whose master dies: reads of the dead master's key
+/// fail (as unavailable) and soon without calling the store, while reads of a live master's
+/// key go on hitting the store; once the node is back, the dead master's key is read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_cluster_master_opens_only_its_own_cache_breaker() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .expect("join")
+        .expect("start a private cluster");
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&format!("{}:", unique_prefix("cluster-cache")))
+        .call_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .expect("connect")
+        .cache_store();
+    let cache = Cache::<String>::builder(Arc::new(store.clone()), "items")
+        .without_near_cache()
+        .deadline(DEADLINE)
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .await
+        .expect("cache");
+    let key_on = |node: usize| {
+        key_on_node(&cluster, node, |key| {
+            let data_key = store.data_key(&cache.store_key(key)).expect("data key");
+            hash_slot(data_key.as_bytes())
+        })
+    };
+    let (doomed, surviving) = (key_on(0), key_on(1));
+    for key in [&doomed, &surviving] {
+        cache
+            .set(key, &format!("value of {key}"))
+            .await
+            .expect("set");
+    }
+
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill_node(0);
+        cluster
+    })
+    .await
+    .expect("kill task");
+    for _ in 0..20 {
+        let (failed, took) = {
+            let started = Instant::now();
+            (cache.get(&doomed).await, started.elapsed())
+        };
+        let err = failed.expect_err("the dead master's key");
+        assert!(err.is_unavailable(), "{err}");
+        assert!(took <= DEADLINE + MARGIN, "a read took {took:?}");
+        let found = cache.get(&surviving).await.expect("the live master's key");
+        assert_eq!(
+            found.value().map(|v| v.as_str().to_owned()),
+            Some(format!("value of {surviving}"))
+        );
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.breaker_opened, 1, "{stats:?}");
+    assert_eq!(stats.breaker_state, BreakerState::Open);
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart_node(0).expect("node 0 rejoins");
+        cluster
+    })
+    .await
+    .expect("restart task");
+    let started = Instant::now();
+    loop {
+        clock.advance(OPEN_FOR);
+        if cache.get(&doomed).await.is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the dead master's key was never read again"
+        );
+        // Real time for the client to reconnect and refresh its slot map.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(cluster);
 }

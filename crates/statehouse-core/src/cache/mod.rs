@@ -326,10 +326,30 @@ pub trait CacheStore: Send + Sync + fmt::Debug + 'static {
     /// Subscribes `sink` to the invalidation channel. The sink gets `on_channel_up` once the
     /// subscription is live, and `on_channel_down`/`on_channel_up` around every loss of it.
     async fn subscribe(&self, sink: Arc<dyn InvalidationSink>) -> Result<InvalidationSubscription>;
+
+    /// How many failure domains the store has: parts that can fail while the others go on
+    /// (groups of hash slots of a Redis Cluster). A caller with a circuit breaker (the
+    /// `statehouse` facade's `Cache`) keeps one per domain. The default is 1.
+    fn failure_domains(&self) -> usize {
+        1
+    }
+
+    /// The failure domain, below [`failure_domains`](Self::failure_domains), of `key`. The
+    /// default is 0.
+    fn failure_domain(&self, key: &str) -> usize {
+        let _ = key;
+        0
+    }
 }
 
 #[async_trait]
 impl<S: CacheStore + ?Sized> CacheStore for Arc<S> {
+    fn failure_domains(&self) -> usize {
+        (**self).failure_domains()
+    }
+    fn failure_domain(&self, key: &str) -> usize {
+        (**self).failure_domain(key)
+    }
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         (**self).get(key).await
     }

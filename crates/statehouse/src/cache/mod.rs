@@ -107,7 +107,7 @@ use statehouse_core::cache::{
 };
 use statehouse_core::{Clock, Error, Result, SystemClock, Timestamp};
 
-use crate::breaker::{Admission, CircuitBreaker, CircuitBreakerConfig, Permit};
+use crate::breaker::{Admission, Breakers, CircuitBreaker, CircuitBreakerConfig, Permit};
 use flight::{Flights, Join, Shared};
 use near::{NearCache, NearEntry};
 use stats::CacheCounters;
@@ -588,6 +588,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
             near_config.max_ttl,
             counters.clone(),
         ));
+        let domains = self.store.failure_domains();
         let sink: Arc<dyn InvalidationSink> = near.clone();
         let wait = (self.deadline * 10).max(Duration::from_secs(5));
         let subscription = tokio::time::timeout(wait, self.store.subscribe(sink))
@@ -604,7 +605,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
                 compress_above: self.compress_above,
                 clock: self.clock,
                 deadline: self.deadline,
-                breaker: CircuitBreaker::new(self.breaker),
+                breakers: Breakers::new(self.breaker, domains),
                 l1: near_config.max_bytes > 0,
                 near,
                 _subscription: subscription,
@@ -656,8 +657,9 @@ struct Inner<V, C> {
     compress_above: Option<usize>,
     clock: Arc<dyn Clock>,
     deadline: Duration,
-    /// In front of every store call (see "Store outages" in the module docs).
-    breaker: CircuitBreaker,
+    /// In front of every store call, one per failure domain of the store (see "Store
+    /// outages" in the module docs).
+    breakers: Breakers,
     /// Whether the near cache holds entries (it always tracks tag versions).
     l1: bool,
     near: Arc<NearCache<V>>,
@@ -1023,6 +1025,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         let store_key = self.store_key(key);
         let result = self
             .call(
+                &store_key,
                 inner
                     .store
                     .set(&store_key, &encoded.bytes, encoded.store_ttl, None),
@@ -1046,7 +1049,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         self.check_key(key)?;
         let inner = &*self.inner;
         let store_key = self.store_key(key);
-        let result = self.call(inner.store.delete(&store_key)).await;
+        let result = self.call(&store_key, inner.store.delete(&store_key)).await;
         inner.near.invalidate_key(key);
         let existed = result?;
         CacheCounters::bump(&inner.counters.invalidations_sent);
@@ -1062,7 +1065,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
         check_user_tag(tag)?;
         let inner = &*self.inner;
-        let result = self.call(inner.store.bump_tag(tag)).await;
+        let result = self.call(tag, inner.store.bump_tag(tag)).await;
         inner
             .near
             .on_invalidation(&statehouse_core::cache::Invalidation::Tag(tag.to_owned()));
@@ -1079,7 +1082,12 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     /// The store's error.
     pub async fn invalidate_namespace(&self) -> Result<u64> {
         let inner = &*self.inner;
-        let result = self.call(inner.store.bump_tag(&inner.namespace_tag)).await;
+        let result = self
+            .call(
+                &inner.namespace_tag,
+                inner.store.bump_tag(&inner.namespace_tag),
+            )
+            .await;
         inner.near.flush();
         let version = result?;
         CacheCounters::bump(&inner.counters.invalidations_sent);
@@ -1114,8 +1122,8 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     pub fn stats(&self) -> CacheStats {
         let inner = &*self.inner;
         let mut stats = inner.counters.snapshot();
-        stats.breaker_state = inner.breaker.state(&*inner.clock);
-        stats.breaker_opened = inner.breaker.opened_count();
+        stats.breaker_state = inner.breakers.state(&*inner.clock);
+        stats.breaker_opened = inner.breakers.opened_count();
         stats
     }
 
@@ -1239,10 +1247,11 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         }
     }
 
-    /// A store call through the breaker and under the deadline; failures counted.
-    async fn call<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+    /// A store call about `key` (a store key, or a tag: the name that picks the failure
+    /// domain's breaker) through the breaker and under the deadline; failures counted.
+    async fn call<T>(&self, key: &str, call: impl Future<Output = Result<T>>) -> Result<T> {
         let inner = &*self.inner;
-        let permit = match inner.breaker.admit(&*inner.clock) {
+        let permit = match self.breaker_for(key).admit(&*inner.clock) {
             Admission::Call(permit) => permit,
             Admission::Skip => return self.counted(Err(self.breaker_open_error())),
         };
@@ -1263,7 +1272,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         // Called on the `dyn CacheStore` itself, not through the blanket `impl CacheStore for
         // Arc<S>` that method resolution would pick: that one boxes a second future per read.
         let store: &dyn CacheStore = &*inner.store;
-        let permit = match inner.breaker.admit(&*inner.clock) {
+        let permit = match self.breaker_for(store_key).admit(&*inner.clock) {
             Admission::Call(permit) => permit,
             Admission::Skip => return self.counted(Err(self.breaker_open_error())),
         };
@@ -1289,13 +1298,23 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         self.counted(result)
     }
 
+    /// The breaker of `key`'s failure domain of the store.
+    fn breaker_for(&self, key: &str) -> &CircuitBreaker {
+        let breakers = &self.inner.breakers;
+        if breakers.per_domain() {
+            breakers.of(self.inner.store.failure_domain(key))
+        } else {
+            breakers.of(0)
+        }
+    }
+
     /// The error of a call the open breaker kept from the store.
     fn breaker_open_error(&self) -> Error {
         Error::Unavailable {
             message: format!(
                 "circuit breaker open after repeated cache store failures; the store was not \
                  called (probed again at most {:?} after it opened)",
-                self.inner.breaker.config().open_for
+                self.inner.breakers.config().open_for
             ),
             source: None,
         }
@@ -1484,7 +1503,12 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         }
         let ticket = inner.near.ticket();
         let names: Vec<String> = unknown.iter().map(|&i| tags[i].clone()).collect();
-        let fetched = self.call(inner.store.tag_versions(&names)).await?;
+        let fetched = self
+            .call(
+                names.first().map_or("", String::as_str),
+                inner.store.tag_versions(&names),
+            )
+            .await?;
         if fetched.len() != names.len() {
             return Err(Error::Backend {
                 message: format!(
@@ -1684,7 +1708,10 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         loop {
             let now = inner.clock.now();
             let outcome = self
-                .call(inner.store.acquire_lease(&store_key, now, lease_ttl))
+                .call(
+                    &store_key,
+                    inner.store.acquire_lease(&store_key, now, lease_ttl),
+                )
                 .await;
             match outcome {
                 Err(e) if e.is_invalid_input() => return Err(CacheError::Store(e)),
@@ -1794,6 +1821,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         };
         let filled = self
             .call(
+                &guard.key,
                 inner
                     .store
                     .set(&guard.key, &encoded.bytes, encoded.store_ttl, Some(&token)),
