@@ -589,6 +589,21 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     /// Revokes every session of `user_id` except `keep` ("log out everywhere else"); returns
     /// how many were revoked.
     async fn revoke_all_for_user(&self, user_id: &str, keep: Option<&SessionId>) -> Result<u64>;
+
+    /// How many failure domains the store has: parts that can fail while the others go on
+    /// (groups of hash slots of a Redis Cluster). A caller with a circuit breaker (the
+    /// `statehouse` facade's `Sessions`) keeps one per domain. The default is 1.
+    fn failure_domains(&self) -> usize {
+        1
+    }
+
+    /// The failure domain, below [`failure_domains`](Self::failure_domains), of the sessions
+    /// of the user tagged `user` (a token's [`SessionToken::user_tag`], or
+    /// [`UserTag::for_user`]). The default is 0.
+    fn failure_domain(&self, user: UserTag) -> usize {
+        let _ = user;
+        0
+    }
 }
 
 /// Something that happened to a session.

@@ -27,6 +27,7 @@ use crate::session_script::{
     uint,
 };
 use crate::store::RedisStore;
+use crate::store::failure_domain_of_slot;
 
 /// The key prefix of a session store unless another is set.
 pub const DEFAULT_SESSION_PREFIX: &str = "sh:s:";
@@ -480,6 +481,24 @@ fn truncate(s: &str, max: usize) -> &str {
 
 #[async_trait]
 impl SessionStore for RedisSessionStore {
+    /// On Redis Cluster, the groups of hash slots of the rate limiter's store
+    /// ([`CLUSTER_FAILURE_DOMAINS`](crate::CLUSTER_FAILURE_DOMAINS)); on standalone Redis, one.
+    fn failure_domains(&self) -> usize {
+        if self.inner.link.conn.is_cluster() {
+            crate::CLUSTER_FAILURE_DOMAINS
+        } else {
+            1
+        }
+    }
+
+    /// The slot group of the user's hash tag (every key of the user is in its slot).
+    fn failure_domain(&self, user: UserTag) -> usize {
+        if !self.inner.link.conn.is_cluster() {
+            return 0;
+        }
+        failure_domain_of_slot(hash_slot(user.to_hex().as_bytes()))
+    }
+
     async fn create(&self, new: &NewSession) -> Result<(SessionToken, SessionRecord)> {
         new.validate()?;
         let tag = UserTag::for_user(&new.user_id);

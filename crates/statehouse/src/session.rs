@@ -9,11 +9,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use statehouse_core::session::{
     LoadedSession, NewSession, SessionChanges, SessionEvent, SessionHooks, SessionId, SessionInfo,
-    SessionRecord, SessionStore, SessionToken,
+    SessionRecord, SessionStore, SessionToken, UserTag,
 };
 use statehouse_core::{Clock, Error, Result, SystemClock};
 
-use crate::breaker::{Admission, CircuitBreaker, CircuitBreakerConfig};
+use crate::breaker::{Admission, Breakers, CircuitBreakerConfig};
 
 /// The default per-call deadline of [`Sessions`]: 100 ms. Twice the rate limiter's
 /// [`DEFAULT_DEADLINE`](crate::DEFAULT_DEADLINE), because a session call that misses it fails
@@ -167,7 +167,8 @@ struct Inner {
     hooks: Option<Arc<dyn SessionHooks>>,
     deadline: Duration,
     store_down: SessionStoreDown,
-    breaker: CircuitBreaker,
+    /// One per failure domain of the store (on Redis Cluster, groups of the users' slots).
+    breakers: Breakers,
     clock: Arc<dyn Clock>,
 }
 
@@ -273,13 +274,14 @@ impl<C: SessionCodec> SessionsBuilder<C> {
     }
 
     fn assemble(self) -> Sessions<C> {
+        let domains = self.store.failure_domains();
         Sessions {
             inner: Arc::new(Inner {
                 store: self.store,
                 hooks: self.hooks,
                 deadline: self.deadline,
                 store_down: self.store_down,
-                breaker: CircuitBreaker::new(self.breaker),
+                breakers: Breakers::new(self.breaker, domains),
                 clock: self.clock,
             }),
             codec: self.codec,
@@ -337,7 +339,8 @@ impl<C: SessionCodec> Sessions<C> {
     /// [`Error::InvalidInput`]; the store's error (an outage: [`Error::is_unavailable`]).
     pub async fn create(&self, new: &NewSession) -> Result<(SessionToken, SessionRecord)> {
         new.validate()?;
-        let (token, record) = self.call(|| self.inner.store.create(new)).await?;
+        let user = UserTag::for_user(&new.user_id);
+        let (token, record) = self.call(user, || self.inner.store.create(new)).await?;
         tracing::info!(session = log_id(&record.id), "statehouse: session created");
         self.emit(SessionEvent::Created {
             id: record.id.clone(),
@@ -357,7 +360,7 @@ impl<C: SessionCodec> Sessions<C> {
         // A store that bounds its own calls takes the deadline along: no timer of ours (the
         // Redis store's read-only loads then arm none per load at all).
         let loaded = self
-            .call_bounded(|| async {
+            .call_bounded(token.user_tag(), || async {
                 let store = &self.inner.store;
                 match store.load_within(token, self.inner.deadline).await {
                     Some(result) => result,
@@ -391,7 +394,8 @@ impl<C: SessionCodec> Sessions<C> {
         if changes.is_empty() {
             return Ok(true);
         }
-        self.call(|| self.inner.store.update(token, changes)).await
+        self.call(token.user_tag(), || self.inner.store.update(token, changes))
+            .await
     }
 
     /// Moves the session to a new token (the old one works for the rotation grace); `None`
@@ -421,7 +425,9 @@ impl<C: SessionCodec> Sessions<C> {
         &self,
         token: &SessionToken,
     ) -> Result<Option<(SessionToken, SessionRecord)>> {
-        let rotated = self.call(|| self.inner.store.rotate(token)).await?;
+        let rotated = self
+            .call(token.user_tag(), || self.inner.store.rotate(token))
+            .await?;
         if let Some((_, record)) = &rotated {
             let from = token.id();
             tracing::info!(
@@ -453,7 +459,9 @@ impl<C: SessionCodec> Sessions<C> {
     ///
     /// The store's error.
     pub async fn revoke_known(&self, token: &SessionToken, user_id: Option<&str>) -> Result<bool> {
-        let revoked = self.call(|| self.inner.store.revoke(token)).await?;
+        let revoked = self
+            .call(token.user_tag(), || self.inner.store.revoke(token))
+            .await?;
         if revoked {
             let id = token.id();
             tracing::info!(session = log_id(&id), "statehouse: session revoked");
@@ -487,7 +495,10 @@ impl<C: SessionCodec> Sessions<C> {
     /// # }
     /// ```
     pub async fn list_for_user(&self, user_id: &str) -> Result<Vec<SessionInfo>> {
-        self.call(|| self.inner.store.list_for_user(user_id)).await
+        self.call(UserTag::for_user(user_id), || {
+            self.inner.store.list_for_user(user_id)
+        })
+        .await
     }
 
     /// Revokes one session of `user_id` by id (a "sign out this device" button).
@@ -497,7 +508,9 @@ impl<C: SessionCodec> Sessions<C> {
     /// The store's error.
     pub async fn revoke_by_id(&self, user_id: &str, id: &SessionId) -> Result<bool> {
         let revoked = self
-            .call(|| self.inner.store.revoke_by_id(user_id, id))
+            .call(UserTag::for_user(user_id), || {
+                self.inner.store.revoke_by_id(user_id, id)
+            })
             .await?;
         if revoked {
             tracing::info!(session = log_id(id), "statehouse: session revoked by id");
@@ -543,7 +556,9 @@ impl<C: SessionCodec> Sessions<C> {
             Vec::new()
         };
         let count = self
-            .call(|| self.inner.store.revoke_all_for_user(user_id, keep))
+            .call(UserTag::for_user(user_id), || {
+                self.inner.store.revoke_all_for_user(user_id, keep)
+            })
             .await?;
         tracing::info!(
             revoked = count,
@@ -603,32 +618,37 @@ impl<C: SessionCodec> Sessions<C> {
         }
     }
 
-    /// Calls the store through the breaker and the deadline.
-    async fn call<'a, T, F, Fut>(&'a self, call: F) -> Result<T>
+    /// Calls the store about `user`'s sessions through its breaker and the deadline.
+    async fn call<'a, T, F, Fut>(&'a self, user: UserTag, call: F) -> Result<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T>> + 'a,
     {
         let deadline = self.inner.deadline;
-        self.call_bounded(|| within(deadline, call())).await
+        self.call_bounded(user, || within(deadline, call())).await
     }
 
     /// Calls the store through the breaker; `call` is bounded by the deadline already (by
     /// [`within`] or by the store itself).
-    async fn call_bounded<'a, T, F, Fut>(&'a self, call: F) -> Result<T>
+    async fn call_bounded<'a, T, F, Fut>(&'a self, user: UserTag, call: F) -> Result<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T>> + 'a,
     {
         let inner = &*self.inner;
-        let permit = match inner.breaker.admit(&*inner.clock) {
+        let breaker = if inner.breakers.per_domain() {
+            inner.breakers.of(inner.store.failure_domain(user))
+        } else {
+            inner.breakers.of(0)
+        };
+        let permit = match breaker.admit(&*inner.clock) {
             Admission::Call(permit) => permit,
             Admission::Skip => {
                 return Err(Error::Unavailable {
                     message: format!(
                         "circuit breaker open after repeated session store failures; the store \
                          was not called (probed again at most {:?} after it opened)",
-                        inner.breaker.config().open_for
+                        inner.breakers.config().open_for
                     ),
                     source: None,
                 });

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use statehouse::{
-    BreakerState, Cache, CircuitBreakerConfig, Decision, DegradedPolicy, ManualClock, Policy,
-    RateLimiter, RedisStore, RedisTopology, Result,
+    BreakerState, Cache, CircuitBreakerConfig, Decision, DegradedPolicy, ManualClock, NewSession,
+    Policy, RateLimiter, RedisSessionStore, RedisStore, RedisTopology, Result, Sessions,
 };
 use statehouse_redis::{CLUSTER_FAILURE_DOMAINS, hash_slot};
 use statehouse_testkit::{RedisCluster, RedisServer, unique_prefix};
@@ -294,6 +294,24 @@ async fn a_frozen_redis_degrades_single_checks_at_the_limiters_deadline() {
     }
 }
 
+/// A private 3-master cluster, started off the runtime's threads.
+async fn start_cluster() -> RedisCluster {
+    tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .expect("join")
+        .expect("start a private cluster")
+}
+
+/// `cluster` with node `i` killed (off the runtime's threads).
+async fn kill_node(mut cluster: RedisCluster, i: usize) -> RedisCluster {
+    tokio::task::spawn_blocking(move || {
+        cluster.kill_node(i);
+        cluster
+    })
+    .await
+    .expect("kill task")
+}
+
 /// The first key `user:<n>` whose slot (`slot_of`) lies in a group of slots (a failure domain
 /// of the Redis stores) wholly on `node`.
 fn key_on_node(cluster: &RedisCluster, node: usize, slot_of: impl Fn(&str) -> u16) -> String {
@@ -315,10 +333,7 @@ fn key_on_node(cluster: &RedisCluster, node: usize, slot_of: impl Fn(&str) -> u1
 /// node is back in the cluster, the store decides again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_cluster_master_degrades_within_the_deadline_and_recovers() {
-    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
-        .await
-        .expect("join")
-        .expect("start a private cluster");
+    let mut cluster = start_cluster().await;
     let clock = ManualClock::starting_now();
     let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
         .prefix(&format!("{}:", unique_prefix("cluster-outage")))
@@ -339,12 +354,7 @@ async fn a_dead_cluster_master_degrades_within_the_deadline_and_recovers() {
         assert!(!result.expect("store decides").degraded);
     }
 
-    cluster = tokio::task::spawn_blocking(move || {
-        cluster.kill_node(0);
-        cluster
-    })
-    .await
-    .expect("kill task");
+    cluster = kill_node(cluster, 0).await;
     let mut degraded_seen = 0;
     for i in 0..40 {
         let key = if i % 2 == 0 { &doomed } else { &surviving };
@@ -404,10 +414,7 @@ async fn a_dead_cluster_master_degrades_within_the_deadline_and_recovers() {
 /// key go on hitting the store; once the node is back, the dead master's key is read again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_cluster_master_opens_only_its_own_cache_breaker() {
-    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
-        .await
-        .expect("join")
-        .expect("start a private cluster");
+    let mut cluster = start_cluster().await;
     let clock = ManualClock::starting_now();
     let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
         .prefix(&format!("{}:", unique_prefix("cluster-cache")))
@@ -437,12 +444,7 @@ async fn a_dead_cluster_master_opens_only_its_own_cache_breaker() {
             .expect("set");
     }
 
-    cluster = tokio::task::spawn_blocking(move || {
-        cluster.kill_node(0);
-        cluster
-    })
-    .await
-    .expect("kill task");
+    cluster = kill_node(cluster, 0).await;
     for _ in 0..20 {
         let (failed, took) = {
             let started = Instant::now();
@@ -480,5 +482,64 @@ async fn a_dead_cluster_master_opens_only_its_own_cache_breaker() {
         // Real time for the client to reconnect and refresh its slot map.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    drop(cluster);
+}
+
+/// The sessions' breakers on a Redis Cluster whose master dies: loads of a user on the dead
+/// master fail (as unavailable) within the deadline, and soon without calling the store (the
+/// breaker of that user's slot group opened), while loads of a user on a live master go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_cluster_master_opens_only_its_own_session_breaker() {
+    let mut cluster = start_cluster().await;
+    let clock = ManualClock::starting_now();
+    let store = RedisSessionStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&format!("{}:", unique_prefix("cluster-sessions")))
+        .call_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .expect("connect");
+    let key_on = |node: usize| {
+        key_on_node(&cluster, node, |user| {
+            hash_slot(store.index_key(user).as_bytes())
+        })
+    };
+    let (doomed, surviving) = (key_on(0), key_on(1));
+    let sessions = Sessions::builder(store)
+        .deadline(DEADLINE)
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .expect("sessions");
+    let mut tokens = Vec::new();
+    for user in [&doomed, &surviving] {
+        let (token, _) = sessions
+            .create(&NewSession::for_user(user.as_str()))
+            .await
+            .expect("create");
+        tokens.push(token);
+    }
+
+    cluster = kill_node(cluster, 0).await;
+    let mut last_error = String::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let err = sessions
+            .load(&tokens[0])
+            .await
+            .expect_err("the dead master's user");
+        let took = started.elapsed();
+        assert!(err.is_unavailable(), "{err}");
+        assert!(took <= DEADLINE + MARGIN, "a load took {took:?}");
+        last_error = err.to_string();
+        let loaded = sessions
+            .load(&tokens[1])
+            .await
+            .expect("the live master's user")
+            .expect("a session");
+        assert_eq!(loaded.record.user_id, surviving);
+    }
+    assert!(
+        last_error.contains("circuit breaker open"),
+        "the dead master's breaker never opened: {last_error}"
+    );
     drop(cluster);
 }
