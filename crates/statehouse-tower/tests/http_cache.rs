@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use statehouse::statehouse_core::cache::{
     CacheStore, InvalidationSink, InvalidationSubscription, LeaseOutcome, LeaseToken,
 };
-use statehouse::{Clock, EmbeddedCacheStore, ManualClock, Timestamp};
+use statehouse::{BreakerState, Clock, EmbeddedCacheStore, ManualClock, Timestamp};
 use statehouse_tower::cache::{CacheBody, HttpCacheLayer, HttpCacheLayerBuilder, NotStoredReason};
 use tokio::sync::Semaphore;
 use tower::util::BoxCloneSyncService;
@@ -1310,12 +1310,26 @@ async fn store_down(hang: bool) {
             "statehouse; fwd=uri-miss; fwd-status=200; detail=store-unavailable"
         );
     }
+    // Three failures in a row opened the circuit breaker: the POST's invalidation and the purge
+    // fail at once, without a store call (and without a deadline).
     let post = h.send(request(Method::POST, "/a")).await;
     assert_eq!(post.status, StatusCode::OK);
     assert_eq!(h.layer.stats().store_errors(), 4);
-    assert_eq!(store.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(store.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(h.layer.breaker_state(), (BreakerState::Open, 1));
     let purge = h.layer.purger().purge_path(HOST_NAME, "/a").await;
     assert!(purge.expect_err("the store is down").is_unavailable());
+    assert_eq!(store.calls.load(Ordering::SeqCst), 3);
+    // After `open_for` (1 s), one request probes the store, finds it still down, and is
+    // answered by the origin all the same.
+    h.advance(1);
+    let got = h.get("/a").await;
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "response 5")
+    );
+    assert_eq!(store.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(h.layer.breaker_state(), (BreakerState::Open, 1));
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! The circuit breaker in front of the store: after a run of failures, stop calling it for a
 //! while, then let exactly one caller find out whether it is back.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -155,6 +157,103 @@ impl Breakers {
                 BreakerState::Open => 2,
             })
             .unwrap_or_default()
+    }
+}
+
+/// Circuit breakers for code that calls a store on its own (the HTTP cache layer of
+/// `statehouse-tower`), as the [`RateLimiter`](crate::RateLimiter), the [`Cache`](crate::Cache)
+/// and [`Sessions`](crate::Sessions) keep them: one per failure domain of the store (the
+/// store's `failure_domains()`, at most [`MAX_BREAKERS`]), each opening after
+/// `failure_threshold` failures in a row for `open_for` on `clock`, then letting one probe
+/// through.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::sync::Arc;
+/// use statehouse::{CircuitBreakerConfig, Error, ManualClock, StoreBreakers};
+///
+/// let clock = ManualClock::starting_now();
+/// let breakers = StoreBreakers::new(CircuitBreakerConfig::default(), 1, Arc::new(clock.clone()))
+///     .expect("valid");
+/// for _ in 0..3 {
+///     let down = breakers.call(0, async { Err::<(), _>(Error::Timeout { deadline: Default::default() }) });
+///     assert!(down.await.is_err());
+/// }
+/// // Open: the call is not made.
+/// let skipped = breakers.call(0, async { Ok::<_, Error>(1) }).await;
+/// assert!(skipped.unwrap_err().is_unavailable());
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct StoreBreakers {
+    breakers: Breakers,
+    clock: Arc<dyn Clock>,
+}
+
+impl StoreBreakers {
+    /// `domains` breakers (1 to [`MAX_BREAKERS`]) of `config` on `clock`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a zero `failure_threshold` or `open_for`.
+    pub fn new(
+        config: CircuitBreakerConfig,
+        domains: usize,
+        clock: Arc<dyn Clock>,
+    ) -> Result<StoreBreakers, Error> {
+        config.validate()?;
+        Ok(StoreBreakers {
+            breakers: Breakers::new(config, domains),
+            clock,
+        })
+    }
+
+    /// Runs `call` through the breaker of `domain` (any number: it wraps): while that breaker
+    /// is open, an [`Error::Unavailable`] at once and `call` is not polled; otherwise `call`'s
+    /// result, its outcome counted (an error for which [`Error::is_unavailable`] holds, an
+    /// outage or a missed deadline, as a failure; invalid input as nothing; anything else as
+    /// an answer).
+    ///
+    /// # Errors
+    ///
+    /// `call`'s error, or [`Error::Unavailable`] when the breaker is open.
+    pub async fn call<T>(
+        &self,
+        domain: usize,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let breaker = self.breakers.of(domain);
+        let permit = match breaker.admit(&*self.clock) {
+            Admission::Call(permit) => permit,
+            Admission::Skip => {
+                return Err(Error::Unavailable {
+                    message: format!(
+                        "circuit breaker open after repeated store failures; the store was not \
+                         called (probed again at most {:?} after it opened)",
+                        breaker.config().open_for
+                    ),
+                    source: None,
+                });
+            }
+        };
+        let result = call.await;
+        match &result {
+            Err(e) if e.is_invalid_input() => permit.inconclusive(),
+            Err(e) if e.is_unavailable() => permit.failed(self.clock.now(), e),
+            _ => permit.succeeded(),
+        }
+        result
+    }
+
+    /// The state of the breaker furthest from closed (open, then half-open).
+    pub fn state(&self) -> BreakerState {
+        self.breakers.state(&*self.clock)
+    }
+
+    /// Times any of the breakers went from closed to open.
+    pub fn opened_count(&self) -> u64 {
+        self.breakers.opened_count()
     }
 }
 

@@ -214,7 +214,7 @@ mod limiter;
 mod session;
 mod stats;
 
-pub use breaker::{BreakerState, CircuitBreakerConfig, MAX_BREAKERS};
+pub use breaker::{BreakerState, CircuitBreakerConfig, MAX_BREAKERS, StoreBreakers};
 pub use cache::{
     Cache, CacheBuilder, CacheCodec, CacheError, CacheStats, DEFAULT_CACHE_DEADLINE,
     DEFAULT_COMPRESS_ABOVE, Fetched, Loaded, Lookup, MsgPackCodec, NearCacheConfig, RawCodec,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 use statehouse::statehouse_core::cache::{CachePolicy, CacheStore};
-use statehouse::{Clock, SystemClock};
+use statehouse::{BreakerState, CircuitBreakerConfig, Clock, StoreBreakers, SystemClock};
 use tower_layer::Layer;
 
 use super::flight::Flights;
@@ -48,6 +48,7 @@ pub(crate) struct Config {
     pub(crate) max_ttl: Duration,
     pub(crate) revalidate_window: Duration,
     pub(crate) stale_while_revalidate: bool,
+    pub(crate) circuit_breaker: CircuitBreakerConfig,
 }
 
 impl Default for Config {
@@ -68,6 +69,7 @@ impl Default for Config {
             max_ttl: CachePolicy::MAX_TTL,
             revalidate_window: DEFAULT_REVALIDATE_WINDOW,
             stale_while_revalidate: true,
+            circuit_breaker: CircuitBreakerConfig::default(),
         }
     }
 }
@@ -79,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) stats: Arc<HttpCacheStats>,
     pub(crate) flights: Arc<Flights>,
+    /// In front of every store call, one per failure domain of the store.
+    pub(crate) breakers: StoreBreakers,
 }
 
 impl fmt::Debug for Shared {
@@ -91,17 +95,24 @@ impl fmt::Debug for Shared {
 }
 
 impl Shared {
-    /// One store call within the deadline. A timeout is `Error::Timeout`; every failure is
-    /// counted in `store_errors`.
+    /// One store call about `key` (the store key it reads or writes, or for several, the first:
+    /// it picks the failure domain's breaker) through the breaker and within the deadline. A
+    /// timeout is `Error::Timeout`, an open breaker `Error::Unavailable` without a call; every
+    /// failure is counted in `store_errors`.
     pub(crate) async fn call<T>(
         &self,
+        key: &str,
         f: impl Future<Output = statehouse::Result<T>>,
     ) -> statehouse::Result<T> {
         let deadline = self.config.store_deadline;
-        let result = match tokio::time::timeout(deadline, f).await {
-            Ok(r) => r,
-            Err(_) => Err(statehouse::Error::Timeout { deadline }),
+        let domain = self.store.failure_domain(key);
+        let bounded = async {
+            match tokio::time::timeout(deadline, f).await {
+                Ok(r) => r,
+                Err(_) => Err(statehouse::Error::Timeout { deadline }),
+            }
         };
+        let result = self.breakers.call(domain, bounded).await;
         if let Err(e) = &result {
             self.stats.count_store_error();
             tracing::debug!(error = %e, "statehouse: HTTP cache store call failed");
@@ -157,6 +168,7 @@ impl HttpCacheLayer {
     /// names and 16 variants per URI, freshness capped at one year.
     pub fn new(store: Arc<dyn CacheStore>) -> Self {
         HttpCacheLayer::from_parts(store, Arc::new(SystemClock), Config::default())
+            .unwrap_or_else(|_| unreachable!("the default circuit breaker is valid"))
     }
 
     /// A builder over `store` starting from the defaults of [`HttpCacheLayer::new`].
@@ -168,16 +180,33 @@ impl HttpCacheLayer {
         }
     }
 
-    fn from_parts(store: Arc<dyn CacheStore>, clock: Arc<dyn Clock>, config: Config) -> Self {
-        HttpCacheLayer {
+    fn from_parts(
+        store: Arc<dyn CacheStore>,
+        clock: Arc<dyn Clock>,
+        config: Config,
+    ) -> statehouse::Result<Self> {
+        let breakers = StoreBreakers::new(
+            config.circuit_breaker,
+            store.failure_domains(),
+            clock.clone(),
+        )?;
+        Ok(HttpCacheLayer {
             shared: Arc::new(Shared {
                 store,
                 clock,
                 config,
                 stats: Arc::new(HttpCacheStats::default()),
                 flights: Arc::new(Flights::default()),
+                breakers,
             }),
-        }
+        })
+    }
+
+    /// Where the circuit breakers in front of the store stand (the one furthest from closed),
+    /// and how many times one opened.
+    pub fn breaker_state(&self) -> (BreakerState, u64) {
+        let breakers = &self.shared.breakers;
+        (breakers.state(), breakers.opened_count())
     }
 
     /// A purger for this layer's entries (by URI, by tag). Clones share everything.
@@ -353,6 +382,17 @@ impl HttpCacheLayerBuilder {
         self
     }
 
+    /// The circuit breaker in front of the store, as the `statehouse` facades': after
+    /// `failure_threshold` failures in a row (unavailable or past the store deadline) the store
+    /// is not called for `open_for`, so that a dead store costs a request nothing instead of a
+    /// deadline (or two, on a miss); requests go to the origin as on any store failure. One
+    /// per failure domain of the store (on Redis Cluster, a group of slots). Default 3
+    /// failures, 1 s, on the layer's clock.
+    pub fn circuit_breaker(mut self, config: CircuitBreakerConfig) -> Self {
+        self.config.circuit_breaker = config;
+        self
+    }
+
     /// The layer, or [`statehouse::Error::InvalidPolicy`] naming the first invalid field.
     pub fn build(self) -> statehouse::Result<HttpCacheLayer> {
         let c = &self.config;
@@ -390,11 +430,7 @@ impl HttpCacheLayerBuilder {
         if c.revalidate_window > Duration::from_secs(86_400) {
             return Err(rejected("revalidate_window", "must be at most one day"));
         }
-        Ok(HttpCacheLayer::from_parts(
-            self.store,
-            self.clock,
-            self.config,
-        ))
+        HttpCacheLayer::from_parts(self.store, self.clock, self.config)
     }
 }
 

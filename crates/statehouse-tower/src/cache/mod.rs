@@ -159,8 +159,12 @@
 //! kept with Tokio's timer: the layer runs inside a Tokio runtime with time enabled (as every
 //! axum and hyper server does).
 //! A failing or slow store never fails a request: it goes to the origin, is not stored
-//! (`detail=store-unavailable`), and [`HttpCacheStats::store_errors`] counts it. A stored value
-//! that does not decode is a miss, counted in [`HttpCacheStats::decode_errors`].
+//! (`detail=store-unavailable`), and [`HttpCacheStats::store_errors`] counts it. A
+//! [circuit breaker](HttpCacheLayerBuilder::circuit_breaker) (3 failures in a row, then 1 s
+//! without calling the store, then one probe; one per failure domain of the store, so on Redis
+//! Cluster one dead master does not cut the others off) makes a dead store cost a request no
+//! deadline at all ([`HttpCacheLayer::breaker_state`]). A stored value that does not decode is
+//! a miss, counted in [`HttpCacheStats::decode_errors`].
 //!
 //! ## `Cache-Status`
 //!

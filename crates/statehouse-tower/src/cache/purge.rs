@@ -81,7 +81,10 @@ impl HttpCachePurger {
             )));
         }
         let key = format!("{}{scheme}://{host}{path}", self.shared.config.key_prefix);
-        let existed = self.shared.call(self.shared.store.delete(&key)).await?;
+        let existed = self
+            .shared
+            .call(&key, self.shared.store.delete(&key))
+            .await?;
         self.shared.stats.count_purge();
         Ok(existed)
     }
@@ -94,9 +97,14 @@ impl HttpCachePurger {
         validate_tag(&tag_key)?;
         // The epoch first, then the tag: see the module docs for why this order.
         shared
-            .call(shared.store.bump_tag(&shared.epoch_tag()))
+            .call(
+                &shared.epoch_tag(),
+                shared.store.bump_tag(&shared.epoch_tag()),
+            )
             .await?;
-        let version = shared.call(shared.store.bump_tag(&tag_key)).await?;
+        let version = shared
+            .call(&tag_key, shared.store.bump_tag(&tag_key))
+            .await?;
         shared.stats.count_purge();
         Ok(version)
     }

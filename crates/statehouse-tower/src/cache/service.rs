@@ -244,14 +244,14 @@ impl Shared {
 
     /// Gives a lease back, best effort (it also expires by itself).
     async fn release(&self, key: &str, token: &LeaseToken) {
-        let _ = self.call(self.store.release_lease(key, token)).await;
+        let _ = self.call(key, self.store.release_lease(key, token)).await;
     }
 
     /// Looks the request up: the primary key, then the variant if a vary spec is there, then
     /// the entry's tag versions if it has tags.
     async fn lookup(&self, primary: &str, request: &HeaderMap) -> Lookup {
         let shared = self;
-        let Ok(bytes) = shared.call(shared.store.get(primary)).await else {
+        let Ok(bytes) = shared.call(primary, shared.store.get(primary)).await else {
             return Lookup::StoreDown;
         };
         let missing = |fill_key: &str, spec| Lookup::Missing {
@@ -269,7 +269,7 @@ impl Shared {
             Some(Ok(Record::VarySpec(spec))) => {
                 let digest = variant_digest(&spec.names, request);
                 let vkey = variant_key(primary, spec.generation, &digest);
-                let Ok(bytes) = shared.call(shared.store.get(&vkey)).await else {
+                let Ok(bytes) = shared.call(&vkey, shared.store.get(&vkey)).await else {
                     return Lookup::StoreDown;
                 };
                 match bytes.map(|b| decode(&b)) {
@@ -284,7 +284,13 @@ impl Shared {
         };
         if !response.tags.is_empty() {
             let names: Vec<String> = response.tags.iter().map(|(n, _)| n.clone()).collect();
-            let Ok(versions) = shared.call(shared.store.tag_versions(&names)).await else {
+            let Ok(versions) = shared
+                .call(
+                    names.first().map_or("", String::as_str),
+                    shared.store.tag_versions(&names),
+                )
+                .await
+            else {
                 return Lookup::StoreDown;
             };
             let current = response
@@ -344,7 +350,10 @@ impl Shared {
         }
         names.push(shared.epoch_tag());
         let versions = shared
-            .call(store.tag_versions(&names))
+            .call(
+                names.first().map_or("", String::as_str),
+                store.tag_versions(&names),
+            )
             .await
             .map_err(|_| NotStoredReason::StoreUnavailable)?;
         if versions.len() != names.len() {
@@ -378,19 +387,25 @@ impl Shared {
                 }
                 filled(
                     shared
-                        .call(store.set(&fill.fill_key, &bytes, ttl, Some(token)))
+                        .call(
+                            &fill.fill_key,
+                            store.set(&fill.fill_key, &bytes, ttl, Some(token)),
+                        )
                         .await,
                 )
             }
             Some(_) => {
                 // The origin now varies on other fields: drop the spec, so the next miss
                 // writes one for the new Vary.
-                let _ = shared.call(store.delete(fill.primary)).await;
+                let _ = shared.call(fill.primary, store.delete(fill.primary)).await;
                 Err(NotStoredReason::VaryChanged)
             }
             None if plan.vary.is_empty() => filled(
                 shared
-                    .call(store.set(fill.primary, &bytes, ttl, Some(token)))
+                    .call(
+                        fill.primary,
+                        store.set(fill.primary, &bytes, ttl, Some(token)),
+                    )
                     .await,
             ),
             None => {
@@ -400,7 +415,7 @@ impl Shared {
                 let generation = getrandom::u64().map_err(|_| NotStoredReason::StoreUnavailable)?;
                 let vkey = variant_key(fill.primary, generation, digest);
                 shared
-                    .call(store.set(&vkey, &bytes, ttl, None))
+                    .call(&vkey, store.set(&vkey, &bytes, ttl, None))
                     .await
                     .map_err(|_| NotStoredReason::StoreUnavailable)?;
                 let spec_ttl = ttl.max(MIN_SPEC_TTL);
@@ -413,7 +428,10 @@ impl Shared {
                 let spec_bytes = spec.encode().map_err(|_| NotStoredReason::TooManyVary)?;
                 filled(
                     shared
-                        .call(store.set(fill.primary, &spec_bytes, spec_ttl, Some(token)))
+                        .call(
+                            fill.primary,
+                            store.set(fill.primary, &spec_bytes, spec_ttl, Some(token)),
+                        )
                         .await,
                 )
             }
@@ -433,7 +451,7 @@ impl Shared {
     ) -> Stored {
         let lease_ttl = self.config.lease_ttl;
         let token = match self
-            .call(self.store.acquire_lease(primary, now, lease_ttl))
+            .call(primary, self.store.acquire_lease(primary, now, lease_ttl))
             .await
         {
             Ok(LeaseOutcome::Acquired(token)) => token,
@@ -441,7 +459,7 @@ impl Shared {
             Err(_) => return Err(NotStoredReason::StoreUnavailable),
         };
         let counted = async {
-            let current = match self.call(self.store.get(primary)).await {
+            let current = match self.call(primary, self.store.get(primary)).await {
                 Err(_) => return Err(NotStoredReason::StoreUnavailable),
                 Ok(None) => return Err(NotStoredReason::PurgedDuringFill),
                 Ok(Some(bytes)) => match decode(&bytes) {
@@ -461,7 +479,10 @@ impl Shared {
             let bytes = updated.encode().map_err(|_| NotStoredReason::TooManyVary)?;
             let spec_ttl = until.saturating_duration_since(now);
             match self
-                .call(self.store.set(primary, &bytes, spec_ttl, Some(&token)))
+                .call(
+                    primary,
+                    self.store.set(primary, &bytes, spec_ttl, Some(&token)),
+                )
                 .await
             {
                 Ok(true) => Ok(()),
@@ -531,7 +552,7 @@ where
             && (res.status().is_success() || res.status().is_redirection())
         {
             let shared = &self.shared;
-            if let Ok(true) = shared.call(shared.store.delete(&key)).await {
+            if let Ok(true) = shared.call(&key, shared.store.delete(&key)).await {
                 shared.stats.count_invalidation();
             }
         }
@@ -768,6 +789,7 @@ where
         let now = shared.clock.now();
         let lease = match shared
             .call(
+                &fill.fill_key,
                 shared
                     .store
                     .acquire_lease(&fill.fill_key, now, shared.config.lease_ttl),
@@ -787,7 +809,10 @@ where
         // The tag epoch before the origin is asked (see `purge.rs`).
         let epoch = match &lease {
             Ok(_) => match shared
-                .call(shared.store.tag_versions(&[shared.epoch_tag()]))
+                .call(
+                    &shared.epoch_tag(),
+                    shared.store.tag_versions(&[shared.epoch_tag()]),
+                )
                 .await
             {
                 Ok(v) if v.len() == 1 => Ok(v[0]),
