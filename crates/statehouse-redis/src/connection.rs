@@ -166,7 +166,7 @@ impl Connection {
     }
 }
 
-/// A command on the cluster, tried again while it meets `TRYAGAIN`.
+/// A command on the cluster, tried again while a slot move refuses it ([`across_slot_moves`]).
 async fn query_cluster(conn: &ClusterConnection, cmd: &Cmd) -> RedisResult<Value> {
     across_slot_moves(|| {
         let mut conn = conn.clone();

@@ -624,14 +624,16 @@ where
                         let ttl = seconds_until(response.fresh_until, now);
                         return Ok(self.shared.finish(res, CacheStatus::hit(ttl)));
                     }
-                    let swr = &self.shared.config;
+                    // RFC 5861 stale-while-revalidate: the stale response now, the refresh in
+                    // the background.
+                    let config = &self.shared.config;
                     if !fresh
                         && !head
-                        && swr.stale_while_revalidate
+                        && config.stale_while_revalidate
                         && !cc.refuses_stored()
                         && cc.max_age.is_none()
                         && cc.min_fresh.is_none()
-                        && now < response.revalidate_until(swr.max_ttl)
+                        && now < response.revalidate_until(config.max_ttl)
                     {
                         let stale = Stale {
                             response,
