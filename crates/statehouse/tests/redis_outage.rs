@@ -312,6 +312,17 @@ async fn kill_node(mut cluster: RedisCluster, i: usize) -> RedisCluster {
     .expect("kill task")
 }
 
+/// `cluster` with node `i` restarted and back in a healthy cluster (off the runtime's
+/// threads).
+async fn restart_node(mut cluster: RedisCluster, i: usize) -> RedisCluster {
+    tokio::task::spawn_blocking(move || {
+        cluster.restart_node(i).expect("the node rejoins");
+        cluster
+    })
+    .await
+    .expect("restart task")
+}
+
 /// The first key `user:<n>` whose slot (`slot_of`) lies in a group of slots (a failure domain
 /// of the Redis stores) wholly on `node`.
 fn key_on_node(cluster: &RedisCluster, node: usize, slot_of: impl Fn(&str) -> u16) -> String {
@@ -382,12 +393,7 @@ async fn a_dead_cluster_master_degrades_within_the_deadline_and_recovers() {
     assert_eq!(stats.breaker_opened, 1, "{stats:?}");
     assert_eq!(stats.breaker_state, BreakerState::Open);
 
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.restart_node(0).expect("node 0 rejoins");
-        cluster
-    })
-    .await
-    .expect("restart task");
+    let cluster = restart_node(cluster, 0).await;
     let started = Instant::now();
     for key in [&doomed, &surviving] {
         loop {
@@ -463,12 +469,7 @@ async fn a_dead_cluster_master_opens_only_its_own_cache_breaker() {
     assert_eq!(stats.breaker_opened, 1, "{stats:?}");
     assert_eq!(stats.breaker_state, BreakerState::Open);
 
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.restart_node(0).expect("node 0 rejoins");
-        cluster
-    })
-    .await
-    .expect("restart task");
+    let cluster = restart_node(cluster, 0).await;
     let started = Instant::now();
     loop {
         clock.advance(OPEN_FOR);
