@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use statehouse_core::{Clock, Result, key::validate_prefix};
 
-use crate::link::Link;
+use crate::link::{Link, TlsSettings};
 use crate::store::RedisStore;
 
 /// The key prefix used unless [`RedisStoreBuilder::prefix`] sets another.
@@ -23,10 +23,12 @@ pub const DEFAULT_CALLER_SKEW_ALLOWANCE: Duration = Duration::from_secs(5);
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RedisTopology {
-    /// One Redis server (or a proxy in front of several), by URL: `redis://host:6379/0`,
-    /// `rediss://` for TLS when redis-rs is built with a TLS feature.
+    /// One Redis server (or a proxy in front of several), by URL: `redis://host:6379/0`, or
+    /// `rediss://host:6380/0` for TLS (the default `tls` feature; see
+    /// [`RedisStoreBuilder::tls_root_certificates`]).
     Standalone(String),
-    /// A Redis Cluster, by the URLs of one or more of its nodes; the others are discovered.
+    /// A Redis Cluster, by the URLs of one or more of its nodes; the others are discovered (over
+    /// TLS when the seeds' URLs are `rediss://`).
     Cluster(Vec<String>),
 }
 
@@ -89,6 +91,7 @@ pub struct RedisStoreBuilder {
     time_source: TimeSource,
     skew_allowance: Option<Duration>,
     call_timeout: Duration,
+    tls: TlsSettings,
 }
 
 impl RedisStoreBuilder {
@@ -99,6 +102,7 @@ impl RedisStoreBuilder {
             time_source: TimeSource::Server,
             skew_allowance: None,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            tls: TlsSettings::default(),
         }
     }
 
@@ -144,10 +148,60 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Trusts these certificate authorities (PEM, one or more `CERTIFICATE` blocks) for the
+    /// server's certificate over `rediss://`, *instead of* the system's root certificates: for
+    /// a Redis whose certificate a private CA signed (a self-managed Redis, most managed
+    /// services' private endpoints). Without it the system's roots are used (which is what a
+    /// public managed Redis with a publicly trusted certificate needs).
+    ///
+    /// The server's certificate must name the host of the URL (a DNS name, or an IP address
+    /// for `rediss://10.0.0.5`): verification is never switched off. (redis-rs's
+    /// `rediss://…/#insecure` is refused by [`connect`](Self::connect): this crate is built
+    /// without redis-rs's `tls-rustls-insecure`.)
+    ///
+    /// [`connect`](Self::connect) fails with
+    /// [`Error::InvalidInput`](statehouse_core::Error::InvalidInput) when the PEM holds no
+    /// certificate, when the topology's URLs are not `rediss://`, or when the crate is built
+    /// without its `tls` feature.
+    ///
+    /// ```no_run
+    /// use statehouse_redis::{RedisStore, RedisTopology};
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ca = std::fs::read("/etc/redis/tls/ca.crt")?;
+    /// let store = RedisStore::builder(RedisTopology::Standalone(
+    ///     "rediss://:secret@redis.internal:6380/0".into(),
+    /// ))
+    /// .tls_root_certificates(ca)
+    /// .connect()
+    /// .await?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_certificates = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate (PEM chain, leaf first) and private key (PEM: PKCS#8,
+    /// PKCS#1 or SEC1) to a Redis that authenticates its clients by certificate
+    /// (`tls-auth-clients yes`, mutual TLS). Checked by [`connect`](Self::connect) like
+    /// [`tls_root_certificates`](Self::tls_root_certificates). The key is never printed
+    /// (`Debug` shows only whether one is set).
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_chain_pem: impl Into<Vec<u8>>,
+        private_key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client_certificate = Some((certificate_chain_pem.into(), private_key_pem.into()));
+        self
+    }
+
     /// Validates the configuration and connects.
     ///
     /// Fails with [`Error::InvalidInput`](statehouse_core::Error::InvalidInput) for a bad
-    /// prefix, URL or timeout, and with an error for which
+    /// prefix, URL, timeout or TLS setting, and with an error for which
     /// [`Error::is_unavailable`](statehouse_core::Error::is_unavailable) is true when Redis cannot be reached within the call
     /// timeout.
     pub async fn connect(self) -> Result<RedisStore> {
@@ -157,6 +211,7 @@ impl RedisStoreBuilder {
             self.time_source,
             self.skew_allowance,
             self.call_timeout,
+            self.tls,
         )
         .await?;
         Ok(RedisStore::from_parts(Arc::new(link), self.prefix))

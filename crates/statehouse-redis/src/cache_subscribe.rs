@@ -146,7 +146,7 @@ impl RedisCacheStore {
         };
         match &link.topology {
             RedisTopology::Standalone(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(invalid_url)?;
+                let client = link.tls.client(url.as_str()).map_err(invalid_url)?;
                 let name = client.get_connection_info().addr().to_string();
                 nodes.add(name, client);
             }
@@ -154,7 +154,7 @@ impl RedisCacheStore {
                 let mut template = None;
                 for url in urls {
                     let info = url.as_str().into_connection_info().map_err(invalid_url)?;
-                    let client = redis::Client::open(info.clone()).map_err(invalid_url)?;
+                    let client = link.tls.client(info.clone()).map_err(invalid_url)?;
                     nodes.add(info.addr().to_string(), client);
                     template.get_or_insert(info);
                 }
@@ -179,7 +179,7 @@ impl RedisCacheStore {
                                 };
                                 let info = template.clone().set_addr(addr);
                                 let name = info.addr().to_string();
-                                if let Ok(client) = redis::Client::open(info) {
+                                if let Ok(client) = link.tls.client(info) {
                                     nodes.add(name, client);
                                 }
                             }

@@ -27,6 +27,12 @@
 //!   standalone Redis these calls use a second, lean pipelined connection of the store (a
 //!   hand-written RESP2 parser; the URL's password and database); everything else uses the
 //!   redis-rs connection. A store therefore holds two connections to a standalone server.
+//! * **TLS.** `rediss://` URLs (the default `tls` feature: redis-rs over rustls), with the
+//!   server's certificate always verified against the system's roots or the CAs given to
+//!   [`RedisStoreBuilder::tls_root_certificates`], and mutual TLS through
+//!   [`RedisStoreBuilder::tls_client_certificate`]. Every connection of a store uses them
+//!   (commands, the Pub/Sub listener, every Cluster node); the coalesced calls then share the
+//!   redis-rs connection.
 //!
 //! * **Sessions.** [`RedisSessionStore`] is the
 //!   [`SessionStore`](statehouse_core::session::SessionStore) on the same deployments: one

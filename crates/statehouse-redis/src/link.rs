@@ -10,9 +10,9 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use redis::RedisResult;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
+use redis::{ConnectionAddr, IntoConnectionInfo, RedisResult};
 use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
@@ -34,6 +34,8 @@ pub(crate) struct Link {
     pub(crate) time_source: TimeSource,
     pub(crate) skew_allowance_ms: u64,
     pub(crate) call_timeout: Duration,
+    /// The builder's TLS settings, for the connections opened later (Pub/Sub listeners).
+    pub(crate) tls: TlsSettings,
 }
 
 impl fmt::Debug for Link {
@@ -43,6 +45,7 @@ impl fmt::Debug for Link {
             .field("time_source", &self.time_source)
             .field("skew_allowance_ms", &self.skew_allowance_ms)
             .field("call_timeout", &self.call_timeout)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -54,6 +57,7 @@ impl Link {
         time_source: TimeSource,
         skew_allowance: Option<Duration>,
         call_timeout: Duration,
+        tls: TlsSettings,
     ) -> Result<Link> {
         if call_timeout.is_zero() {
             return Err(Error::InvalidInput(
@@ -66,11 +70,12 @@ impl Link {
         });
         let skew_allowance_ms = u64::try_from(skew_allowance.as_micros().div_ceil(1000))
             .map_err(|_| Error::InvalidInput("skew_allowance is too large".into()))?;
+        tls.validate(&topology)?;
         let timeout = call_timeout;
         let connecting = async {
             match &topology {
                 RedisTopology::Standalone(url) => {
-                    let client = redis::Client::open(url.as_str()).map_err(invalid_url)?;
+                    let client = tls.client(url.as_str()).map_err(invalid_url)?;
                     let config = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(timeout))
                         .set_response_timeout(Some(timeout))
@@ -91,7 +96,9 @@ impl Link {
                             "a Redis Cluster topology needs at least one node URL".into(),
                         ));
                     }
-                    let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                    let builder =
+                        tls.on_cluster(ClusterClientBuilder::new(urls.iter().map(String::as_str)))?;
+                    let client = builder
                         .connection_timeout(timeout)
                         .response_timeout(timeout)
                         .retries(RECONNECT_RETRIES as u32 + 1)
@@ -122,6 +129,7 @@ impl Link {
             time_source,
             skew_allowance_ms,
             call_timeout,
+            tls,
         })
     }
 
@@ -158,7 +166,229 @@ impl Link {
     }
 }
 
+/// The builder's TLS settings: extra trust anchors and a client certificate (PEM).
+#[derive(Clone, Default)]
+pub(crate) struct TlsSettings {
+    pub(crate) root_certificates: Option<Vec<u8>>,
+    /// The certificate chain and the private key.
+    pub(crate) client_certificate: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for TlsSettings {
+    // Certificates are long and the key is a secret: only whether each is set is printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("root_certificates", &self.root_certificates.is_some())
+            .field("client_certificate", &self.client_certificate.is_some())
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    fn is_set(&self) -> bool {
+        self.root_certificates.is_some() || self.client_certificate.is_some()
+    }
+
+    /// Checks the settings against the topology before anything connects: TLS settings need
+    /// `rediss://` URLs, the `tls` feature and PEM that holds what it should; certificate
+    /// verification is never switched off (redis-rs's `#insecure`).
+    fn validate(&self, topology: &RedisTopology) -> Result<()> {
+        #[cfg(not(feature = "tls"))]
+        if self.is_set() {
+            return Err(Error::InvalidInput(
+                "TLS settings were given, but statehouse-redis was built without its `tls` \
+                 feature"
+                    .into(),
+            ));
+        }
+        let urls: Vec<&str> = match topology {
+            RedisTopology::Standalone(url) => vec![url.as_str()],
+            RedisTopology::Cluster(urls) => urls.iter().map(String::as_str).collect(),
+        };
+        for url in urls {
+            // A URL that does not parse is reported by the client below, with redis-rs's reason.
+            let addr = url.into_connection_info().map(|info| info.addr().clone());
+            match addr {
+                Ok(ConnectionAddr::TcpTls { insecure: true, .. }) => {
+                    return Err(Error::InvalidInput(
+                        "a `rediss://…#insecure` URL asks to skip verifying the server's \
+                         certificate, which this crate never does; give the CA that signed \
+                         it with `tls_root_certificates` instead"
+                            .into(),
+                    ));
+                }
+                Ok(ConnectionAddr::TcpTls { .. }) => {}
+                _ if self.is_set() => {
+                    return Err(Error::InvalidInput(
+                        "TLS certificates were given for a Redis URL that is not `rediss://` \
+                         (or not a valid URL)"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        #[cfg(feature = "tls")]
+        if self.is_set() {
+            tls::check_pem(self)?;
+        }
+        Ok(())
+    }
+
+    /// A redis-rs client for `info`, with these settings when it is a TLS address.
+    pub(crate) fn client(&self, info: impl IntoConnectionInfo) -> RedisResult<redis::Client> {
+        let info = info.into_connection_info()?;
+        #[cfg(feature = "tls")]
+        if let ConnectionAddr::TcpTls { .. } = info.addr() {
+            tls::install_crypto_provider();
+            if self.is_set() {
+                return redis::Client::build_with_tls(info, self.certificates());
+            }
+        }
+        redis::Client::open(info)
+    }
+
+    /// The cluster client builder with these settings (and a crypto provider for TLS).
+    fn on_cluster(&self, builder: ClusterClientBuilder) -> Result<ClusterClientBuilder> {
+        #[cfg(feature = "tls")]
+        {
+            tls::install_crypto_provider();
+            if self.is_set() {
+                return Ok(builder.certs(self.certificates()));
+            }
+        }
+        Ok(builder)
+    }
+
+    #[cfg(feature = "tls")]
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self.client_certificate.as_ref().map(|(cert, key)| {
+                redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }
+            }),
+            root_cert: self.root_certificates.clone(),
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+mod tls {
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use statehouse_core::{Error, Result};
+
+    use super::TlsSettings;
+
+    /// Makes sure the process has a rustls crypto provider: redis-rs builds its TLS settings
+    /// with `rustls::ClientConfig::builder()`, which panics when none is installed and the
+    /// program's crates enable more than one (ring here, aws-lc-rs through another crate, say).
+    /// An application that installed its own keeps it.
+    pub(super) fn install_crypto_provider() {
+        if CryptoProvider::get_default().is_none() {
+            // Another thread may install one in between: either way one is installed.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    }
+
+    /// The PEM parses and holds at least one certificate (and, for a client, one key).
+    pub(super) fn check_pem(settings: &TlsSettings) -> Result<()> {
+        if let Some(pem) = &settings.root_certificates {
+            certificates(pem, "tls_root_certificates")?;
+        }
+        if let Some((chain, key)) = &settings.client_certificate {
+            certificates(chain, "tls_client_certificate's certificate chain")?;
+            PrivateKeyDer::from_pem_slice(key).map_err(|err| {
+                Error::InvalidInput(format!(
+                    "tls_client_certificate's private key is not a PEM private key: {err}"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn certificates(pem: &[u8], what: &str) -> Result<()> {
+        let mut count = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            cert.map_err(|err| {
+                Error::InvalidInput(format!("{what}: a certificate does not parse: {err}"))
+            })?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(Error::InvalidInput(format!(
+                "{what} holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn invalid_url(err: redis::RedisError) -> Error {
     // The URL itself is not repeated: it may carry a password.
     Error::InvalidInput(format!("invalid Redis URL or client settings: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Built without the `tls` feature (`cargo test -p statehouse-redis --no-default-features
+    /// --lib`), TLS is refused before anything connects, with a reason.
+    #[cfg(not(feature = "tls"))]
+    #[tokio::test]
+    async fn without_the_tls_feature_tls_is_a_clear_error() {
+        let connect = |topology, tls| {
+            Link::connect(
+                topology,
+                TimeSource::Server,
+                None,
+                Duration::from_millis(200),
+                tls,
+            )
+        };
+        let rediss = RedisTopology::Standalone("rediss://127.0.0.1:1".into());
+        match connect(rediss.clone(), TlsSettings::default()).await {
+            Err(Error::InvalidInput(message)) => assert!(message.contains("TLS"), "{message}"),
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+        let settings = TlsSettings {
+            root_certificates: Some(b"pem".to_vec()),
+            client_certificate: None,
+        };
+        match connect(rediss, settings).await {
+            Err(Error::InvalidInput(message)) => {
+                assert!(message.contains("`tls` feature"), "{message}");
+            }
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_settings_never_print_their_contents() {
+        let settings = TlsSettings {
+            root_certificates: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
+            client_certificate: Some((b"chain".to_vec(), b"-----BEGIN PRIVATE KEY-----".to_vec())),
+        };
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("BEGIN"), "{printed}");
+        assert!(printed.contains("client_certificate: true"), "{printed}");
+    }
+
+    #[tokio::test]
+    async fn a_zero_call_timeout_is_invalid_input() {
+        let plain = RedisTopology::Standalone("redis://127.0.0.1:1".into());
+        let result = Link::connect(
+            plain,
+            TimeSource::Server,
+            None,
+            Duration::ZERO,
+            TlsSettings::default(),
+        )
+        .await;
+        assert!(matches!(result, Err(Error::InvalidInput(_))));
+    }
 }

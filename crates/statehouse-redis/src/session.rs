@@ -19,7 +19,7 @@ use crate::builder::{DEFAULT_CALL_TIMEOUT, RedisTopology, TimeSource};
 use crate::cache_get::GetBatcher;
 use crate::error::unexpected_reply;
 use crate::hash_slot::hash_slot;
-use crate::link::Link;
+use crate::link::{Link, TlsSettings};
 use crate::session_batch::{LoadBatcher, LoadRequest};
 use crate::session_record::{decode, encode_fields, is_alias};
 use crate::session_script::{
@@ -190,6 +190,7 @@ impl RedisSessionStore {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             config: SessionConfig::default(),
             hooks: None,
+            tls: TlsSettings::default(),
         }
     }
 
@@ -748,6 +749,7 @@ pub struct RedisSessionStoreBuilder {
     call_timeout: Duration,
     config: SessionConfig,
     hooks: Option<Arc<dyn SessionHooks>>,
+    tls: TlsSettings,
 }
 
 impl RedisSessionStoreBuilder {
@@ -790,6 +792,25 @@ impl RedisSessionStoreBuilder {
         self
     }
 
+    /// Trusts these certificate authorities (PEM) for the server's certificate over
+    /// `rediss://`, instead of the system's roots; see
+    /// [`RedisStoreBuilder::tls_root_certificates`](crate::RedisStoreBuilder::tls_root_certificates).
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_certificates = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate and key (PEM) for mutual TLS; see
+    /// [`RedisStoreBuilder::tls_client_certificate`](crate::RedisStoreBuilder::tls_client_certificate).
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_chain_pem: impl Into<Vec<u8>>,
+        private_key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client_certificate = Some((certificate_chain_pem.into(), private_key_pem.into()));
+        self
+    }
+
     /// Validates the configuration and connects; errors as
     /// [`RedisStoreBuilder::connect`](crate::RedisStoreBuilder::connect).
     pub async fn connect(self) -> Result<RedisSessionStore> {
@@ -799,6 +820,7 @@ impl RedisSessionStoreBuilder {
             self.time_source,
             self.skew_allowance,
             self.call_timeout,
+            self.tls,
         )
         .await?;
         Ok(RedisSessionStore {

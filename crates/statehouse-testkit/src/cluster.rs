@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::resp::raw_command_timeout;
-use crate::server::{CLI_ENV, Mode, RedisServer, resolve_binary};
+use crate::server::{CLI_ENV, Mode, RedisServer, TlsOptions, resolve_binary};
 
 /// Total number of hash slots in a Redis Cluster.
 const SLOTS: usize = 16384;
@@ -39,6 +39,19 @@ impl RedisCluster {
     /// [`io::ErrorKind::InvalidInput`]. The `redis-cli` binary can be
     /// overridden with the `STATEHOUSE_REDIS_CLI` env var.
     pub fn start(masters: usize) -> io::Result<RedisCluster> {
+        Self::start_with(masters, None)
+    }
+
+    /// Starts a cluster as [`start`](Self::start) does, whose nodes also listen for TLS
+    /// ([`tls_urls`](Self::tls_urls)) and speak TLS to each other on their bus
+    /// (`tls-cluster yes`), with the certificates of [`crate::test_certificates`]. A client on
+    /// TLS learns the nodes' TLS ports from `CLUSTER SLOTS`; the harness keeps to the plain
+    /// ports.
+    pub fn start_tls(masters: usize, options: TlsOptions) -> io::Result<RedisCluster> {
+        Self::start_with(masters, Some(options))
+    }
+
+    fn start_with(masters: usize, tls: Option<TlsOptions>) -> io::Result<RedisCluster> {
         if masters == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -52,7 +65,7 @@ impl RedisCluster {
         };
         let mut nodes = Vec::with_capacity(masters);
         for _ in 0..masters {
-            nodes.push(RedisServer::start_mode(Mode::ClusterNode, &[])?);
+            nodes.push(RedisServer::start_full(Mode::ClusterNode, &[], tls)?);
         }
         let cluster = RedisCluster { nodes };
         match cli {
@@ -66,6 +79,15 @@ impl RedisCluster {
     /// `"redis://127.0.0.1:PORT"` for every node, in node order.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// `"rediss://127.0.0.1:TLS-PORT"` for every node of a cluster started with TLS.
+    ///
+    /// # Panics
+    ///
+    /// When the cluster was started without TLS.
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::tls_url).collect()
     }
 
     /// The port of every node, in node order.

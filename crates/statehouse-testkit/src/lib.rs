@@ -8,8 +8,11 @@
 //!   [`kill`](RedisServer::kill)ed and [`restart`](RedisServer::restart)ed on
 //!   the same port to test reconnection.
 //! * [`RedisCluster`] — N masters, no replicas.
-//! * [`shared_standalone`] / [`shared_cluster`] — process-wide instances,
-//!   started on first use; isolate tests with [`unique_prefix`].
+//! * [`shared_standalone`] / [`shared_cluster`] (and [`shared_tls_standalone`] /
+//!   [`shared_tls_cluster`]) — process-wide instances, started on first use; isolate tests
+//!   with [`unique_prefix`].
+//! * [`RedisServer::start_tls`] and [`RedisCluster::start_tls`] — the same over TLS, with
+//!   certificates made at test time ([`test_certificates`]).
 //! * [`raw_command`] — a minimal RESP client to inspect server state without a
 //!   client crate.
 //! * [`ratelimit_suite`], [`session_suite`] and [`cache_suite`] — the
@@ -40,13 +43,15 @@ pub mod ratelimit_suite;
 mod resp;
 mod server;
 pub mod session_suite;
+mod tls;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use cluster::{RedisCluster, SlotMove};
 pub use resp::raw_command;
-pub use server::{Frozen, RedisServer};
+pub use server::{Frozen, RedisServer, TlsOptions};
+pub use tls::{TestCertificates, test_certificates};
 
 /// A process-wide standalone server, started on first use and shared by all
 /// tests of the test binary (tests isolate themselves with unique key
@@ -78,6 +83,37 @@ pub fn shared_cluster() -> &'static RedisCluster {
     CLUSTER.get_or_init(|| {
         RedisCluster::start(3).unwrap_or_else(|e| {
             panic!("statehouse-testkit: failed to start the shared Redis Cluster: {e}")
+        })
+    })
+}
+
+/// A process-wide standalone server that also listens for TLS
+/// ([`RedisServer::tls_url`]; certificates: [`test_certificates`], client certificates
+/// optional), started on first use and shared like [`shared_standalone`].
+///
+/// # Panics
+///
+/// Panics if the server cannot be started; a later call will try again.
+pub fn shared_tls_standalone() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        RedisServer::start_tls(TlsOptions::default()).unwrap_or_else(|e| {
+            panic!("statehouse-testkit: failed to start the shared TLS redis-server: {e}")
+        })
+    })
+}
+
+/// A process-wide 3-master cluster on TLS ([`RedisCluster::tls_urls`]), started on first use
+/// and shared like [`shared_cluster`].
+///
+/// # Panics
+///
+/// Panics if the cluster cannot be started; a later call will try again.
+pub fn shared_tls_cluster() -> &'static RedisCluster {
+    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        RedisCluster::start_tls(3, TlsOptions::default()).unwrap_or_else(|e| {
+            panic!("statehouse-testkit: failed to start the shared TLS Redis Cluster: {e}")
         })
     })
 }

@@ -81,6 +81,28 @@ pub(crate) enum Mode {
     ClusterNode,
 }
 
+/// How a TLS server of the harness is set up ([`RedisServer::start_tls`]).
+///
+/// The server keeps its plain port too (the harness's own commands, [`crate::raw_command`]);
+/// what is under test connects to [`RedisServer::tls_url`]. Its certificates are
+/// [`crate::test_certificates`]'.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// `tls-auth-clients yes`: a client must present a certificate the test CA signed (mutual
+    /// TLS). Otherwise `optional`: one is checked when presented.
+    pub require_client_certificate: bool,
+    /// Serve a certificate the test CA signed for `redis.invalid` only, not for the address
+    /// tests connect to.
+    pub misnamed_certificate: bool,
+}
+
+/// A TLS port and how it is set up.
+#[derive(Debug, Clone, Copy)]
+struct Tls {
+    port: u16,
+    options: TlsOptions,
+}
+
 /// A live redis-server and the watchdog shell supervising it.
 #[derive(Debug)]
 struct Running {
@@ -108,6 +130,7 @@ pub struct RedisServer {
     extra_args: Vec<String>,
     server_bin: PathBuf,
     proc: Option<Running>,
+    tls: Option<Tls>,
 }
 
 impl RedisServer {
@@ -133,10 +156,34 @@ impl RedisServer {
         Self::start_mode(Mode::Standalone, args)
     }
 
+    /// Starts a standalone server that also listens for TLS on a second port
+    /// ([`tls_port`](Self::tls_port), [`tls_url`](Self::tls_url)), with the certificates of
+    /// [`crate::test_certificates`] and the given options.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start); a `redis-server` built without TLS fails to start, with its
+    /// log in the error.
+    pub fn start_tls(options: TlsOptions) -> io::Result<RedisServer> {
+        Self::start_full(Mode::Standalone, &[], Some(options))
+    }
+
     /// Starts a server of the given mode (used by the cluster too).
     pub(crate) fn start_mode(mode: Mode, args: &[&str]) -> io::Result<RedisServer> {
+        Self::start_full(mode, args, None)
+    }
+
+    /// Starts a server of the given mode, with TLS when `tls` is set.
+    pub(crate) fn start_full(
+        mode: Mode,
+        args: &[&str],
+        tls: Option<TlsOptions>,
+    ) -> io::Result<RedisServer> {
         let server_bin = resolve_binary(SERVER_ENV, "redis-server", "redis-server")?;
         let dir = make_temp_dir()?;
+        if let Some(options) = tls {
+            crate::test_certificates().write_server_files(&dir, options.misnamed_certificate)?;
+        }
         let mut server = RedisServer {
             port: 0,
             dir,
@@ -144,10 +191,19 @@ impl RedisServer {
             extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
             server_bin,
             proc: None,
+            tls: tls.map(|options| Tls { port: 0, options }),
         };
         let mut last_err = None;
         for _ in 0..START_ATTEMPTS {
             server.port = free_port(mode)?;
+            if let Some(tls) = &mut server.tls {
+                tls.port = loop {
+                    let port = free_port(Mode::Standalone)?;
+                    if port != server.port && port != server.port + 10000 {
+                        break port;
+                    }
+                };
+            }
             match server.spawn_and_wait() {
                 Ok(()) => return Ok(server),
                 Err(e) => last_err = Some(e),
@@ -165,6 +221,21 @@ impl RedisServer {
     /// The connection URL, `"redis://127.0.0.1:PORT"`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The TLS port of a server started with TLS, on 127.0.0.1.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls.map(|tls| tls.port)
+    }
+
+    /// `"rediss://127.0.0.1:TLS-PORT"` for a server started with TLS.
+    ///
+    /// # Panics
+    ///
+    /// When the server was started without TLS.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port().expect("a server started with TLS");
+        format!("rediss://127.0.0.1:{port}")
     }
 
     /// SIGKILLs the redis-server process and waits for it (and its watchdog)
@@ -294,6 +365,44 @@ impl RedisServer {
             args.push(self.dir.join("nodes.conf").into_os_string());
             args.push("--cluster-node-timeout".into());
             args.push("5000".into());
+        }
+        if let Some(tls) = self.tls {
+            for (name, value) in [
+                ("--tls-port", tls.port.to_string()),
+                (
+                    "--tls-cert-file",
+                    self.dir.join("server.crt").display().to_string(),
+                ),
+                (
+                    "--tls-key-file",
+                    self.dir.join("server.key").display().to_string(),
+                ),
+                (
+                    "--tls-ca-cert-file",
+                    self.dir.join("ca.crt").display().to_string(),
+                ),
+                (
+                    "--tls-auth-clients",
+                    if tls.options.require_client_certificate {
+                        "yes"
+                    } else {
+                        "optional"
+                    }
+                    .to_owned(),
+                ),
+            ] {
+                args.push(name.into());
+                args.push(value.into());
+            }
+            if self.mode == Mode::ClusterNode {
+                // The bus speaks TLS too, and stays on the port `free_port` checked (by
+                // default it would follow the TLS port); nodes then announce their TLS ports
+                // to TLS clients and their plain ports to the harness.
+                args.push("--tls-cluster".into());
+                args.push("yes".into());
+                args.push("--cluster-port".into());
+                args.push((self.port + 10000).to_string().into());
+            }
         }
         args.extend(self.extra_args.iter().map(OsString::from));
         args

@@ -202,7 +202,9 @@
 //! * `embedded` (default): [`EmbeddedStore`], [`EmbeddedSessionStore`],
 //!   [`EmbeddedCacheStore`] and [`DegradedPolicy::LocalFallback`].
 //! * `redis` (default): [`RedisStore`], [`RedisSessionStore`], [`RedisCacheStore`],
-//!   [`RedisTopology`], [`TimeSource`].
+//!   [`RedisTopology`], [`TimeSource`]; with TLS for `rediss://` URLs
+//!   ([`RedisStoreBuilder::tls_root_certificates`](statehouse_redis::RedisStoreBuilder::tls_root_certificates),
+//!   statehouse-redis's default `tls` feature).
 //!
 //! Without either, [`RateLimiter`] works over any [`RateLimitStore`] implementation, and
 //! [`Cache`] over any [`CacheStore`].

@@ -1022,6 +1022,16 @@ mod cluster {
     every_scenario!(CacheBackend::Redis(Deployment::Cluster));
 }
 
+mod standalone_tls {
+    use super::*;
+    every_scenario!(CacheBackend::Redis(Deployment::StandaloneTls));
+}
+
+mod cluster_tls {
+    use super::*;
+    every_scenario!(CacheBackend::Redis(Deployment::ClusterTls));
+}
+
 /// Redis only: a killed Pub/Sub connection and a dead server.
 mod redis_outages {
     use super::*;

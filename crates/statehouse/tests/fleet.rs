@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use common::Deployment;
 use statehouse::{
-    Algorithm, Clock, DegradedPolicy, ManualClock, Policy, RateLimiter, RedisStore, TimeSource,
-    Timestamp,
+    Algorithm, Clock, DegradedPolicy, ManualClock, Policy, RateLimiter, TimeSource, Timestamp,
 };
 use statehouse_testkit::unique_prefix;
 
@@ -26,7 +25,8 @@ async fn replica(
     time: TimeSource,
     clock: ManualClock,
 ) -> RateLimiter {
-    let store = RedisStore::builder(deployment.topology())
+    let store = deployment
+        .store_builder()
         .prefix(prefix)
         .time_source(time)
         .call_timeout(Duration::from_secs(10))
@@ -116,6 +116,16 @@ async fn three_replicas_admit_exactly_the_limit_on_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_admit_exactly_the_limit_on_redis_cluster() {
     fleet_is_exact(Deployment::Cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_admit_exactly_the_limit_over_tls() {
+    fleet_is_exact(Deployment::StandaloneTls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_admit_exactly_the_limit_on_redis_cluster_over_tls() {
+    fleet_is_exact(Deployment::ClusterTls).await;
 }
 
 fn skewed_clocks() -> Vec<ManualClock> {

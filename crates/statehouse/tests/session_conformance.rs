@@ -17,3 +17,11 @@ statehouse_testkit::session_conformance!(
     RedisSessions::new(Deployment::Standalone)
 );
 statehouse_testkit::session_conformance!(redis_cluster, RedisSessions::new(Deployment::Cluster));
+statehouse_testkit::session_conformance!(
+    redis_standalone_tls,
+    RedisSessions::new(Deployment::StandaloneTls)
+);
+statehouse_testkit::session_conformance!(
+    redis_cluster_tls,
+    RedisSessions::new(Deployment::ClusterTls)
+);

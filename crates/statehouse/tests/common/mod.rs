@@ -11,7 +11,10 @@ use statehouse::{
     Clock, EmbeddedStore, ManualClock, RateLimitStore, RedisStore, RedisTopology, TimeSource,
 };
 use statehouse_testkit::ratelimit_suite::StoreFactory;
-use statehouse_testkit::{shared_cluster, shared_standalone, unique_prefix};
+use statehouse_testkit::{
+    shared_cluster, shared_standalone, shared_tls_cluster, shared_tls_standalone,
+    test_certificates, unique_prefix,
+};
 
 /// Embedded stores; a "replica" is the same store (one process).
 pub struct Embedded;
@@ -44,6 +47,10 @@ pub enum Deployment {
     Standalone,
     /// The shared 3-master test cluster.
     Cluster,
+    /// The shared standalone TLS test server, over `rediss://`.
+    StandaloneTls,
+    /// The shared 3-master TLS test cluster, over `rediss://`.
+    ClusterTls,
 }
 
 impl Deployment {
@@ -51,6 +58,38 @@ impl Deployment {
         match self {
             Deployment::Standalone => RedisTopology::Standalone(shared_standalone().url()),
             Deployment::Cluster => RedisTopology::Cluster(shared_cluster().urls()),
+            Deployment::StandaloneTls => {
+                RedisTopology::Standalone(shared_tls_standalone().tls_url())
+            }
+            Deployment::ClusterTls => RedisTopology::Cluster(shared_tls_cluster().tls_urls()),
+        }
+    }
+
+    /// The CA to trust for a TLS deployment.
+    pub fn tls_root(self) -> Option<&'static str> {
+        match self {
+            Deployment::Standalone | Deployment::Cluster => None,
+            Deployment::StandaloneTls | Deployment::ClusterTls => {
+                Some(test_certificates().ca_pem())
+            }
+        }
+    }
+
+    /// A rate-limit store builder for this deployment (trusting the test CA over TLS).
+    pub fn store_builder(self) -> statehouse_redis::RedisStoreBuilder {
+        let builder = RedisStore::builder(self.topology());
+        match self.tls_root() {
+            Some(ca) => builder.tls_root_certificates(ca),
+            None => builder,
+        }
+    }
+
+    /// A session store builder for this deployment (trusting the test CA over TLS).
+    pub fn session_builder(self) -> statehouse_redis::RedisSessionStoreBuilder {
+        let builder = statehouse_redis::RedisSessionStore::builder(self.topology());
+        match self.tls_root() {
+            Some(ca) => builder.tls_root_certificates(ca),
+            None => builder,
         }
     }
 }
@@ -72,7 +111,8 @@ impl Redis {
 
     pub async fn connect(&self, prefix: &str, clock: &ManualClock) -> RedisStore {
         let clock: Arc<dyn Clock> = Arc::new(clock.clone());
-        RedisStore::builder(self.deployment.topology())
+        self.deployment
+            .store_builder()
             .prefix(prefix)
             .time_source(TimeSource::Caller(clock))
             // Test steps take real time while the manual clock may stand still: keep keys
@@ -167,7 +207,8 @@ impl RedisSessions {
         config: statehouse_core::session::SessionConfig,
     ) -> statehouse_redis::RedisSessionStore {
         let clock: Arc<dyn Clock> = Arc::new(clock.clone());
-        statehouse_redis::RedisSessionStore::builder(self.deployment.topology())
+        self.deployment
+            .session_builder()
             .prefix(prefix)
             .time_source(TimeSource::Caller(clock))
             .config(config)
