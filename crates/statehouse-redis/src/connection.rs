@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -10,6 +10,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisResult, ScriptInvocation, ServerErrorKind, Value};
 use tokio::time::Instant;
 
+use crate::link::TlsSettings;
 use crate::pipe::Pipe;
 
 /// After this many calls in a row missed their deadline, the standalone connection is replaced.
@@ -33,22 +34,58 @@ pub(crate) enum Connection {
     Cluster(ClusterConnection),
 }
 
-/// A [`ConnectionManager`], replaced when calls keep missing their deadline.
+/// A [`ConnectionManager`], replaced when calls keep missing their deadline or the server
+/// closes its connections.
 ///
-/// The manager reconnects when the socket reports an error (reset, refused, closed). A socket
-/// that silently stops answering (a partitioned network, a server that moved to another
+/// The manager reconnects when a call on its connection fails (reset, refused, closed). A
+/// socket that silently stops answering (a partitioned network, a server that moved to another
 /// address) reports nothing until the kernel gives up, which takes minutes; each call merely
 /// times out. After [`REPLACE_AFTER_TIMEOUTS`] timeouts in a row the manager is swapped for a
 /// fresh one, which connects anew on the next call.
+///
+/// A server that closes its connections (restarted, failed over behind the same address, an
+/// idle `timeout`) is noticed by the batch connection, which watches its socket while idle
+/// ([`crate::pipe`]): the manager is then swapped at once, so the first call after the server
+/// is back connects afresh instead of failing on the dead socket. And a call refused because
+/// the manager could not connect at its last attempt ([`redis::RedisError::is_connection_refusal`]:
+/// nothing was sent) is tried once more on the reconnection that refusal started.
 pub(crate) struct StandaloneConnection {
+    slot: Arc<ManagerSlot>,
+    /// The coalescers' batch connection (see [`crate::pipe`]); `None` for an address it does
+    /// not speak, whose batches go through the manager.
+    pipe: Option<Pipe>,
+    consecutive_timeouts: AtomicU32,
+}
+
+/// The current [`ConnectionManager`] and what it takes to make another.
+struct ManagerSlot {
     client: redis::Client,
     config: ConnectionManagerConfig,
     /// A std `Mutex`: held only to clone or swap the handle, never across an `.await`.
     manager: Mutex<ConnectionManager>,
-    /// The coalescers' batch connection (see [`crate::pipe`]); `None` for an address it does
-    /// not speak (TLS), whose batches go through `manager`.
-    pipe: Option<Pipe>,
-    consecutive_timeouts: AtomicU32,
+}
+
+impl ManagerSlot {
+    fn current(&self) -> ConnectionManager {
+        self.manager
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Swaps the manager for a fresh, lazily connecting one. Calls already on the old one run
+    /// to their end on it.
+    fn replace(&self, why: &'static str) {
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                tracing::info!(why, "statehouse-redis: replacing the connection");
+                *self.manager.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "statehouse-redis: could not replace the connection");
+            }
+        }
+    }
 }
 
 impl StandaloneConnection {
@@ -57,22 +94,39 @@ impl StandaloneConnection {
         config: ConnectionManagerConfig,
         manager: ConnectionManager,
         connect_timeout: std::time::Duration,
+        tls: &TlsSettings,
     ) -> Self {
-        let pipe = Pipe::new(client.get_connection_info(), connect_timeout);
-        StandaloneConnection {
+        let info = client.get_connection_info().clone();
+        let slot = Arc::new(ManagerSlot {
             client,
             config,
             manager: Mutex::new(manager),
+        });
+        let weak = Arc::downgrade(&slot);
+        let on_server_closed = Arc::new(move || {
+            if let Some(slot) = weak.upgrade() {
+                slot.replace("the server closed an idle connection");
+            }
+        });
+        let pipe = Pipe::new(&info, connect_timeout, tls, on_server_closed);
+        StandaloneConnection {
+            slot,
             pipe,
             consecutive_timeouts: AtomicU32::new(0),
         }
     }
 
-    fn manager(&self) -> ConnectionManager {
-        self.manager
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// Runs `call` on the manager; once more if the manager refused it for want of a
+    /// connection (nothing was sent), now awaiting the reconnection that started.
+    async fn on_manager<T, F, Fut>(&self, call: F) -> RedisResult<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        match call(self.slot.current()).await {
+            Err(err) if err.is_connection_refusal() => call(self.slot.current()).await,
+            other => other,
+        }
     }
 }
 
@@ -80,7 +134,10 @@ impl Connection {
     /// Runs a script invocation.
     pub(crate) async fn invoke(&self, inv: &ScriptInvocation<'_>) -> RedisResult<Value> {
         match self {
-            Connection::Standalone(conn) => inv.invoke_async(&mut conn.manager()).await,
+            Connection::Standalone(conn) => {
+                conn.on_manager(|mut m| async move { inv.invoke_async(&mut m).await })
+                    .await
+            }
             Connection::Cluster(conn) => {
                 across_slot_moves(|| {
                     let mut conn = conn.clone();
@@ -94,7 +151,10 @@ impl Connection {
     /// Runs a plain command.
     pub(crate) async fn exec(&self, cmd: &Cmd) -> RedisResult<()> {
         match self {
-            Connection::Standalone(conn) => cmd.exec_async(&mut conn.manager()).await,
+            Connection::Standalone(conn) => {
+                conn.on_manager(|mut m| async move { cmd.exec_async(&mut m).await })
+                    .await
+            }
             Connection::Cluster(conn) => {
                 across_slot_moves(|| {
                     let mut conn = conn.clone();
@@ -108,7 +168,10 @@ impl Connection {
     /// Runs a plain command and returns its reply (the cache store's `GET`, `SCAN`, `UNLINK`).
     pub(crate) async fn query(&self, cmd: &Cmd) -> RedisResult<Value> {
         match self {
-            Connection::Standalone(conn) => cmd.query_async(&mut conn.manager()).await,
+            Connection::Standalone(conn) => {
+                conn.on_manager(|mut m| async move { cmd.query_async(&mut m).await })
+                    .await
+            }
             Connection::Cluster(conn) => query_cluster(conn, cmd).await,
         }
     }
@@ -120,7 +183,10 @@ impl Connection {
         match self {
             Connection::Standalone(conn) => match &conn.pipe {
                 Some(pipe) => pipe.query(cmd.get_packed_command()).await,
-                None => cmd.query_async(&mut conn.manager()).await,
+                None => {
+                    conn.on_manager(|mut m| async move { cmd.query_async(&mut m).await })
+                        .await
+                }
             },
             Connection::Cluster(conn) => query_cluster(conn, cmd).await,
         }
@@ -151,18 +217,8 @@ impl Connection {
         if let Some(pipe) = &conn.pipe {
             pipe.reset();
         }
-        match ConnectionManager::new_lazy_with_config(conn.client.clone(), conn.config.clone()) {
-            Ok(fresh) => {
-                tracing::warn!(
-                    timeouts,
-                    "statehouse-redis: Redis stopped answering; replacing the connection"
-                );
-                *conn.manager.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "statehouse-redis: could not replace the connection");
-            }
-        }
+        tracing::warn!(timeouts, "statehouse-redis: Redis stopped answering");
+        conn.slot.replace("calls kept missing their deadline");
     }
 }
 

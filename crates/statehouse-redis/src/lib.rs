@@ -21,7 +21,9 @@
 //! * **Outages are errors, quickly.** Every call has a deadline ([`RedisStoreBuilder::call_timeout`]);
 //!   connection failures and timeouts return errors for which
 //!   [`Error::is_unavailable`](statehouse_core::Error::is_unavailable) is true, so the caller's
-//!   degraded mode can take over, and the connection is re-established in the background.
+//!   degraded mode can take over, and the connection is re-established in the background. On
+//!   standalone Redis a server that closes its connections (a restart, a failover behind the
+//!   same address) is noticed while idle, so the first calls after it comes back succeed.
 //! * **Coalescing.** Concurrent single checks, cache hits and session loads are coalesced into
 //!   one call per batch (a script, or an `MGET`), several batches on the wire at once. On
 //!   standalone Redis these calls use a second, lean pipelined connection of the store (a
@@ -31,8 +33,7 @@
 //!   server's certificate always verified against the system's roots or the CAs given to
 //!   [`RedisStoreBuilder::tls_root_certificates`], and mutual TLS through
 //!   [`RedisStoreBuilder::tls_client_certificate`]. Every connection of a store uses them
-//!   (commands, the Pub/Sub listener, every Cluster node); the coalesced calls then share the
-//!   redis-rs connection.
+//!   (commands, the batch connection, the Pub/Sub listener, every Cluster node).
 //!
 //! * **Sessions.** [`RedisSessionStore`] is the
 //!   [`SessionStore`](statehouse_core::session::SessionStore) on the same deployments: one

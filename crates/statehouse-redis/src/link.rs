@@ -87,7 +87,7 @@ impl Link {
                             .await
                             .map_err(|e| from_redis(e, timeout))?;
                     Ok(Connection::Standalone(Box::new(StandaloneConnection::new(
-                        client, config, manager, timeout,
+                        client, config, manager, timeout, &tls,
                     ))))
                 }
                 RedisTopology::Cluster(urls) => {
@@ -275,6 +275,9 @@ impl TlsSettings {
 }
 
 #[cfg(feature = "tls")]
+pub(crate) use tls::install_crypto_provider;
+
+#[cfg(feature = "tls")]
 mod tls {
     use rustls::crypto::CryptoProvider;
     use rustls::pki_types::pem::PemObject;
@@ -287,7 +290,7 @@ mod tls {
     /// with `rustls::ClientConfig::builder()`, which panics when none is installed and the
     /// program's crates enable more than one (ring here, aws-lc-rs through another crate, say).
     /// An application that installed its own keeps it.
-    pub(super) fn install_crypto_provider() {
+    pub(crate) fn install_crypto_provider() {
         if CryptoProvider::get_default().is_none() {
             // Another thread may install one in between: either way one is installed.
             let _ = rustls::crypto::ring::default_provider().install_default();

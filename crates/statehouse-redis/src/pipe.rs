@@ -13,19 +13,27 @@
 //! The design is redis-rs's multiplexed connection, minus what these calls do not need: one
 //! task owns the socket; callers queue an encoded command with a reply channel; the task writes
 //! whatever is queued in one write and answers the replies in order as they arrive. It connects
-//! on first use (and again on the next call after the connection failed), within the store's
-//! call timeout, with the URL's `AUTH` and `SELECT`. Any I/O or protocol error fails every call
-//! on the wire with that error (so each caller's degraded-mode policy sees an outage) and drops
-//! the socket; [`Pipe::reset`] drops it too (after calls keep timing out). A caller that gives
-//! up waiting is bounded by its own deadline ([`crate::link::Link::bounded`]); its reply, if it
-//! comes, is read and dropped.
+//! when the store is made, within the store's call timeout, with the URL's `AUTH` and `SELECT`,
+//! over TLS for a `rediss://` URL (rustls, with the store's TLS settings: the trust and client
+//! certificate redis-rs uses). Any I/O or protocol error fails every call on the wire and every
+//! call queued with that error (so each caller's degraded-mode policy sees an outage) and drops
+//! the socket; the task then connects again, at once for the next call or after a pause (20 ms
+//! doubling to 1 s) when none comes. [`Pipe::reset`] ends the task (after calls keep timing
+//! out); the next call starts another. A caller that gives up waiting is bounded by its own
+//! deadline ([`crate::link::Link::bounded`]); its reply, if it comes, is read and dropped.
+//!
+//! While nothing is on the wire the task still watches the socket: a server that closes the
+//! connection (restarted, failed over behind the same address, an idle `timeout`) is noticed at
+//! once, and the owner told (it then replaces its redis-rs connection, which would otherwise
+//! fail its next call on the dead socket). So the first calls after a restart succeed, rather
+//! than fail once per connection.
 //!
 //! Only RESP2 is spoken (no `HELLO 3`), whatever the URL's `protocol`: these commands' replies
-//! are the same in both. TLS addresses get no batch connection (the calls stay on redis-rs).
+//! are the same in both.
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -33,15 +41,22 @@ use futures::channel::{mpsc, oneshot};
 use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::link::TlsSettings;
+
 /// The most nested arrays in a reply (the calls carried here nest at most two deep).
 const MAX_DEPTH: usize = 8;
 /// Read buffer capacity kept between replies.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Told when the server closes the connection while nothing is on the wire.
+pub(crate) type OnServerClosed = Arc<dyn Fn() + Send + Sync>;
+
 /// Where and how to connect.
 #[derive(Clone)]
 enum Target {
     Tcp(String, u16),
+    #[cfg(feature = "tls")]
+    Tls(String, u16, tls::Connector),
     #[cfg(unix)]
     Unix(std::path::PathBuf),
 }
@@ -53,6 +68,7 @@ pub(crate) struct Pipe {
     password: Option<String>,
     db: i64,
     connect_timeout: Duration,
+    on_server_closed: OnServerClosed,
     /// The running connection task's queue, or `None` before the first call and after a reset.
     /// A std `Mutex`: held only to send (which never blocks) or to start a task.
     jobs: Mutex<Option<mpsc::UnboundedSender<Job>>>,
@@ -66,23 +82,48 @@ struct Job {
 
 impl Pipe {
     /// A batch connection to the address of `info`, or `None` for an address it does not
-    /// speak (TLS): those calls stay on redis-rs.
-    pub(crate) fn new(info: &ConnectionInfo, connect_timeout: Duration) -> Option<Pipe> {
+    /// speak (TLS without the `tls` feature, or TLS settings it cannot turn into a rustls
+    /// configuration: those calls stay on redis-rs, which reports the problem).
+    pub(crate) fn new(
+        info: &ConnectionInfo,
+        connect_timeout: Duration,
+        tls: &TlsSettings,
+        on_server_closed: OnServerClosed,
+    ) -> Option<Pipe> {
         let target = match info.addr() {
             ConnectionAddr::Tcp(host, port) => Target::Tcp(host.clone(), *port),
+            #[cfg(feature = "tls")]
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                ..
+            } => match tls::Connector::new(host, tls) {
+                Ok(connector) => Target::Tls(host.clone(), *port, connector),
+                Err(err) => {
+                    tracing::debug!(error = %err, "statehouse-redis: no TLS batch connection");
+                    return None;
+                }
+            },
             #[cfg(unix)]
             ConnectionAddr::Unix(path) => Target::Unix(path.clone()),
             _ => return None,
         };
+        #[cfg(not(feature = "tls"))]
+        let _ = tls;
         let settings = info.redis_settings();
-        Some(Pipe {
+        let pipe = Pipe {
             target,
             username: settings.username().map(str::to_owned),
             password: settings.password().map(str::to_owned),
             db: settings.db(),
             connect_timeout,
+            on_server_closed,
             jobs: Mutex::new(None),
-        })
+        };
+        // Connected from the start, so that it watches the server even before its first call.
+        *pipe.jobs.lock().unwrap_or_else(PoisonError::into_inner) = Some(pipe.start());
+        Some(pipe)
     }
 
     /// Sends `command` (one encoded command) and waits for its reply. Not bounded in time by
@@ -108,11 +149,19 @@ impl Pipe {
         let job = match jobs.as_ref() {
             Some(sender) => match sender.unbounded_send(job) {
                 Ok(()) => return,
-                // The task has ended (its connection failed): start another below.
+                // The task has ended (a panic, or a runtime shut down): start another below.
                 Err(err) => err.into_inner(),
             },
             None => job,
         };
+        let sender = self.start();
+        // The receiver is alive: it was just made.
+        let _ = sender.unbounded_send(job);
+        *jobs = Some(sender);
+    }
+
+    /// Starts a connection task; returns its queue.
+    fn start(&self) -> mpsc::UnboundedSender<Job> {
         let (sender, receiver) = mpsc::unbounded();
         let setup = Setup {
             target: self.target.clone(),
@@ -120,11 +169,10 @@ impl Pipe {
             password: self.password.clone(),
             db: self.db,
             connect_timeout: self.connect_timeout,
+            on_server_closed: Arc::clone(&self.on_server_closed),
         };
         tokio::spawn(run(setup, receiver));
-        // The receiver is alive: it was just made.
-        let _ = sender.unbounded_send(job);
-        *jobs = Some(sender);
+        sender
     }
 }
 
@@ -135,33 +183,82 @@ struct Setup {
     password: Option<String>,
     db: i64,
     connect_timeout: Duration,
+    on_server_closed: OnServerClosed,
 }
 
+/// How serving a connection ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The queue closed (reset, or the store dropped).
+    QueueClosed,
+    /// The server closed the connection while nothing was on the wire.
+    ServerClosedIdle,
+}
+
+/// The first pause before connecting again after the connection was lost with no call
+/// waiting; it doubles up to [`RECONNECT_MAX_PAUSE`]. A call that comes meanwhile connects at
+/// once.
+const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(20);
+const RECONNECT_MAX_PAUSE: Duration = Duration::from_secs(1);
+
 /// The connection task: connects, then writes queued commands and answers replies in order
-/// until the queue closes (reset, or the store dropped) or the connection fails.
+/// until the queue closes (reset, or the store dropped). When the connection is lost (an
+/// error fails the calls on the wire and those queued), it connects again: at once for the
+/// next call, else after a pause, so that it keeps watching the server between calls.
 async fn run(setup: Setup, mut jobs: mpsc::UnboundedReceiver<Job>) {
-    let connected = tokio::time::timeout(setup.connect_timeout, connect(&setup)).await;
-    let result = match connected {
-        Ok(Ok(Stream::Tcp(stream))) => serve(stream, &mut jobs).await,
-        #[cfg(unix)]
-        Ok(Ok(Stream::Unix(stream))) => serve(stream, &mut jobs).await,
-        Ok(Err(err)) => Err(err),
-        Err(_) => Err(RedisError::from(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("could not connect within {:?}", setup.connect_timeout),
-        ))),
-    };
-    if let Err(err) = result {
-        // Fail what is queued now; later calls go to a new task (a new connection attempt).
-        jobs.close();
-        while let Ok(job) = jobs.try_recv() {
-            let _ = job.reply.send(Err(copy(&err)));
+    // A call taken from the queue while there was no connection, to be written first.
+    let mut first: Option<Job> = None;
+    let mut pause = RECONNECT_FIRST_PAUSE;
+    loop {
+        let connected = tokio::time::timeout(setup.connect_timeout, connect(&setup)).await;
+        let result = match connected {
+            Ok(Ok(stream)) => {
+                pause = RECONNECT_FIRST_PAUSE;
+                match stream {
+                    Stream::Tcp(stream) => serve(stream, &mut jobs, first.take()).await,
+                    #[cfg(feature = "tls")]
+                    Stream::Tls(stream) => serve(*stream, &mut jobs, first.take()).await,
+                    #[cfg(unix)]
+                    Stream::Unix(stream) => serve(stream, &mut jobs, first.take()).await,
+                }
+            }
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(RedisError::from(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("could not connect within {:?}", setup.connect_timeout),
+            ))),
+        };
+        match result {
+            Ok(Ended::QueueClosed) => return,
+            Ok(Ended::ServerClosedIdle) => (setup.on_server_closed)(),
+            Err(err) => {
+                if err.is_connection_dropped() && !err.is_connection_refusal() {
+                    (setup.on_server_closed)();
+                }
+                // Fail what is queued now: those callers should hear of the outage at once.
+                if let Some(job) = first.take() {
+                    let _ = job.reply.send(Err(copy(&err)));
+                }
+                while let Ok(job) = jobs.try_recv() {
+                    let _ = job.reply.send(Err(copy(&err)));
+                }
+            }
+        }
+        // Not connected: connect again at once for the next call, or after the pause.
+        tokio::select! {
+            job = jobs.next() => match job {
+                Some(job) => first = Some(job),
+                None => return,
+            },
+            () = tokio::time::sleep(pause) => pause = (pause * 2).min(RECONNECT_MAX_PAUSE),
         }
     }
 }
 
 enum Stream {
     Tcp(tokio::net::TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
     #[cfg(unix)]
     Unix(tokio::net::UnixStream),
 }
@@ -172,6 +269,12 @@ async fn connect(setup: &Setup) -> RedisResult<Stream> {
             let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             stream.set_nodelay(true)?;
             Stream::Tcp(stream)
+        }
+        #[cfg(feature = "tls")]
+        Target::Tls(host, port, connector) => {
+            let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            stream.set_nodelay(true)?;
+            Stream::Tls(Box::new(connector.connect(stream).await?))
         }
         #[cfg(unix)]
         Target::Unix(path) => Stream::Unix(tokio::net::UnixStream::connect(path).await?),
@@ -191,6 +294,8 @@ async fn connect(setup: &Setup) -> RedisResult<Stream> {
     for (cmd, is_auth) in handshake {
         let reply = match &mut stream {
             Stream::Tcp(s) => roundtrip(s, &cmd.get_packed_command()).await?,
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => roundtrip(s.as_mut(), &cmd.get_packed_command()).await?,
             #[cfg(unix)]
             Stream::Unix(s) => roundtrip(s, &cmd.get_packed_command()).await?,
         };
@@ -216,6 +321,7 @@ async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
     command: &[u8],
 ) -> RedisResult<Value> {
     stream.write_all(command).await?;
+    stream.flush().await?;
     let mut buf = Vec::with_capacity(256);
     loop {
         if stream.read_buf(&mut buf).await? == 0 {
@@ -229,24 +335,43 @@ async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Serves the queue over a connected stream; returns the error that ended it (`Ok` when the
-/// queue closed).
+/// Serves the queue over a connected stream, starting with `first` when given; returns how it
+/// ended, or the error that ended it.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     jobs: &mut mpsc::UnboundedReceiver<Job>,
-) -> RedisResult<()> {
+    first: Option<Job>,
+) -> RedisResult<Ended> {
     // Reply channels of the calls on the wire, in the order they were written.
     let mut waiting: VecDeque<oneshot::Sender<RedisResult<Value>>> = VecDeque::new();
     let mut out: Vec<u8> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut start = 0;
+    if let Some(job) = first {
+        out.extend_from_slice(&job.command);
+        waiting.push_back(job.reply);
+        let written = async {
+            stream.write_all(&out).await?;
+            stream.flush().await
+        };
+        if let Err(err) = written.await {
+            let err = RedisError::from(err);
+            for reply in waiting {
+                let _ = reply.send(Err(copy(&err)));
+            }
+            return Err(err);
+        }
+        out.clear();
+    }
     let result = loop {
         // The branch futures are dropped before a handler runs, so both may use `stream`.
         tokio::select! {
-            // Replies first: they free callers, whose next calls then join one write.
+            // Replies first: they free callers, whose next calls then join one write. Read
+            // also while nothing is on the wire, to notice a server that closes the connection.
             biased;
-            read = stream.read_buf(&mut buf), if !waiting.is_empty() => {
+            read = stream.read_buf(&mut buf) => {
                 match read {
+                    Ok(0) if waiting.is_empty() => break Ok(Ended::ServerClosedIdle),
                     Ok(0) => break Err(closed("the server closed the connection")),
                     Ok(_) => {}
                     Err(err) => break Err(err.into()),
@@ -289,7 +414,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             job = jobs.next() => {
                 let Some(job) = job else {
-                    break Ok(());
+                    break Ok(Ended::QueueClosed);
                 };
                 out.extend_from_slice(&job.command);
                 waiting.push_back(job.reply);
@@ -299,6 +424,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     waiting.push_back(job.reply);
                 }
                 if let Err(err) = stream.write_all(&out).await {
+                    break Err(err.into());
+                }
+                if let Err(err) = stream.flush().await {
                     break Err(err.into());
                 }
                 out.clear();
@@ -592,5 +720,81 @@ mod tests {
         }
         let nested = b"*1\r\n".repeat(MAX_DEPTH + 1);
         assert!(parse(&nested).is_err());
+    }
+}
+
+/// The batch connection's TLS: the trust and client certificate redis-rs uses for the same
+/// settings (the given CAs instead of the system's roots, else the system's roots).
+#[cfg(feature = "tls")]
+mod tls {
+    use std::io;
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::{ClientConfig, RootCertStore};
+    use tokio::net::TcpStream;
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::client::TlsStream;
+
+    use crate::link::TlsSettings;
+
+    /// A rustls client configuration and the server name to verify.
+    #[derive(Clone)]
+    pub(super) struct Connector {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+    }
+
+    impl Connector {
+        pub(super) fn new(host: &str, settings: &TlsSettings) -> Result<Connector, String> {
+            crate::link::install_crypto_provider();
+            let mut roots = RootCertStore::empty();
+            match &settings.root_certificates {
+                Some(pem) => {
+                    for cert in CertificateDer::pem_slice_iter(pem) {
+                        let cert = cert.map_err(|e| format!("a root certificate: {e}"))?;
+                        roots
+                            .add(cert)
+                            .map_err(|e| format!("a root certificate: {e}"))?;
+                    }
+                }
+                None => {
+                    let native = rustls_native_certs::load_native_certs();
+                    if let Some(err) = native.errors.first() {
+                        return Err(format!("the system's root certificates: {err}"));
+                    }
+                    for cert in native.certs {
+                        roots
+                            .add(cert)
+                            .map_err(|e| format!("a system root certificate: {e}"))?;
+                    }
+                }
+            }
+            let builder = ClientConfig::builder().with_root_certificates(roots);
+            let config = match &settings.client_certificate {
+                Some((chain, key)) => {
+                    let chain = CertificateDer::pem_slice_iter(chain)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("the client certificate: {e}"))?;
+                    let key = PrivateKeyDer::from_pem_slice(key)
+                        .map_err(|e| format!("the client key: {e}"))?;
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| format!("the client certificate: {e}"))?
+                }
+                None => builder.with_no_client_auth(),
+            };
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|e| format!("the server name {host:?}: {e}"))?;
+            Ok(Connector {
+                connector: TlsConnector::from(Arc::new(config)),
+                name,
+            })
+        }
+
+        pub(super) async fn connect(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+            self.connector.connect(self.name.clone(), stream).await
+        }
     }
 }
