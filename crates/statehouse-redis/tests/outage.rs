@@ -454,3 +454,73 @@ async fn calls_during_an_outage_do_not_fail_the_first_calls_after_it() {
         "the first calls after the outage"
     );
 }
+
+/// On Redis Cluster the node connections are redis-rs's cluster client's, which follows a
+/// restarted node by itself: the first calls to it succeed too (a guard for upgrades of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_calls_to_a_restarted_cluster_node_succeed() {
+    let cluster = tokio::task::spawn_blocking(|| statehouse_testkit::RedisCluster::start(3))
+        .await
+        .expect("start task")
+        .expect("start a private cluster");
+    let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&store_prefix("node-restart"))
+        .call_timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .expect("connect");
+    let cache = store.cache_store();
+    let gcra = Policy::gcra(1_000, Duration::from_secs(60)).expect("policy");
+    let window = Policy::fixed_window(1_000, Duration::from_secs(60)).expect("policy");
+    let on_node_0 = |key: &String| {
+        let slots = [
+            store.storage_key(key, &gcra).expect("key"),
+            store.storage_key(key, &window).expect("key"),
+            cache.data_key(key).expect("key"),
+        ]
+        .map(|k| statehouse_redis::hash_slot(k.as_bytes()));
+        slots
+            .iter()
+            .all(|&slot| cluster.owner_of(slot).expect("owner") == 0)
+    };
+    let key = (0..)
+        .map(|n| format!("user:{n}"))
+        .find(on_node_0)
+        .expect("a key on node 0");
+    let calls = || async {
+        let single = store
+            .check(&[LimitCheck::new(&key, &gcra, 1)], Mode::Consume)
+            .await
+            .map(drop);
+        let both = [
+            LimitCheck::new(&key, &gcra, 1),
+            LimitCheck::new(&key, &window, 1),
+        ];
+        let multi = store.check(&both, Mode::Consume).await.map(drop);
+        let set = cache
+            .set(&key, b"v", Duration::from_secs(60), None)
+            .await
+            .map(drop);
+        let get = cache.get(&key).await.map(drop);
+        [single, multi, set, get]
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|err| err.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(calls().await, Vec::<String>::new());
+    let cluster = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        cluster.kill_node(0);
+        cluster.restart_node(0).expect("the node rejoins");
+        cluster
+    })
+    .await
+    .expect("restart task");
+    assert_eq!(
+        calls().await,
+        Vec::<String>::new(),
+        "the first calls after node 0 restarted"
+    );
+    drop(cluster);
+}
