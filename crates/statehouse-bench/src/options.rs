@@ -23,6 +23,8 @@ OPTIONS:
     --redis-url URL    use this Redis server instead of starting a private one; it is NOT
                        flushed unless --flush is given (runs use their own key prefix)
     --flush            FLUSHALL the --redis-url server before each run (destructive)
+    --tls              reach the private redis-server over TLS (rediss://, test
+                       certificates), redis-benchmark too (--tls): the cost of TLS
     --connections N    RedisStore instances (one multiplexed connection each) shared
                        round-robin by the tasks (default 1)
     --client-threads N tokio worker threads of the Redis runs (default 1: like
@@ -52,6 +54,8 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// Whether an external server may be flushed between runs.
     pub flush_external: bool,
+    /// Whether the private server is reached over TLS.
+    pub tls: bool,
     /// How many `RedisStore`s (connections) the tasks share.
     pub connections: usize,
     /// Worker threads of the runtime the Redis runs use.
@@ -75,6 +79,7 @@ impl Default for Options {
             keys: 10_000,
             redis_url: None,
             flush_external: false,
+            tls: false,
             connections: 1,
             client_threads: 1,
             algorithms: Algorithm::ALL.to_vec(),
@@ -108,6 +113,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Command> 
             "--keys" => options.keys = positive(&flag, &value()?)?,
             "--redis-url" => options.redis_url = Some(value()?),
             "--flush" => options.flush_external = true,
+            "--tls" => options.tls = true,
             "--connections" => options.connections = positive(&flag, &value()?)?,
             "--client-threads" => options.client_threads = positive(&flag, &value()?)?,
             "--algorithms" => options.algorithms = algorithms(&value()?)?,
@@ -153,6 +159,8 @@ mod tests {
         assert_eq!((o.tasks, o.keys, o.connections), (64, 10_000, 1));
         assert_eq!(o.measure, Duration::from_secs(5));
         assert_eq!(o.algorithms.len(), 6);
+        assert!(!o.tls);
+        assert!(run(&["--tls"])?.tls);
         Ok(())
     }
 

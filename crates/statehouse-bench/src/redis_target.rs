@@ -1,11 +1,12 @@
 //! The Redis server the Redis runs and `redis-benchmark` share, and `redis-benchmark` itself:
 //! the Redis ceiling of this machine.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use statehouse_testkit::RedisServer;
+use statehouse_testkit::{RedisServer, TlsOptions, test_certificates};
 
 use crate::cpu::parse_info_cpu;
 
@@ -22,6 +23,17 @@ pub struct RedisTarget {
     private: Option<RedisServer>,
     /// Whether an external server may be flushed.
     flush_external: bool,
+    /// For a private TLS server: the test CA, in a file for `redis-benchmark --cacert`
+    /// (removed on drop).
+    tls_ca_file: Option<PathBuf>,
+}
+
+impl Drop for RedisTarget {
+    fn drop(&mut self) {
+        if let Some(file) = &self.tls_ca_file {
+            let _ = std::fs::remove_file(file);
+        }
+    }
 }
 
 impl RedisTarget {
@@ -32,7 +44,35 @@ impl RedisTarget {
             url: server.url(),
             private: Some(server),
             flush_external: false,
+            tls_ca_file: None,
         })
+    }
+
+    /// Starts a private, hermetic `redis-server` that the runs reach over TLS (`rediss://`,
+    /// the test certificates of `statehouse-testkit`); `redis-benchmark` then runs with
+    /// `--tls --cacert`. Administrative commands keep to the server's plain port.
+    pub fn start_private_tls() -> anyhow::Result<RedisTarget> {
+        let server = RedisServer::start_tls(TlsOptions::default())
+            .context("starting a private redis-server with TLS")?;
+        let file = std::env::temp_dir().join(format!(
+            "statehouse-bench-ca-{}-{}.pem",
+            std::process::id(),
+            server.port()
+        ));
+        std::fs::write(&file, test_certificates().ca_pem()).context("writing the test CA")?;
+        Ok(RedisTarget {
+            url: server.tls_url(),
+            private: Some(server),
+            flush_external: false,
+            tls_ca_file: Some(file),
+        })
+    }
+
+    /// The CA to trust for a private TLS server (PEM), `None` otherwise.
+    pub fn tls_root(&self) -> Option<&'static str> {
+        self.tls_ca_file
+            .as_ref()
+            .map(|_| test_certificates().ca_pem())
     }
 
     /// An external server, flushed between runs only if `flush` is true.
@@ -41,6 +81,7 @@ impl RedisTarget {
             url,
             private: None,
             flush_external: flush,
+            tls_ca_file: None,
         };
         target
             .command(&["PING"])
@@ -213,7 +254,11 @@ pub fn run_redis_benchmark(
     shape: CeilingShape,
 ) -> anyhow::Result<CeilingRun> {
     let before = target.server_cpu();
-    let out = Command::new("redis-benchmark")
+    let mut benchmark = Command::new("redis-benchmark");
+    if let Some(ca) = &target.tls_ca_file {
+        benchmark.arg("--tls").arg("--cacert").arg(ca);
+    }
+    let out = benchmark
         .arg("-u")
         .arg(target.url())
         .args(["-n", &shape.requests.to_string()])

@@ -305,11 +305,15 @@ async fn run_redis(
     results: &mut Results,
 ) -> anyhow::Result<()> {
     let target = match &options.redis_url {
-        Some(url) => RedisTarget::external(url.clone(), options.flush_external)?,
+        Some(url) => {
+            anyhow::ensure!(!options.tls, "--tls applies to the private server only");
+            RedisTarget::external(url.clone(), options.flush_external)?
+        }
+        None if options.tls => RedisTarget::start_private_tls()?,
         None => RedisTarget::start_private()?,
     };
     results.setup.redis = Some(format!(
-        "{} redis-server {}{}",
+        "{} redis-server {}{}{}",
         if target.is_private() {
             "private (hermetic)"
         } else {
@@ -320,6 +324,11 @@ async fn run_redis(
             ", flushed before every run"
         } else {
             ", not flushed (a fresh key prefix per run)"
+        },
+        if options.tls {
+            ", over TLS (`--tls`: the store by `rediss://`, `redis-benchmark --tls`)"
+        } else {
+            ""
         }
     ));
     let server_cpu = || target.server_cpu();
@@ -530,6 +539,9 @@ async fn connect(
     for _ in 0..n {
         let mut builder = RedisStore::builder(RedisTopology::Standalone(target.url().to_owned()))
             .call_timeout(REDIS_CALL_TIMEOUT);
+        if let Some(ca) = target.tls_root() {
+            builder = builder.tls_root_certificates(ca);
+        }
         if !target.is_private() {
             builder = builder.prefix(&prefix);
         }

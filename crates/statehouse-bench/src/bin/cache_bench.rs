@@ -38,7 +38,7 @@ use cli::{Flags, grouped, median, number, positive};
 use serde::{Deserialize, Serialize};
 use statehouse::{
     Cache, CachePolicy, CacheStore, EmbeddedCacheStore, NearCacheConfig, RedisCacheStore,
-    RedisStore, Tier,
+    RedisStore, RedisTopology, Tier,
 };
 use tokio::runtime::Runtime;
 
@@ -64,6 +64,8 @@ OPTIONS:
                         redis-benchmark's single client thread, leaving the other core to
                         redis-server; the in-process L1 runs use every core)
     --samples N         timed calls of each L1 latency run (default 1000000)
+    --tls               reach the private redis-server over TLS (rediss://, test
+                        certificates), redis-benchmark too (--tls): the cost of TLS
     -h, --help          print this help
 ";
 
@@ -108,6 +110,7 @@ struct Options {
     tasks: usize,
     client_threads: usize,
     samples: usize,
+    tls: bool,
 }
 
 impl Default for Options {
@@ -121,6 +124,7 @@ impl Default for Options {
             tasks: 64,
             client_threads: 1,
             samples: 1_000_000,
+            tls: false,
         }
     }
 }
@@ -142,6 +146,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Option
             "--tasks" => o.tasks = positive(&flag, &value()?)?,
             "--client-threads" => o.client_threads = positive(&flag, &value()?)?,
             "--samples" => o.samples = positive(&flag, &value()?)?,
+            "--tls" => o.tls = true,
             other => bail!("unknown argument {other:?}; see --help"),
         }
     }
@@ -596,11 +601,19 @@ fn run(o: &Options) -> anyhow::Result<Results> {
     let near_tput_embedded = near_hit_throughput(&in_process, &near_embedded_cache, &near_keys, o)?;
 
     // The private server; the L1 run over Redis.
-    let target = RedisTarget::start_private()?;
+    let target = if o.tls {
+        RedisTarget::start_private_tls()?
+    } else {
+        RedisTarget::start_private()?
+    };
     let redis_version = target.version();
     let url = target.url().to_owned();
+    let mut builder = RedisStore::builder(RedisTopology::Standalone(url.clone()));
+    if let Some(ca) = target.tls_root() {
+        builder = builder.tls_root_certificates(ca);
+    }
     let store: RedisCacheStore = client
-        .block_on(RedisStore::connect(&url))
+        .block_on(builder.connect())
         .context("connecting to the private redis-server")?
         .cache_store();
     let shared: Arc<dyn CacheStore> = Arc::new(store.clone());
@@ -772,7 +785,7 @@ fn markdown(r: &Results, o: &Options) -> Result<String, std::fmt::Error> {
          per store after {} s warm-up. L2: {} keys filled through the cache; {} tokio tasks on \
          one multiplexed connection, {} client worker thread(s) (`--client-threads`; \
          redis-benchmark runs one); `Cache` and `redis-benchmark` alternate in {} rounds of \
-         {:.1} s (warm-up {} s, then 250 ms). Redis {} (private, hermetic).",
+         {:.1} s (warm-up {} s, then 250 ms). Redis {} (private, hermetic){}.",
         r.cores,
         r.load_before,
         r.load_after,
@@ -788,6 +801,11 @@ fn markdown(r: &Results, o: &Options) -> Result<String, std::fmt::Error> {
         (o.measure / o.rounds).as_secs_f64(),
         o.warmup.as_secs(),
         r.redis_version,
+        if o.tls {
+            ", over TLS (`--tls`: the store by `rediss://`, `redis-benchmark --tls`)"
+        } else {
+            ""
+        },
     )?;
     writeln!(out)?;
 
@@ -980,6 +998,8 @@ mod tests {
         assert_eq!((o.tasks, o.keys, o.near_keys), (64, 10_000, 1_000));
         assert_eq!((o.client_threads, o.rounds, o.samples), (1, 5, 1_000_000));
         assert_eq!(o.measure, Duration::from_secs(5));
+        assert!(!o.tls);
+        assert!(options(&["--tls"])?.tls);
         Ok(())
     }
 
