@@ -13,15 +13,16 @@
 //! `redis-benchmark` runs 64 clients pipelining 64 commands, on its one thread; as context it
 //! also runs one client pipelining 64 (as many requests in flight as the 64 tasks).
 
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use statehouse_core::session::{NewSession, SessionConfig, SessionStore, SessionToken};
 use statehouse_redis::{RedisSessionStore, RedisTopology};
-use statehouse_testkit::{RedisServer, raw_command};
+use statehouse_testkit::{RedisServer, TlsOptions, raw_command, test_certificates};
 
 const TASKS: usize = 64;
 
@@ -29,13 +30,19 @@ struct Options {
     seconds: u64,
     sessions: usize,
     client_threads: usize,
+    tls: bool,
 }
+
+/// With `--tls`: the TLS port `redis-benchmark` runs against, and the test CA in a file for
+/// its `--cacert`.
+static TLS: OnceLock<(u16, PathBuf)> = OnceLock::new();
 
 fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         seconds: 5,
         sessions: 10_000,
         client_threads: 1,
+        tls: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -46,10 +53,12 @@ fn parse_options() -> anyhow::Result<Options> {
             "--client-threads" => {
                 options.client_threads = value()?.parse().context("--client-threads")?;
             }
+            "--tls" => options.tls = true,
             "-h" | "--help" => {
                 println!(
                     "session-bench [--seconds N (default 5)] [--sessions N (default 10000)] \
-                     [--client-threads N (default 1: like redis-benchmark, one client thread)]"
+                     [--client-threads N (default 1: like redis-benchmark, one client thread)] \
+                     [--tls (the store by rediss://, redis-benchmark --tls: the cost of TLS)]"
                 );
                 std::process::exit(0);
             }
@@ -79,12 +88,29 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(options: Options) -> anyhow::Result<()> {
-    let server = RedisServer::start().context("starting a private redis-server")?;
+    let server = if options.tls {
+        RedisServer::start_tls(TlsOptions::default())
+    } else {
+        RedisServer::start()
+    }
+    .context("starting a private redis-server")?;
     let port = server.port();
+    if let Some(tls_port) = server.tls_port() {
+        let ca = std::env::temp_dir().join(format!("session-bench-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, test_certificates().ca_pem()).context("writing the test CA")?;
+        let _ = TLS.set((tls_port, ca));
+    }
     println!(
-        "session-bench: private redis-server on port {port}, {TASKS} tasks on {} client thread(s), \
-         {} sessions, {} s per run",
-        options.client_threads, options.sessions, options.seconds
+        "session-bench: private redis-server on port {port}{}, {TASKS} tasks on {} client \
+         thread(s), {} sessions, {} s per run",
+        if options.tls {
+            " (over TLS: the store by rediss://, redis-benchmark --tls)"
+        } else {
+            ""
+        },
+        options.client_threads,
+        options.sessions,
+        options.seconds
     );
 
     let ceiling = redis_benchmark_getex(port, options.sessions, options.seconds, false, CEILING)?;
@@ -134,6 +160,9 @@ async fn run(options: Options) -> anyhow::Result<()> {
             rate / matched
         );
     }
+    if let Some((_, ca)) = TLS.get() {
+        let _ = std::fs::remove_file(ca);
+    }
     Ok(())
 }
 
@@ -145,7 +174,15 @@ async fn session_loads(
     sessions: usize,
     seconds: u64,
 ) -> anyhow::Result<f64> {
-    let store = RedisSessionStore::builder(RedisTopology::Standalone(server.url()))
+    let (url, ca) = match server.tls_port() {
+        Some(_) => (server.tls_url(), Some(test_certificates().ca_pem())),
+        None => (server.url(), None),
+    };
+    let mut builder = RedisSessionStore::builder(RedisTopology::Standalone(url));
+    if let Some(ca) = ca {
+        builder = builder.tls_root_certificates(ca);
+    }
+    let store = builder
         .prefix("bench:s:")
         .config(config)
         .call_timeout(Duration::from_secs(5))
@@ -306,7 +343,15 @@ fn run_redis_benchmark(
     let (n, keys) = (n.to_string(), keys.to_string());
     let (clients, pipeline) = (shape.clients.to_string(), shape.pipeline.to_string());
     let mut command = Command::new("redis-benchmark");
-    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    match TLS.get() {
+        Some((tls_port, ca)) => {
+            command.args(["-h", "127.0.0.1", "-p", &tls_port.to_string(), "--tls"]);
+            command.arg("--cacert").arg(ca);
+        }
+        None => {
+            command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+        }
+    }
     command.args(["-n", &n, "-P", &pipeline, "-c", &clients, "-r", &keys, "-q"]);
     if script {
         let sha = raw_command(port, &["SCRIPT", "LOAD", MINIMAL_SCRIPT]).context("SCRIPT LOAD")?;
