@@ -96,9 +96,8 @@ impl Link {
                             "a Redis Cluster topology needs at least one node URL".into(),
                         ));
                     }
-                    let builder =
-                        tls.on_cluster(ClusterClientBuilder::new(urls.iter().map(String::as_str)))?;
-                    let client = builder
+                    let client = tls
+                        .cluster_builder(urls)
                         .connection_timeout(timeout)
                         .response_timeout(timeout)
                         .retries(RECONNECT_RETRIES as u32 + 1)
@@ -248,16 +247,26 @@ impl TlsSettings {
         redis::Client::open(info)
     }
 
-    /// The cluster client builder with these settings (and a crypto provider for TLS).
-    fn on_cluster(&self, builder: ClusterClientBuilder) -> Result<ClusterClientBuilder> {
+    /// A cluster client builder for these seeds, with these settings; the crypto provider is
+    /// installed only when a seed is `rediss://` (a plain cluster leaves the process's rustls
+    /// alone, for an application that installs its own provider later).
+    fn cluster_builder(&self, urls: &[String]) -> ClusterClientBuilder {
+        let builder = ClusterClientBuilder::new(urls.iter().map(String::as_str));
         #[cfg(feature = "tls")]
         {
-            tls::install_crypto_provider();
+            let any_tls = urls.iter().any(|url| {
+                url.as_str()
+                    .into_connection_info()
+                    .is_ok_and(|info| matches!(info.addr(), ConnectionAddr::TcpTls { .. }))
+            });
+            if any_tls {
+                tls::install_crypto_provider();
+            }
             if self.is_set() {
-                return Ok(builder.certs(self.certificates()));
+                return builder.certs(self.certificates());
             }
         }
-        Ok(builder)
+        builder
     }
 
     #[cfg(feature = "tls")]

@@ -319,3 +319,17 @@ async fn a_sliding_log_of_the_largest_cost_is_consumed_and_refunded_whole() {
     );
     assert!(!consume(&store, log_key, &log).await.allowed);
 }
+
+/// A store on plain `redis://` seeds installs no rustls crypto provider: that stays the
+/// application's choice (`install_default` fails once one is installed). No test of this binary
+/// uses TLS.
+#[tokio::test]
+async fn a_plain_cluster_leaves_the_rustls_provider_alone() {
+    let store = store("no-tls").await;
+    let policy = Policy::gcra(10, Duration::from_secs(60)).expect("policy");
+    store
+        .check(&[LimitCheck::new("k", &policy, 1)], Mode::Consume)
+        .await
+        .expect("check");
+    assert!(rustls::crypto::CryptoProvider::get_default().is_none());
+}
