@@ -55,7 +55,7 @@ impl Node {
     }
 }
 
-fn text(value: &Value) -> Option<String> {
+pub(crate) fn text(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -118,19 +118,6 @@ impl RedisCacheStore {
                 .unwrap_or_else(|_| "standalone".to_owned()),
             _ => "standalone".to_owned(),
         }
-    }
-
-    /// Every cluster master (empty on standalone).
-    pub(crate) async fn cluster_masters(&self) -> Result<Vec<(String, u16)>> {
-        if !self.inner.link.conn.is_cluster() {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::new();
-        for (name, _) in self.on_every_master(redis::cmd("PING")).await? {
-            let node = Node::parse(&name)?;
-            out.push((node.host, node.port));
-        }
-        Ok(out)
     }
 
     /// `purge_prefix`: see [`RedisCacheStore`]'s docs.

@@ -33,17 +33,22 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use redis::{ConnectionAddr, IntoConnectionInfo, Value};
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 use statehouse_core::cache::{Invalidation, InvalidationSink, InvalidationSubscription};
 use statehouse_core::{Error, Result};
 use tokio::task::JoinHandle;
 
 use crate::builder::RedisTopology;
 use crate::cache::RedisCacheStore;
+use crate::cache_nodes::text;
 use crate::error::from_redis;
+use crate::link::TlsSettings;
 
 /// How often the listener checks that its connection still answers.
 pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
+/// How often a listener on Redis Cluster asks the node it is subscribed on for the cluster's
+/// nodes.
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// The first pause before a reconnection attempt.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 /// The longest pause between reconnection attempts.
@@ -59,43 +64,193 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A node the listener may subscribe on: its address (`host:port`, also its name in logs) and
+/// a client for it.
+type Candidate = (String, redis::Client);
+
 /// Where the listener may subscribe, and how long one attempt may take.
+///
+/// On Redis Cluster the list is the configured nodes (always kept) and every node, master or
+/// replica, that the cluster last described (`CLUSTER SLOTS`, asked of a node that answers):
+/// at subscription, every [`REFRESH_EVERY`] while subscribed (asking the node subscribed on),
+/// and after every loss, so that a listener follows a cluster whose nodes are replaced one by
+/// one even when none of the configured ones is left.
 struct Nodes {
-    clients: Vec<(String, redis::Client)>,
-    /// The index of the node tried last (`usize::MAX` before the first try, so that the
-    /// first node is tried first).
-    last: usize,
+    seeds: Vec<Candidate>,
+    /// The nodes the cluster last described, seeds excluded.
+    discovered: Vec<Candidate>,
+    /// A seed's connection settings (credentials, database, TLS), for a discovered node;
+    /// `None` on standalone Redis, which has nothing to discover.
+    template: Option<ConnectionInfo>,
+    tls: TlsSettings,
+    /// The address of the node tried last (`None` before the first try).
+    last: Option<String>,
     timeout: Duration,
     channel: String,
 }
 
 impl Nodes {
+    /// Every candidate in the order tried, starting with the one after the last tried
+    /// (`after_last`) or with the last tried itself.
+    fn order(&self, after_last: bool) -> Vec<&Candidate> {
+        let all: Vec<&Candidate> = self.seeds.iter().chain(&self.discovered).collect();
+        let start = self
+            .last
+            .as_ref()
+            .and_then(|last| all.iter().position(|(name, _)| name == last))
+            .map_or(0, |i| if after_last { i + 1 } else { i });
+        let mut ordered = Vec::with_capacity(all.len());
+        for k in 0..all.len() {
+            ordered.push(all[(start + k) % all.len()]);
+        }
+        ordered
+    }
+
     /// Tries every node once, starting after the last one tried.
     async fn connect_any(&mut self) -> Result<(PubSubSink, PubSubStream)> {
         let mut last_error = None;
-        for step in 1..=self.clients.len() {
-            let i = self.last.wrapping_add(step) % self.clients.len();
-            self.last = i;
-            let (name, client) = &self.clients[i];
+        let mut tried = None;
+        let mut connected = None;
+        for (name, client) in self.order(true) {
+            tried = Some(name.clone());
             match connect(client, &self.channel, self.timeout).await {
-                Ok(conn) => return Ok(conn),
+                Ok(conn) => {
+                    connected = Some(conn);
+                    break;
+                }
                 Err(err) => {
                     tracing::debug!(node = %name, error = %err, "statehouse-redis: invalidation channel: subscribing failed");
                     last_error = Some(err);
                 }
             }
         }
-        Err(last_error.unwrap_or_else(|| Error::Unavailable {
-            message: "no Redis node to subscribe on".into(),
-            source: None,
-        }))
+        if tried.is_some() {
+            self.last = tried;
+        }
+        connected.ok_or_else(|| {
+            last_error.unwrap_or_else(|| Error::Unavailable {
+                message: "no Redis node to subscribe on".into(),
+                source: None,
+            })
+        })
     }
 
-    fn add(&mut self, name: String, client: redis::Client) {
-        if !self.clients.iter().any(|(n, _)| *n == name) {
-            self.clients.push((name, client));
+    /// Asks the nodes in turn (from the last tried, or from the one after it) for the
+    /// cluster's nodes, and makes the first answer the discovered list. A node that does not
+    /// answer within the call timeout is passed over; when none answers, the list stays as it
+    /// was. Nothing to do on standalone Redis.
+    async fn refresh(&mut self, after_last: bool) {
+        let Some(template) = &self.template else {
+            return;
+        };
+        let mut found = None;
+        for (name, client) in self.order(after_last) {
+            match cluster_nodes(client, self.timeout).await {
+                Ok(addresses) => {
+                    found = Some(addresses);
+                    break;
+                }
+                Err(err) => {
+                    tracing::debug!(node = %name, error = %err, "statehouse-redis: invalidation channel: CLUSTER SLOTS failed")
+                }
+            }
+        }
+        let Some(addresses) = found else { return };
+        let mut discovered: Vec<Candidate> = Vec::with_capacity(addresses.len());
+        for (host, port) in addresses {
+            if let Some((name, client)) = candidate(template, &self.tls, host, port)
+                && !self.seeds.iter().any(|(seed, _)| *seed == name)
+                && !discovered.iter().any(|(known, _)| *known == name)
+            {
+                discovered.push((name, client));
+            }
+        }
+        self.discovered = discovered;
+    }
+}
+
+/// A client for `host:port` with `template`'s settings (TLS or not, credentials, database).
+fn candidate(
+    template: &ConnectionInfo,
+    tls: &TlsSettings,
+    host: String,
+    port: u16,
+) -> Option<Candidate> {
+    let addr = match template.addr() {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host, port),
+    };
+    let info = template.clone().set_addr(addr);
+    let name = info.addr().to_string();
+    let client = tls.client(info).ok()?;
+    Some((name, client))
+}
+
+/// Every node of the cluster, as `client`'s node describes it in `CLUSTER SLOTS`.
+async fn cluster_nodes(client: &redis::Client, timeout: Duration) -> Result<Vec<(String, u16)>> {
+    let host = match client.get_connection_info().addr() {
+        ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host.clone(),
+        _ => String::new(),
+    };
+    let ask = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Value>(&mut conn)
+            .await
+    };
+    match tokio::time::timeout(timeout, ask).await {
+        Ok(Ok(reply)) => Ok(slot_nodes(&reply, &host)),
+        Ok(Err(err)) => Err(from_redis(err, timeout)),
+        Err(_) => Err(Error::Timeout { deadline: timeout }),
+    }
+}
+
+/// The nodes in a `CLUSTER SLOTS` reply, masters and replicas, each once, in the order they
+/// first appear. An empty host means the node asked (`asked_host`); a node whose address is
+/// unknown (`?`) or an entry that is not `[host, port, …]` is left out.
+fn slot_nodes(reply: &Value, asked_host: &str) -> Vec<(String, u16)> {
+    let mut nodes: Vec<(String, u16)> = Vec::new();
+    let Value::Array(ranges) = reply else {
+        return nodes;
+    };
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            continue;
+        };
+        // [first slot, last slot, master, replica, …]
+        for node in fields.iter().skip(2) {
+            let Value::Array(node) = node else { continue };
+            let (Some(host), Some(Value::Int(port))) = (node.first().and_then(text), node.get(1))
+            else {
+                continue;
+            };
+            let Ok(port) = u16::try_from(*port) else {
+                continue;
+            };
+            if host == "?" || port == 0 {
+                continue;
+            }
+            let host = if host.is_empty() {
+                asked_host.to_owned()
+            } else {
+                host
+            };
+            if !host.is_empty() && !nodes.iter().any(|(h, p)| *h == host && *p == port) {
+                nodes.push((host, port));
+            }
         }
     }
+    nodes
 }
 
 /// Opens a Pub/Sub connection and subscribes, within `timeout`.
@@ -135,12 +290,16 @@ impl RedisCacheStore {
         Ok(InvalidationSubscription::new(AbortOnDrop(task)))
     }
 
-    /// The nodes a listener may subscribe on.
+    /// The nodes a listener may subscribe on: the configured ones and, on Redis Cluster,
+    /// every node the cluster describes (a failure to ask only leaves the configured ones).
     async fn nodes(&self) -> Result<Nodes> {
         let link = &self.inner.link;
         let mut nodes = Nodes {
-            clients: Vec::new(),
-            last: usize::MAX,
+            seeds: Vec::new(),
+            discovered: Vec::new(),
+            template: None,
+            tls: link.tls.clone(),
+            last: None,
             timeout: link.call_timeout,
             channel: self.inner.channel.clone(),
         };
@@ -148,52 +307,22 @@ impl RedisCacheStore {
             RedisTopology::Standalone(url) => {
                 let client = link.tls.client(url.as_str()).map_err(invalid_url)?;
                 let name = client.get_connection_info().addr().to_string();
-                nodes.add(name, client);
+                nodes.seeds.push((name, client));
             }
             RedisTopology::Cluster(urls) => {
-                let mut template = None;
                 for url in urls {
                     let info = url.as_str().into_connection_info().map_err(invalid_url)?;
                     let client = link.tls.client(info.clone()).map_err(invalid_url)?;
-                    nodes.add(info.addr().to_string(), client);
-                    template.get_or_insert(info);
-                }
-                // Every master the cluster client knows, with the seeds' credentials and TLS
-                // settings; a failure here only leaves the seeds to try.
-                if let Some(template) = template {
-                    match self.cluster_masters().await {
-                        Ok(masters) => {
-                            for (host, port) in masters {
-                                let addr = match template.addr() {
-                                    ConnectionAddr::TcpTls {
-                                        insecure,
-                                        tls_params,
-                                        ..
-                                    } => ConnectionAddr::TcpTls {
-                                        host,
-                                        port,
-                                        insecure: *insecure,
-                                        tls_params: tls_params.clone(),
-                                    },
-                                    _ => ConnectionAddr::Tcp(host, port),
-                                };
-                                let info = template.clone().set_addr(addr);
-                                let name = info.addr().to_string();
-                                if let Ok(client) = link.tls.client(info) {
-                                    nodes.add(name, client);
-                                }
-                            }
-                        }
-                        Err(err) => tracing::debug!(
-                            error = %err,
-                            "statehouse-redis: could not list the cluster's masters; \
-                             subscribing through the configured nodes only"
-                        ),
+                    let name = info.addr().to_string();
+                    if !nodes.seeds.iter().any(|(seed, _)| *seed == name) {
+                        nodes.seeds.push((name, client));
                     }
+                    nodes.template.get_or_insert(info);
                 }
+                nodes.refresh(false).await;
             }
         }
-        if nodes.clients.is_empty() {
+        if nodes.seeds.is_empty() {
             return Err(Error::InvalidInput(
                 "a Redis topology needs at least one node URL".into(),
             ));
@@ -212,12 +341,14 @@ async fn run(
     mut messages: PubSubStream,
 ) {
     loop {
-        deliver(&mut ping, &mut messages, &*sink, &malformed, nodes.timeout).await;
+        deliver(&mut nodes, &mut ping, &mut messages, &*sink, &malformed).await;
         sink.on_channel_down();
         tracing::warn!("statehouse-redis: the cache invalidation channel was lost; reconnecting");
         let mut pause = RETRY_FIRST;
         (ping, messages) = loop {
             tokio::time::sleep(pause).await;
+            // The loss may be the node's replacement: ask the cluster what nodes it has now.
+            nodes.refresh(true).await;
             match nodes.connect_any().await {
                 Ok(conn) => break conn,
                 Err(err) => {
@@ -231,14 +362,18 @@ async fn run(
     }
 }
 
-/// Delivers messages until the stream ends or a `PING` goes unanswered.
+/// Delivers messages until the stream ends or a `PING` goes unanswered; refreshes the node
+/// list every [`REFRESH_EVERY`].
 async fn deliver(
+    nodes: &mut Nodes,
     ping: &mut PubSubSink,
     messages: &mut PubSubStream,
     sink: &dyn InvalidationSink,
     malformed: &AtomicU64,
-    timeout: Duration,
 ) {
+    let timeout = nodes.timeout;
+    let refresh_ticks = (REFRESH_EVERY.as_millis() / PING_EVERY.as_millis()).max(1);
+    let mut tick: u128 = 0;
     let mut ticks = tokio::time::interval(PING_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is immediate; the connection was just proven alive.
@@ -257,7 +392,12 @@ async fn deliver(
             }
             _ = ticks.tick() => {
                 match tokio::time::timeout(timeout, ping.ping::<Value>()).await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => {
+                        tick += 1;
+                        if tick.is_multiple_of(refresh_ticks) {
+                            nodes.refresh(false).await;
+                        }
+                    }
                     Ok(Err(err)) => {
                         tracing::debug!(error = %err, "statehouse-redis: invalidation channel PING failed");
                         return;
@@ -268,6 +408,94 @@ async fn deliver(
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::BulkString(host.as_bytes().to_vec()),
+            Value::Int(port),
+            Value::BulkString(b"0123456789abcdef".to_vec()),
+        ])
+    }
+
+    fn range(first: i64, last: i64, nodes: Vec<Value>) -> Value {
+        let mut fields = vec![Value::Int(first), Value::Int(last)];
+        fields.extend(nodes);
+        Value::Array(fields)
+    }
+
+    #[test]
+    fn slot_nodes_lists_masters_and_replicas_once_each() {
+        let reply = Value::Array(vec![
+            range(
+                0,
+                5460,
+                vec![node("10.0.0.1", 7000), node("10.0.0.4", 7003)],
+            ),
+            range(5461, 10922, vec![node("10.0.0.2", 7001)]),
+            range(
+                10923,
+                12000,
+                vec![node("10.0.0.3", 7002), node("10.0.0.1", 7000)],
+            ),
+            range(12001, 16383, vec![node("10.0.0.3", 7002)]),
+        ]);
+        assert_eq!(
+            slot_nodes(&reply, "seed"),
+            vec![
+                ("10.0.0.1".to_owned(), 7000),
+                ("10.0.0.4".to_owned(), 7003),
+                ("10.0.0.2".to_owned(), 7001),
+                ("10.0.0.3".to_owned(), 7002),
+            ]
+        );
+    }
+
+    #[test]
+    fn slot_nodes_reads_an_empty_host_as_the_node_asked_and_skips_unknown_ones() {
+        let reply = Value::Array(vec![range(
+            0,
+            16383,
+            vec![node("", 7000), node("?", 7001), node("10.0.0.9", 0)],
+        )]);
+        assert_eq!(slot_nodes(&reply, "seed"), vec![("seed".to_owned(), 7000)]);
+        assert_eq!(slot_nodes(&reply, ""), Vec::<(String, u16)>::new());
+    }
+
+    #[test]
+    fn slot_nodes_ignores_what_is_not_a_slot_table() {
+        let malformed = [
+            Value::Nil,
+            Value::Int(3),
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![range(0, 1, vec![Value::Nil, Value::Int(7)])]),
+            Value::Array(vec![range(
+                0,
+                1,
+                vec![Value::Array(vec![Value::BulkString(b"h".to_vec())])],
+            )]),
+            Value::Array(vec![range(0, 1, vec![node("h", 70_000), node("h", -1)])]),
+            Value::Array(vec![range(
+                0,
+                1,
+                vec![Value::Array(vec![
+                    Value::BulkString(vec![0xff, 0xfe]),
+                    Value::Int(7000),
+                ])],
+            )]),
+        ];
+        for reply in &malformed {
+            assert_eq!(
+                slot_nodes(reply, "seed"),
+                Vec::<(String, u16)>::new(),
+                "{reply:?}"
+            );
         }
     }
 }

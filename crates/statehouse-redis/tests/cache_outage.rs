@@ -10,7 +10,7 @@ use statehouse_core::Error;
 use statehouse_core::cache::{CacheStore, Invalidation, RiskLevel};
 use statehouse_redis::{RedisCacheStore, RedisStore, RedisTopology};
 use statehouse_testkit::cache_suite::{RecordingSink, SinkEvent};
-use statehouse_testkit::{RedisCluster, RedisServer, raw_command};
+use statehouse_testkit::{RedisCluster, RedisServer, TlsOptions, raw_command, test_certificates};
 use tokio::time::Instant;
 
 use common::store_prefix;
@@ -186,6 +186,94 @@ async fn a_cluster_listener_moves_to_another_node() {
     let message = String::from_utf8(Invalidation::Tag("moved".into()).encode()).expect("UTF-8");
     raw_command(survivor, &["PUBLISH", cache.channel(), &message]).expect("publish");
     sink.wait_for(&Invalidation::Tag("moved".into())).await;
+}
+
+/// The listener follows the cluster as its nodes are replaced: configured with one node only,
+/// it still subscribes somewhere once every node it knew at subscription has gone, on a node
+/// that joined later and took over a master's slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_listener_follows_nodes_that_replaced_the_configured_ones() {
+    follows_replaced_nodes(false).await;
+}
+
+/// The same over TLS, where the nodes the cluster describes are its TLS ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_listener_follows_replaced_nodes_over_tls() {
+    follows_replaced_nodes(true).await;
+}
+
+async fn follows_replaced_nodes(tls: bool) {
+    let cluster = tokio::task::spawn_blocking(move || {
+        if tls {
+            RedisCluster::start_tls(3, TlsOptions::default())
+        } else {
+            RedisCluster::start(3)
+        }
+        .expect("start cluster")
+    })
+    .await
+    .expect("start task");
+    let seed = if tls {
+        cluster.tls_urls()[0].clone()
+    } else {
+        cluster.urls()[0].clone()
+    };
+    let mut builder = RedisStore::builder(RedisTopology::Cluster(vec![seed]))
+        .prefix(&store_prefix("cache-follow"))
+        .call_timeout(CALL_TIMEOUT);
+    if tls {
+        builder = builder.tls_root_certificates(test_certificates().ca_pem());
+    }
+    let cache = builder.connect().await.expect("connect").cache_store();
+    let sink = RecordingSink::new();
+    let _subscription = cache.subscribe(sink.clone()).await.expect("subscribe");
+    let subscribers = |port: u16| {
+        raw_command(port, &["PUBSUB", "NUMSUB", cache.channel()])
+            .map(|reply| reply.ends_with("\n1"))
+            .unwrap_or(false)
+    };
+    let ports = cluster.ports();
+    assert!(subscribers(ports[0]), "the configured node is tried first");
+
+    // A new node replicates master 1 and takes over its slots.
+    let (mut cluster, new_node) = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        let new_node = cluster.add_replica(1).expect("add a replica");
+        cluster.fail_over_to(new_node).expect("fail over");
+        (cluster, new_node)
+    })
+    .await
+    .expect("topology task");
+    let new_port = cluster.ports()[new_node];
+
+    // The configured node dies: the listener moves to another node it knew.
+    cluster.kill_node(0);
+    sink.wait_until("on_channel_down", |e| e.contains(&SinkEvent::Down))
+        .await;
+    sink.wait_until("on_channel_up on another node", |e| {
+        e.iter().filter(|e| **e == SinkEvent::Up).count() == 2
+    })
+    .await;
+
+    // Every node the listener knew at subscription dies: it must have learned of the new one.
+    cluster.kill_node(1);
+    cluster.kill_node(2);
+    let started = Instant::now();
+    while !subscribers(new_port) {
+        assert!(
+            started.elapsed() < WAIT,
+            "the listener never subscribed on the node that joined: {:?}",
+            sink.events()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sink.wait_until("on_channel_up on the new node", |e| {
+        e.last() == Some(&SinkEvent::Up)
+    })
+    .await;
+    let message = String::from_utf8(Invalidation::Tag("followed".into()).encode()).expect("UTF-8");
+    raw_command(new_port, &["PUBLISH", cache.channel(), &message]).expect("publish");
+    sink.wait_for(&Invalidation::Tag("followed".into())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

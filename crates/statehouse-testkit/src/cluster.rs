@@ -117,6 +117,57 @@ impl RedisCluster {
         self.wait_until_ok()
     }
 
+    /// Starts a new node, joins it to the cluster as a replica of node `of` (in node order),
+    /// waits until it has synchronized with its master and every node knows it, and returns
+    /// its index (the last in node order).
+    pub fn add_replica(&mut self, of: usize) -> io::Result<usize> {
+        let master_id = self.node_id(of)?;
+        let tls = self.nodes[of].tls_options();
+        let node = RedisServer::start_full(Mode::ClusterNode, &[], tls)?;
+        let port = node.port();
+        self.nodes.push(node);
+        let index = self.nodes.len() - 1;
+        let master_port = self.nodes[of].port().to_string();
+        expect_ok(
+            port,
+            &["CLUSTER", "MEET", "127.0.0.1", &master_port],
+            COMMAND_TIMEOUT,
+        )?;
+        // REPLICATE needs the master known to the new node: retried until the handshake is done.
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let reply =
+                raw_command_timeout(port, &["CLUSTER", "REPLICATE", &master_id], COMMAND_TIMEOUT)?;
+            if reply == "OK" {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("CLUSTER REPLICATE on 127.0.0.1:{port} kept answering {reply:?}"),
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        wait_for(port, &["INFO", "REPLICATION"], "master_link_status:up")?;
+        self.wait_until_ok()?;
+        Ok(index)
+    }
+
+    /// Makes replica `i` (in node order) its master's master with a coordinated manual
+    /// failover (`CLUSTER FAILOVER`: the master stops, the replica catches up and takes over,
+    /// nothing written is lost), and waits until it says it is a master and every node sees
+    /// a healthy cluster.
+    pub fn fail_over_to(&self, i: usize) -> io::Result<()> {
+        let node = self
+            .nodes
+            .get(i)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no node {i}")))?;
+        expect_ok(node.port(), &["CLUSTER", "FAILOVER"], COMMAND_TIMEOUT)?;
+        wait_for(node.port(), &["ROLE"], "master")?;
+        self.wait_until_ok()
+    }
+
     /// The index (in node order) of the node that owns `slot`, as that node says.
     pub fn owner_of(&self, slot: u16) -> io::Result<usize> {
         for (i, node) in self.nodes.iter().enumerate() {
@@ -362,5 +413,27 @@ fn expect_ok(port: u16, args: &[&str], timeout: Duration) -> io::Result<()> {
             "`{}` on 127.0.0.1:{port} replied {reply:?}",
             args.join(" ")
         )))
+    }
+}
+
+/// Sends a command every 50 ms until its reply has a line equal to `line` (timeout ~30 s).
+fn wait_for(port: u16, args: &[&str], line: &str) -> io::Result<()> {
+    let deadline = Instant::now() + CLUSTER_TIMEOUT;
+    loop {
+        let reply = raw_command_timeout(port, args, COMMAND_TIMEOUT)
+            .unwrap_or_else(|e| format!("(failed: {e})"));
+        if reply.lines().any(|l| l.trim() == line) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "`{}` on 127.0.0.1:{port} never answered {line:?}; last:\n{reply}",
+                    args.join(" ")
+                ),
+            ));
+        }
+        thread::sleep(Duration::from_millis(50));
     }
 }

@@ -223,6 +223,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// How the server's TLS port is set up (`None`: no TLS port).
+    pub(crate) fn tls_options(&self) -> Option<TlsOptions> {
+        self.tls.map(|t| t.options)
+    }
+
     /// The TLS port of a server started with TLS, on 127.0.0.1.
     pub fn tls_port(&self) -> Option<u16> {
         self.tls.map(|tls| tls.port)
@@ -397,8 +402,12 @@ impl RedisServer {
             if self.mode == Mode::ClusterNode {
                 // The bus speaks TLS too, and stays on the port `free_port` checked (by
                 // default it would follow the TLS port); nodes then announce their TLS ports
-                // to TLS clients and their plain ports to the harness.
+                // to TLS clients and their plain ports to the harness. A replica
+                // ([`crate::RedisCluster::add_replica`]) syncs over TLS.
                 args.push("--tls-cluster".into());
+                args.push("yes".into());
+                // A replica dials its master's TLS port (the one the cluster announces to it).
+                args.push("--tls-replication".into());
                 args.push("yes".into());
                 args.push("--cluster-port".into());
                 args.push((self.port + 10000).to_string().into());
