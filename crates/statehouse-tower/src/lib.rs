@@ -6,6 +6,11 @@
 //! is down. Sessions live in a [`statehouse::SessionStore`]: the embedded store for one
 //! process, Redis or Redis Cluster for a fleet.
 //!
+//! [`RateLimitLayer`] rate-limits HTTP requests with a [`statehouse::RateLimiter`] (see the
+//! [`ratelimit`] module): rules per client IP, per header value, global or custom, decided
+//! together in one atomic step, `429` with `Retry-After`, the IETF `RateLimit-Policy` and
+//! `RateLimit` headers, and leaky-bucket shaping.
+//!
 //! It also holds [`HttpCacheLayer`], a shared HTTP response cache strict to RFC 9111 over any
 //! [`CacheStore`](statehouse::CacheStore) (see the [`cache`] module): GET and HEAD only,
 //! `Cache-Control` and `Vary` honoured, `Set-Cookie` responses and `Authorization` requests not
@@ -130,10 +135,12 @@
 
 pub mod cache;
 mod error;
+pub mod ratelimit;
 pub mod session;
 
 pub use cache::{HttpCache, HttpCacheLayer, HttpCachePurger};
 pub use error::Error;
+pub use ratelimit::{RateLimitLayer, RateLimitRule, RateLimitService, RuleKey};
 #[cfg(feature = "axum")]
 pub use session::AuthenticatedSession;
 pub use session::{
