@@ -50,6 +50,10 @@ const MAX_NOW_MICROS: u64 = 1 << 53;
 /// * [`purge_prefix`](CacheStore::purge_prefix) runs `SCAN MATCH … COUNT 1000` on every master
 ///   (never `KEYS`), deletes what it finds with `UNLINK`, then publishes
 ///   [`Invalidation::Prefix`]. Each `SCAN` and `UNLINK` call has the call deadline of its own.
+///   On a cluster being resharded a key can move from a master not yet scanned to one already
+///   scanned, so the purge reads the slot map (`CLUSTER NODES` of every master) before and
+///   after its scans and lists the keys of every slot that was moving or changed owner
+///   (`CLUSTER GETKEYSINSLOT`) on the nodes involved, the source first.
 /// * [`subscribe`](CacheStore::subscribe) opens a Pub/Sub connection of its own (redis-rs
 ///   `get_async_pubsub`: its message stream ends when the connection is lost, which is exactly
 ///   when the sink must hear `on_channel_down`; RESP3 pushes on the shared connection would be
@@ -59,7 +63,8 @@ const MAX_NOW_MICROS: u64 = 1 << 53;
 ///   [`malformed_invalidations`](RedisCacheStore::malformed_invalidations)), `PING`s every
 ///   second to notice a connection that silently died, and after a loss calls
 ///   `on_channel_down`, retries after 50 ms doubling to 2 s (on a cluster, trying the other
-///   nodes: a classic `PUBLISH` reaches every node, so one is enough) and calls
+///   nodes, masters and replicas, as the cluster last described them in `CLUSTER SLOTS`: a
+///   classic `PUBLISH` reaches every node, so one is enough) and calls
 ///   `on_channel_up` once subscribed again. Dropping the returned subscription stops the task
 ///   and releases the sink.
 ///

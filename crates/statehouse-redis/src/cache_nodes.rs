@@ -15,6 +15,7 @@ use statehouse_core::cache::{
 use statehouse_core::{Error, Result};
 
 use crate::cache::RedisCacheStore;
+use crate::cluster_topology::{SlotPicture, slots_to_recheck};
 use crate::connection::Connection;
 use crate::error::unexpected_reply;
 use crate::hash_slot::hash_slot;
@@ -110,6 +111,23 @@ impl RedisCacheStore {
         }
     }
 
+    /// Runs `cmd` on one cluster node within the call deadline (on standalone Redis, on the
+    /// server).
+    async fn on_node(&self, node: &Node, cmd: Cmd) -> Result<Value> {
+        let link = &self.inner.link;
+        match &link.conn {
+            Connection::Cluster(conn) => {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: node.host.clone(),
+                    port: node.port,
+                });
+                link.bounded(self.deadline(), conn.clone().route_command(cmd, routing))
+                    .await
+            }
+            Connection::Standalone(_) => self.query(&cmd).await,
+        }
+    }
+
     /// The standalone server's `host:port` (never the URL: it may hold a password).
     fn standalone_name(&self) -> String {
         match &self.inner.link.topology {
@@ -133,29 +151,108 @@ impl RedisCacheStore {
         glob_escape(prefix, &mut pattern);
         pattern.push('*');
 
-        let deleted = match &self.inner.link.conn {
-            Connection::Standalone(_) => self.purge_node(None, &pattern).await?,
+        let outcome = match &self.inner.link.conn {
+            Connection::Standalone(_) => self.purge_node(None, &pattern).await,
             Connection::Cluster(_) => {
-                let masters = self
-                    .on_every_master(redis::cmd("PING"))
-                    .await?
-                    .into_iter()
-                    .map(|(name, _)| Node::parse(&name))
-                    .collect::<Result<Vec<_>>>()?;
-                let scans = masters
-                    .into_iter()
-                    .map(|node| self.purge_node(Some(node), &pattern));
-                futures::future::try_join_all(scans)
-                    .await?
-                    .into_iter()
-                    .sum()
+                let mut raw = String::with_capacity(self.inner.prefix.len() + prefix.len() + 4);
+                raw.push_str(&self.inner.prefix);
+                raw.push_str("c:{=");
+                raw.push_str(prefix);
+                self.purge_cluster(&pattern, raw.as_bytes()).await
             }
         };
+        // Every replica drops the prefix from its near cache, also after a purge that stopped
+        // short (what it deleted is gone).
         let message = Invalidation::Prefix(prefix.to_owned()).encode();
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(&self.inner.channel).arg(message);
-        self.query(&publish).await?;
+        let published = self.query(&publish).await;
+        let deleted = outcome?;
+        published?;
         Ok(deleted)
+    }
+
+    /// The purge on a cluster: every master scanned at once, between two pictures of the
+    /// slots (see [`crate::cluster_topology`]). A key moves only with its slot, so the keys of
+    /// every slot that was moving in either picture or changed owner between them are then
+    /// listed on the nodes involved, the source first (`CLUSTER GETKEYSINSLOT`), and the
+    /// prefix's unlinked: a key that moved past the scans is found where it went.
+    async fn purge_cluster(&self, pattern: &str, raw_prefix: &[u8]) -> Result<u64> {
+        let before = self.slot_picture().await?;
+        let masters = self
+            .on_every_master(redis::cmd("PING"))
+            .await?
+            .into_iter()
+            .map(|(name, _)| Node::parse(&name))
+            .collect::<Result<Vec<_>>>()?;
+        let scans = masters
+            .into_iter()
+            .map(|node| self.purge_node(Some(node), pattern));
+        let mut deleted = futures::future::try_join_all(scans)
+            .await?
+            .into_iter()
+            .sum::<u64>();
+        let after = self.slot_picture().await?;
+        for (slot, nodes) in slots_to_recheck(&before, &after) {
+            for node in nodes {
+                deleted += self.purge_slot(slot, &node, raw_prefix).await?;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// The cluster's slots as its masters describe themselves (`CLUSTER NODES`). A master that
+    /// refuses the command (an ACL) is left out of the picture.
+    async fn slot_picture(&self) -> Result<SlotPicture> {
+        let mut nodes = redis::cmd("CLUSTER");
+        nodes.arg("NODES");
+        let replies = self.on_every_master(nodes).await?;
+        let texts: Vec<String> = replies
+            .iter()
+            .filter_map(|(_, reply)| reply.as_ref().and_then(text))
+            .collect();
+        Ok(SlotPicture::from_nodes_replies(
+            texts.iter().map(String::as_str),
+        ))
+    }
+
+    /// Unlinks the keys of `slot` on the node at `address` that start with `raw_prefix`
+    /// (values and leases); the number of values unlinked. A node the picture names only by
+    /// its id (unknown to the master that reported the move) is skipped.
+    async fn purge_slot(&self, slot: u16, address: &str, raw_prefix: &[u8]) -> Result<u64> {
+        let Ok(node) = Node::parse(address) else {
+            return Ok(0);
+        };
+        let on_node = |cmd: Cmd| self.on_node(&node, cmd);
+        let mut count = redis::cmd("CLUSTER");
+        count.arg("COUNTKEYSINSLOT").arg(slot);
+        let n = match on_node(count).await? {
+            Value::Int(n) => n,
+            other => {
+                return Err(unexpected_reply(format!(
+                    "CLUSTER COUNTKEYSINSLOT answered {other:?}"
+                )));
+            }
+        };
+        if n <= 0 {
+            return Ok(0);
+        }
+        let mut list = redis::cmd("CLUSTER");
+        // A few more than counted, for keys written in between.
+        list.arg("GETKEYSINSLOT").arg(slot).arg(n + 16);
+        let Value::Array(keys) = on_node(list).await? else {
+            return Err(unexpected_reply(
+                "CLUSTER GETKEYSINSLOT answered a non-array",
+            ));
+        };
+        let keys: Vec<Vec<u8>> = keys
+            .into_iter()
+            .filter_map(|key| match key {
+                Value::BulkString(key) if key.starts_with(raw_prefix) => Some(key),
+                _ => None,
+            })
+            .collect();
+        self.unlink(keys).await
     }
 
     /// Scans one node (`None`: the standalone server) and unlinks what matches; returns the
@@ -171,15 +268,8 @@ impl RedisCacheStore {
                 .arg(pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
-            let reply = match (&link.conn, &node) {
-                (Connection::Cluster(conn), Some(node)) => {
-                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                        host: node.host.clone(),
-                        port: node.port,
-                    });
-                    link.bounded(self.deadline(), conn.clone().route_command(scan, routing))
-                        .await?
-                }
+            let reply = match &node {
+                Some(node) if link.conn.is_cluster() => self.on_node(node, scan).await?,
                 _ => self.query(&scan).await?,
             };
             let (next, keys) = parse_scan(reply)?;

@@ -87,6 +87,7 @@ mod cache_get;
 mod cache_nodes;
 mod cache_script;
 mod cache_subscribe;
+mod cluster_topology;
 mod coalesce;
 mod connection;
 mod error;

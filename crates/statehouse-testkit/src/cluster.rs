@@ -217,10 +217,13 @@ impl RedisCluster {
             &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id],
             COMMAND_TIMEOUT,
         )?;
+        // With `tls-cluster yes`, MIGRATE speaks TLS to the target: its TLS port.
+        let migrate_port = self.nodes[to].tls_port().unwrap_or(to_port);
         Ok(SlotMove {
             slot,
             from_port,
             to_port,
+            migrate_port,
             to_id,
             ports: self.ports(),
         })
@@ -355,14 +358,26 @@ pub struct SlotMove {
     slot: u16,
     from_port: u16,
     to_port: u16,
+    /// The target's port for `MIGRATE` (its TLS port on a TLS cluster).
+    migrate_port: u16,
     to_id: String,
     ports: Vec<u16>,
 }
 
 impl SlotMove {
     /// Moves up to `max` of the slot's keys still on the source to the target with `MIGRATE`;
-    /// how many it moved (0 once the source holds none).
+    /// how many it moved (0 once the source holds none). Keys deleted between listing and
+    /// moving them (`NOKEY`) are passed over: the slot is listed again.
     pub fn move_keys(&self, max: usize) -> io::Result<usize> {
+        loop {
+            if let Some(moved) = self.try_move_keys(max)? {
+                return Ok(moved);
+            }
+        }
+    }
+
+    /// One listing and `MIGRATE`; `None` when none of the listed keys was left to move.
+    fn try_move_keys(&self, max: usize) -> io::Result<Option<usize>> {
         let slot = self.slot.to_string();
         let listed = raw_command_timeout(
             self.from_port,
@@ -374,16 +389,17 @@ impl SlotMove {
         }
         let keys: Vec<&str> = listed.lines().filter(|k| !k.is_empty()).collect();
         if keys.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
-        let port = self.to_port.to_string();
+        let port = self.migrate_port.to_string();
         let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
         args.extend(keys.iter().copied());
         let reply = raw_command_timeout(self.from_port, &args, COMMAND_TIMEOUT)?;
-        if reply != "OK" {
-            return Err(io::Error::other(format!("MIGRATE replied {reply:?}")));
+        match reply.as_str() {
+            "OK" => Ok(Some(keys.len())),
+            "NOKEY" => Ok(None),
+            _ => Err(io::Error::other(format!("MIGRATE replied {reply:?}"))),
         }
-        Ok(keys.len())
     }
 
     /// Moves every key left, then gives the slot to the target on every node (the target
