@@ -411,3 +411,55 @@ async fn three_replicas_on_real_sockets_share_one_limit() {
         server.abort();
     }
 }
+
+/// Two layers, a general one outside and a stricter one on a route: each adds its own field
+/// lines, and a request the inner layer denies was counted by the outer one (layers are
+/// decided one after the other; the rules of one layer together).
+#[tokio::test]
+async fn nested_layers_report_every_rule_and_decide_outside_in() {
+    let clock = clock();
+    let limiter = limiter(&clock);
+    let outer = RateLimitLayer::new(limiter.clone())
+        .rule(per_ip(
+            Policy::fixed_window(10, Duration::from_secs(60)).expect("policy"),
+        ))
+        .expect("rule");
+    let inner = RateLimitLayer::new(limiter)
+        .rule(
+            RateLimitRule::new(
+                "search",
+                Policy::fixed_window(1, Duration::from_secs(60)).expect("policy"),
+                RuleKey::ClientIp(ClientIp::Peer),
+            )
+            .expect("rule"),
+        )
+        .expect("rule");
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }).layer(inner))
+        .layer(outer);
+    let lines = |parts: &http::response::Parts, name: &str| -> Vec<String> {
+        parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().expect("ASCII").to_owned())
+            .collect()
+    };
+    let (first, _) = get_from(&app, [10, 0, 0, 1], &[]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        lines(&first, "ratelimit-policy"),
+        ["\"search\";q=1;w=60", "\"per-ip\";q=10;w=60"]
+    );
+    assert_eq!(
+        lines(&first, "ratelimit"),
+        ["\"search\";r=0;t=60", "\"per-ip\";r=9;t=60"]
+    );
+    let (second, _) = get_from(&app, [10, 0, 0, 1], &[]).await;
+    assert_eq!(second.status, StatusCode::TOO_MANY_REQUESTS);
+    // The outer layer admitted and counted it before the inner one denied it.
+    assert_eq!(
+        lines(&second, "ratelimit"),
+        ["\"search\";r=0;t=60", "\"per-ip\";r=8;t=60"]
+    );
+}

@@ -60,6 +60,14 @@
 //!   decides (fail open, fail closed, a local limiter), within its deadline; under
 //!   `ReturnError` the response is `503 Service Unavailable` with `Retry-After: 1`.
 //!
+//! ## One layer or several
+//!
+//! The rules of one layer are decided together, all or nothing. Layers are decided one after
+//! the other, outermost first: a request the outer layer admits is counted there even if an
+//! inner layer (a stricter limit on one route) then denies it. Put rules that must be
+//! all-or-nothing in one layer, and give every rule its own name: two rules of one name and key
+//! share one count.
+//!
 //! ## Keys
 //!
 //! Each rule counts per key ([`RuleKey`]): the client address (the connection's peer by

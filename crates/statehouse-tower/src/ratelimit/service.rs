@@ -118,7 +118,9 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// `RateLimit-Policy` and `RateLimit` for the rules of a request and their decisions.
+/// `RateLimit-Policy` and `RateLimit` for the rules of a request and their decisions, added as
+/// field lines of their own: the lists of nested layers (or of the application) are kept, and
+/// a client reads the lines of a field as one comma-separated list.
 pub(crate) fn write_headers(headers: &mut HeaderMap, rules: &[&RateLimitRule], verdict: &Verdict) {
     let mut policy = String::new();
     let mut state = String::new();
@@ -160,12 +162,12 @@ pub(crate) fn write_headers(headers: &mut HeaderMap, rules: &[&RateLimitRule], v
     }
     // Rule names are checked tokens and the rest are digits: always a valid header value.
     if let Ok(value) = HeaderValue::from_str(&policy) {
-        headers.insert(RATELIMIT_POLICY, value);
+        headers.append(RATELIMIT_POLICY, value);
     }
     if !state.is_empty()
         && let Ok(value) = HeaderValue::from_str(&state)
     {
-        headers.insert(RATELIMIT, value);
+        headers.append(RATELIMIT, value);
     }
 }
 
