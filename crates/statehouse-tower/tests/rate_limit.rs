@@ -463,3 +463,64 @@ async fn nested_layers_report_every_rule_and_decide_outside_in() {
         ["\"search\";r=0;t=60", "\"per-ip\";r=8;t=60"]
     );
 }
+
+/// A shadow rule counts and decides but never denies: requests it would deny go on and are
+/// counted; the enforcing rule beside it still consumes and denies as before; the shadow rule
+/// is not in the headers.
+#[tokio::test]
+async fn a_shadow_rule_never_denies_and_counts_what_it_would_have_denied() {
+    let clock = clock();
+    let shadow = RateLimitRule::new(
+        "strict",
+        Policy::fixed_window(1, Duration::from_secs(60)).expect("policy"),
+        RuleKey::Global,
+    )
+    .expect("rule")
+    .shadow();
+    let layer = RateLimitLayer::new(limiter(&clock))
+        .rule(per_ip(
+            Policy::fixed_window(3, Duration::from_secs(60)).expect("policy"),
+        ))
+        .expect("rule")
+        .rule(shadow)
+        .expect("rule");
+    let (router, calls) = app(layer.clone());
+    let a = [10, 0, 0, 1];
+    for (i, remaining) in [2, 1, 0].into_iter().enumerate() {
+        let (parts, _) = get_from(&router, a, &[]).await;
+        assert_eq!(parts.status, StatusCode::OK, "request {i}");
+        assert_eq!(
+            header(&parts, "ratelimit-policy"),
+            Some("\"per-ip\";q=3;w=60")
+        );
+        let expected = format!("\"per-ip\";r={remaining};t=60");
+        assert_eq!(header(&parts, "ratelimit"), Some(expected.as_str()));
+    }
+    // The shadow rule (1 a minute, for everyone) would have denied the second and third.
+    assert_eq!(layer.shadow_denials(), 2);
+    // The enforcing rule still denies; the shadow rule is not consulted for a denied request.
+    let (denied, body) = get_from(&router, a, &[]).await;
+    assert_eq!(denied.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("[\"per-ip\"]"), "{body}");
+    assert_eq!(layer.shadow_denials(), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    // A request no enforcing rule applies to is still counted by the shadow rule.
+    let shadow_only = RateLimitLayer::new(limiter(&clock))
+        .rule(
+            RateLimitRule::new(
+                "strict",
+                Policy::fixed_window(1, Duration::from_secs(60)).expect("policy"),
+                RuleKey::Global,
+            )
+            .expect("rule")
+            .shadow(),
+        )
+        .expect("rule");
+    let (router, _) = app(shadow_only.clone());
+    for _ in 0..3 {
+        let (parts, _) = get_from(&router, a, &[]).await;
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(header(&parts, "ratelimit"), None);
+    }
+    assert_eq!(shadow_only.shadow_denials(), 2);
+}

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::request::Parts;
 use http::{HeaderName, Request};
@@ -123,6 +124,7 @@ pub struct RateLimitRule {
     pub(crate) policy: Policy,
     pub(crate) key: RuleKey,
     pub(crate) cost: u64,
+    pub(crate) shadow: bool,
 }
 
 impl RateLimitRule {
@@ -172,6 +174,7 @@ impl RateLimitRule {
             policy,
             key,
             cost: 1,
+            shadow: false,
         })
     }
 
@@ -185,6 +188,18 @@ impl RateLimitRule {
         self.policy.check_cost(cost)?;
         self.cost = cost;
         Ok(self)
+    }
+
+    /// Shadow mode (a dry run, for rolling a limit out): the rule counts and decides as it
+    /// would, but never denies. A request it would deny goes on; the layer counts it
+    /// ([`RateLimitLayer::shadow_denials`]) and logs it (`tracing`, at `info`, with the rule's
+    /// name). Shadow rules are decided after the enforcing ones have admitted the request (a
+    /// request they deny is not counted by shadow rules), together among themselves, and are
+    /// left out of the response headers: they are not the client's limits yet. A store error
+    /// in a shadow check never touches the request.
+    pub fn shadow(mut self) -> RateLimitRule {
+        self.shadow = true;
+        self
     }
 
     /// The rule's name.
@@ -207,6 +222,8 @@ pub(crate) struct Config {
     pub(crate) limiter: RateLimiter,
     pub(crate) rules: Vec<RateLimitRule>,
     pub(crate) headers: bool,
+    /// Requests a shadow rule would have denied.
+    pub(crate) shadow_denials: AtomicU64,
 }
 
 impl Config {
@@ -248,6 +265,7 @@ impl RateLimitLayer {
                 limiter,
                 rules: Vec::new(),
                 headers: true,
+                shadow_denials: AtomicU64::new(0),
             }),
         }
     }
@@ -274,6 +292,12 @@ impl RateLimitLayer {
     pub fn headers(mut self, on: bool) -> RateLimitLayer {
         self.config_mut().headers = on;
         self
+    }
+
+    /// How many requests a [shadow](RateLimitRule::shadow) rule of this layer would have
+    /// denied (and let through).
+    pub fn shadow_denials(&self) -> u64 {
+        self.config.shadow_denials.load(Ordering::Relaxed)
     }
 
     fn config_mut(&mut self) -> &mut Config {

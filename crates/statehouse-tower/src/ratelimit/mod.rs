@@ -60,6 +60,14 @@
 //!   decides (fail open, fail closed, a local limiter), within its deadline; under
 //!   `ReturnError` the response is `503 Service Unavailable` with `Retry-After: 1`.
 //!
+//! ## Rolling a limit out
+//!
+//! A rule in [shadow mode](RateLimitRule::shadow) decides and counts as it would but never
+//! denies: the requests it would have denied go on, and are counted
+//! ([`RateLimitLayer::shadow_denials`]) and logged with the rule's name, so a limit can be
+//! watched against real traffic before it is enforced (Envoy's `shadow_mode`, nginx's
+//! `limit_req_dry_run`).
+//!
 //! ## One layer or several
 //!
 //! The rules of one layer are decided together, all or nothing. Layers are decided one after

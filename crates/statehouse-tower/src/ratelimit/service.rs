@@ -4,6 +4,7 @@ use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -78,8 +79,12 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         Box::pin(async move {
-            let applicable = config.applicable(&req);
+            let (shadow, applicable): (Vec<_>, Vec<_>) = config
+                .applicable(&req)
+                .into_iter()
+                .partition(|(rule, _)| rule.shadow);
             if applicable.is_empty() {
+                shadow_check(&config, &shadow).await;
                 return inner.call(req).await;
             }
             let checks: Vec<LimitCheck<'_>> = applicable
@@ -94,6 +99,7 @@ where
             if !verdict.allowed() {
                 return Ok(too_many_requests(&rules, &verdict));
             }
+            shadow_check(&config, &shadow).await;
             let delay = verdict
                 .decisions
                 .iter()
@@ -110,6 +116,35 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+/// Decides the shadow rules of an admitted request; counts and logs a request they would have
+/// denied. Never fails: a store error is only logged.
+async fn shadow_check(config: &Config, shadow: &[(&RateLimitRule, String)]) {
+    if shadow.is_empty() {
+        return;
+    }
+    let checks: Vec<LimitCheck<'_>> = shadow
+        .iter()
+        .map(|(rule, key)| LimitCheck::new(key, &rule.policy, rule.cost))
+        .collect();
+    match config.limiter.check_all(&checks).await {
+        Ok(verdict) if !verdict.allowed() => {
+            config.shadow_denials.fetch_add(1, Ordering::Relaxed);
+            for ((rule, _), decision) in shadow.iter().zip(&verdict.decisions) {
+                if !decision.allowed {
+                    tracing::info!(
+                        rule = %rule.name,
+                        "statehouse: a shadow rate-limit rule would have denied this request"
+                    );
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::debug!(error = %err, "statehouse: a shadow rate-limit check failed");
+        }
     }
 }
 
