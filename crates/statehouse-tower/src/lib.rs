@@ -140,7 +140,9 @@ pub mod session;
 
 pub use cache::{HttpCache, HttpCacheLayer, HttpCachePurger};
 pub use error::Error;
-pub use ratelimit::{RateLimitLayer, RateLimitRule, RateLimitService, RuleKey};
+pub use ratelimit::{
+    RateLimitLayer, RateLimitRule, RateLimitService, RateLimitStats, RuleKey, RuleStats,
+};
 #[cfg(feature = "axum")]
 pub use session::AuthenticatedSession;
 pub use session::{

@@ -306,12 +306,14 @@ async fn with_redis_down_the_degraded_policy_answers() {
         .on_store_failure(DegradedPolicy::ReturnError)
         .build()
         .expect("limiter");
-    let (open_app, _) = app(RateLimitLayer::new(open)
+    let open_layer = RateLimitLayer::new(open)
         .rule(per_ip(policy.clone()))
-        .expect("rule"));
-    let (strict_app, strict_calls) = app(RateLimitLayer::new(strict)
+        .expect("rule");
+    let strict_layer = RateLimitLayer::new(strict)
         .rule(per_ip(policy))
-        .expect("rule"));
+        .expect("rule");
+    let (open_app, _) = app(open_layer.clone());
+    let (strict_app, strict_calls) = app(strict_layer.clone());
     let a = [10, 0, 0, 1];
     let (up, _) = get_from(&open_app, a, &[]).await;
     assert_eq!(header(&up, "ratelimit"), Some("\"per-ip\";r=99;t=1"));
@@ -345,6 +347,11 @@ async fn with_redis_down_the_degraded_policy_answers() {
         assert!(body.is_empty(), "no store message in the body: {body}");
     }
     assert_eq!(strict_calls.load(Ordering::SeqCst), 0);
+    let open_stats = open_layer.stats();
+    assert_eq!(open_stats.rules[0].checked, 4);
+    assert_eq!(open_stats.rules[0].degraded, 3);
+    assert_eq!(open_stats.store_errors, 0);
+    assert_eq!(strict_layer.stats().store_errors, 3);
     drop(server);
 }
 
@@ -497,12 +504,20 @@ async fn a_shadow_rule_never_denies_and_counts_what_it_would_have_denied() {
         assert_eq!(header(&parts, "ratelimit"), Some(expected.as_str()));
     }
     // The shadow rule (1 a minute, for everyone) would have denied the second and third.
-    assert_eq!(layer.shadow_denials(), 2);
+    let stats = layer.stats();
+    assert_eq!(
+        (stats.rules[1].name.as_str(), stats.rules[1].shadow),
+        ("strict", true)
+    );
+    assert_eq!((stats.rules[1].checked, stats.rules[1].denied), (3, 2));
+    assert_eq!((stats.rules[0].checked, stats.rules[0].denied), (3, 0));
     // The enforcing rule still denies; the shadow rule is not consulted for a denied request.
     let (denied, body) = get_from(&router, a, &[]).await;
     assert_eq!(denied.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(body.contains("[\"per-ip\"]"), "{body}");
-    assert_eq!(layer.shadow_denials(), 2);
+    let stats = layer.stats();
+    assert_eq!((stats.rules[0].checked, stats.rules[0].denied), (4, 1));
+    assert_eq!((stats.rules[1].checked, stats.rules[1].denied), (3, 2));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     // A request no enforcing rule applies to is still counted by the shadow rule.
     let shadow_only = RateLimitLayer::new(limiter(&clock))
@@ -522,5 +537,5 @@ async fn a_shadow_rule_never_denies_and_counts_what_it_would_have_denied() {
         assert_eq!(parts.status, StatusCode::OK);
         assert_eq!(header(&parts, "ratelimit"), None);
     }
-    assert_eq!(shadow_only.shadow_denials(), 2);
+    assert_eq!(shadow_only.stats().rules[0].denied, 2);
 }

@@ -125,6 +125,61 @@ pub struct RateLimitRule {
     pub(crate) key: RuleKey,
     pub(crate) cost: u64,
     pub(crate) shadow: bool,
+    /// This rule's counts in the layer it was added to (fresh for each layer).
+    pub(crate) counters: Arc<RuleCounters>,
+}
+
+/// One rule's counts.
+#[derive(Debug, Default)]
+pub(crate) struct RuleCounters {
+    pub(crate) checked: AtomicU64,
+    pub(crate) denied: AtomicU64,
+    pub(crate) degraded: AtomicU64,
+}
+
+impl RuleCounters {
+    /// Counts one decision of the rule; `denied` when it denied (or, in shadow mode, would
+    /// have denied) the request.
+    pub(crate) fn count(&self, denied: bool, degraded: bool) {
+        self.checked.fetch_add(1, Ordering::Relaxed);
+        if denied {
+            self.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        if degraded {
+            self.degraded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What one rule of a [`RateLimitLayer`] has decided since it was added to the layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RuleStats {
+    /// The rule's name.
+    pub name: String,
+    /// Whether the rule is in [shadow mode](RateLimitRule::shadow).
+    pub shadow: bool,
+    /// Requests the rule was checked for (those it has a key for; a shadow rule, those the
+    /// enforcing rules admitted).
+    pub checked: u64,
+    /// Requests the rule denied (`429`); for a shadow rule, requests it would have denied and
+    /// let through.
+    pub denied: u64,
+    /// Decisions the store did not make: the limiter's degraded policy answered (Redis down or
+    /// slow).
+    pub degraded: u64,
+}
+
+/// A [`RateLimitLayer`]'s counts: per rule, and the requests answered `503`/`500` because
+/// the limiter returned an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimitStats {
+    /// One entry per rule, in the order the rules were added.
+    pub rules: Vec<RuleStats>,
+    /// Requests answered with an error status because the limiter failed (its degraded policy
+    /// is `ReturnError` and the store was down, or an unexpected error).
+    pub store_errors: u64,
 }
 
 impl RateLimitRule {
@@ -175,6 +230,7 @@ impl RateLimitRule {
             key,
             cost: 1,
             shadow: false,
+            counters: Arc::default(),
         })
     }
 
@@ -192,7 +248,7 @@ impl RateLimitRule {
 
     /// Shadow mode (a dry run, for rolling a limit out): the rule counts and decides as it
     /// would, but never denies. A request it would deny goes on; the layer counts it
-    /// ([`RateLimitLayer::shadow_denials`]) and logs it (`tracing`, at `info`, with the rule's
+    /// ([`RuleStats::denied`] in [`RateLimitLayer::stats`]) and logs it (`tracing`, at `info`, with the rule's
     /// name). Shadow rules are decided after the enforcing ones have admitted the request (a
     /// request they deny is not counted by shadow rules), together among themselves, and are
     /// left out of the response headers: they are not the client's limits yet. A store error
@@ -222,8 +278,8 @@ pub(crate) struct Config {
     pub(crate) limiter: RateLimiter,
     pub(crate) rules: Vec<RateLimitRule>,
     pub(crate) headers: bool,
-    /// Requests a shadow rule would have denied.
-    pub(crate) shadow_denials: AtomicU64,
+    /// Requests answered with an error status because the limiter failed.
+    pub(crate) store_errors: AtomicU64,
 }
 
 impl Config {
@@ -265,7 +321,7 @@ impl RateLimitLayer {
                 limiter,
                 rules: Vec::new(),
                 headers: true,
-                shadow_denials: AtomicU64::new(0),
+                store_errors: AtomicU64::new(0),
             }),
         }
     }
@@ -276,13 +332,15 @@ impl RateLimitLayer {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] when a rule of that name is already there.
-    pub fn rule(mut self, rule: RateLimitRule) -> Result<RateLimitLayer, Error> {
+    pub fn rule(mut self, mut rule: RateLimitRule) -> Result<RateLimitLayer, Error> {
         if self.config.rules.iter().any(|r| r.name == rule.name) {
             return Err(Error::InvalidConfig {
                 field: "rule name",
                 reason: format!("{:?} is used by two rules", rule.name),
             });
         }
+        // Counts of this layer's own, even for a rule cloned from one in another layer.
+        rule.counters = Arc::default();
         self.config_mut().rules.push(rule);
         Ok(self)
     }
@@ -294,10 +352,24 @@ impl RateLimitLayer {
         self
     }
 
-    /// How many requests a [shadow](RateLimitRule::shadow) rule of this layer would have
-    /// denied (and let through).
-    pub fn shadow_denials(&self) -> u64 {
-        self.config.shadow_denials.load(Ordering::Relaxed)
+    /// What each rule has decided so far (shared by every service the layer made).
+    pub fn stats(&self) -> RateLimitStats {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        RateLimitStats {
+            rules: self
+                .config
+                .rules
+                .iter()
+                .map(|rule| RuleStats {
+                    name: rule.name.clone(),
+                    shadow: rule.shadow,
+                    checked: load(&rule.counters.checked),
+                    denied: load(&rule.counters.denied),
+                    degraded: load(&rule.counters.degraded),
+                })
+                .collect(),
+            store_errors: load(&self.config.store_errors),
+        }
     }
 
     fn config_mut(&mut self) -> &mut Config {

@@ -64,9 +64,16 @@
 //!
 //! A rule in [shadow mode](RateLimitRule::shadow) decides and counts as it would but never
 //! denies: the requests it would have denied go on, and are counted
-//! ([`RateLimitLayer::shadow_denials`]) and logged with the rule's name, so a limit can be
+//! ([`RateLimitLayer::stats`]) and logged with the rule's name, so a limit can be
 //! watched against real traffic before it is enforced (Envoy's `shadow_mode`, nginx's
 //! `limit_req_dry_run`).
+//!
+//! ## Counts
+//!
+//! [`RateLimitLayer::stats`] reports, per rule, the requests it was checked for, denied (or in
+//! shadow mode would have denied) and decided degraded, and the requests answered `503`/`500`
+//! because the limiter failed; the [`RateLimiter`](statehouse::RateLimiter)'s own
+//! [`stats`](statehouse::RateLimiter::stats) count its decisions and circuit breaker.
 //!
 //! ## One layer or several
 //!
@@ -88,5 +95,5 @@
 mod layer;
 mod service;
 
-pub use layer::{RateLimitLayer, RateLimitRule, RuleKey};
+pub use layer::{RateLimitLayer, RateLimitRule, RateLimitStats, RuleKey, RuleStats};
 pub use service::RateLimitService;

@@ -93,9 +93,15 @@ where
                 .collect();
             let verdict = match config.limiter.check_all(&checks).await {
                 Ok(verdict) => verdict,
-                Err(err) => return Ok(store_failed(&err)),
+                Err(err) => {
+                    config.store_errors.fetch_add(1, Ordering::Relaxed);
+                    return Ok(store_failed(&err));
+                }
             };
             let rules: Vec<&RateLimitRule> = applicable.iter().map(|(rule, _)| *rule).collect();
+            for (rule, decision) in rules.iter().zip(&verdict.decisions) {
+                rule.counters.count(!decision.allowed, decision.degraded);
+            }
             if !verdict.allowed() {
                 return Ok(too_many_requests(&rules, &verdict));
             }
@@ -130,9 +136,9 @@ async fn shadow_check(config: &Config, shadow: &[(&RateLimitRule, String)]) {
         .map(|(rule, key)| LimitCheck::new(key, &rule.policy, rule.cost))
         .collect();
     match config.limiter.check_all(&checks).await {
-        Ok(verdict) if !verdict.allowed() => {
-            config.shadow_denials.fetch_add(1, Ordering::Relaxed);
+        Ok(verdict) => {
             for ((rule, _), decision) in shadow.iter().zip(&verdict.decisions) {
+                rule.counters.count(!decision.allowed, decision.degraded);
                 if !decision.allowed {
                     tracing::info!(
                         rule = %rule.name,
@@ -141,7 +147,6 @@ async fn shadow_check(config: &Config, shadow: &[(&RateLimitRule, String)]) {
                 }
             }
         }
-        Ok(_) => {}
         Err(err) => {
             tracing::debug!(error = %err, "statehouse: a shadow rate-limit check failed");
         }
