@@ -24,6 +24,10 @@
 //!    the others, and two checks of one key see each other's writes. Every check carries its
 //!    own mode (consume or peek) and its own time (the caller's clock, or the script's single
 //!    `TIME` read, shared by the group).
+//!    On a cluster, a call on several keys of a slot that is being moved between nodes is
+//!    refused with `TRYAGAIN` (nothing ran) while its keys are on two nodes; such a call is
+//!    not tried again whole but split by key ([`split`]): one call per key, concurrently, each
+//!    key's checks in order, each following `ASK` to its key's node.
 //! 4. It answers each caller through its oneshot. A check the script refused (corrupt state, a
 //!    key of the wrong type) gets its own [`Error::Backend`]; the others are unaffected. An
 //!    error of the whole call (timeout, connection lost, `OOM`, …) goes to every caller in the
@@ -47,6 +51,7 @@
 //! through the batcher: they keep their own script call.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::Future;
@@ -194,15 +199,34 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
         .collect();
     let cmd = independent_command(link.skew_allowance_ms, &checks);
     drop(checks);
+    // On a cluster, a call on several keys of a slot that is moving is refused with `TRYAGAIN`
+    // for as long as its keys are on two nodes; the checks are independent, so such a call is
+    // split by key instead of waiting for the move to end (see `split`).
+    let several_keys = link.conn.is_cluster()
+        && group.split_first().is_some_and(|(first, rest)| {
+            rest.iter()
+                .any(|r| r.check.storage_key != first.check.storage_key)
+        });
+    let refused_apart = Arc::new(AtomicBool::new(false));
+    let refused = Arc::clone(&refused_apart);
     let call = |deadline| {
         let link = Arc::clone(link);
         async move {
             let call = async {
-                match link.conn.query_batch(&cmd).await {
+                let sent = if several_keys {
+                    link.conn.query_batch_once(&cmd).await
+                } else {
+                    link.conn.query_batch(&cmd).await
+                };
+                match sent {
                     // Not loaded yet (or flushed): the invocation loads it and calls again.
                     // Nothing ran.
                     Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                         link.conn.invoke(&invocation_of(&cmd)).await
+                    }
+                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) => {
+                        refused.store(true, Ordering::Relaxed);
+                        Err(err)
                     }
                     other => other,
                 }
@@ -215,6 +239,10 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
     else {
         return;
     };
+    if value.is_err() && several_keys && refused_apart.load(Ordering::Relaxed) {
+        split(link, timeout, group).await;
+        return;
+    }
     let result = value
         .and_then(|value| parse_independent_reply(value, group.iter().map(|r| r.check.capacity)));
     match result {
@@ -230,4 +258,32 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
             }
         }
     }
+}
+
+/// Sends the checks of a group refused with `TRYAGAIN` (nothing ran) again as one call per key,
+/// concurrently, each key's checks in their order: a call on one key is never refused so, and
+/// follows `ASK` to wherever its key is now. The checks are independent, so the answers are
+/// those the whole call would have given, in one of the orders the callers could have raced
+/// in.
+async fn split(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
+    let mut by_key: Vec<Vec<Request>> = Vec::new();
+    for request in group {
+        match by_key
+            .iter_mut()
+            .find(|part| part[0].check.storage_key == request.check.storage_key)
+        {
+            Some(part) => part.push(request),
+            None => by_key.push(vec![request]),
+        }
+    }
+    tracing::debug!(
+        keys = by_key.len(),
+        "statehouse-redis: a slot is moving; sending a coalesced call key by key"
+    );
+    futures::future::join_all(
+        by_key
+            .into_iter()
+            .map(|part| Box::pin(send(link, timeout, part))),
+    )
+    .await;
 }

@@ -192,6 +192,30 @@ impl Connection {
         }
     }
 
+    /// [`query_batch`](Self::query_batch) without waiting out a slot move: on a cluster, a
+    /// call refused with `TRYAGAIN` (its keys are on two nodes while their slot moves) is
+    /// answered with that error at once, for a caller that can split the call by key instead.
+    pub(crate) async fn query_batch_once(&self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Connection::Standalone(_) => self.query_batch(cmd).await,
+            Connection::Cluster(conn) => {
+                match cmd.query_async(&mut conn.clone()).await {
+                    // Refused before it ran while the nodes agree on a moved slot's owner:
+                    // tried again as usual (a call on keys still apart gets `TRYAGAIN` then).
+                    Err(err)
+                        if matches!(
+                            err.kind(),
+                            ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask)
+                        ) =>
+                    {
+                        query_cluster(conn, cmd).await
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Connection::Cluster(_))
     }

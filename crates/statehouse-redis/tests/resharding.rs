@@ -502,3 +502,60 @@ async fn purges_leave_nothing_while_a_slot_keeps_moving() {
     moving.store(false, Ordering::SeqCst);
     mover.await.expect("the mover");
 }
+
+/// Two single checks of two keys of one slot, coalesced into one script call while the slot is
+/// half moved (one key on each node): the call is refused with `TRYAGAIN` for as long as the
+/// keys stay apart, so the batch is split, each key's checks going on their own (a call on one
+/// key follows `ASK`), and both are answered at once, correctly, without waiting for the move
+/// to end (here it never does).
+#[tokio::test]
+async fn coalesced_checks_of_a_half_moved_slot_are_answered_at_once() {
+    let cluster = private_cluster().await;
+    let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&store_prefix("reshard-split"))
+        .call_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect");
+    let policy = Policy::new(Algorithm::Gcra, 5, Duration::from_secs(3600)).expect("policy");
+    let (slot, keys) = keys_in_one_slot(&store, &policy, 2);
+    for key in &keys {
+        let check = [LimitCheck::new(key, &policy, 1)];
+        assert!(
+            store
+                .check(&check, Mode::Consume)
+                .await
+                .expect("check")
+                .allowed()
+        );
+    }
+    let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
+    let cluster2 = cluster.clone();
+    let slot_move = tokio::task::spawn_blocking(move || {
+        let slot_move = cluster2
+            .start_moving_slot(slot, to)
+            .expect("start the move");
+        assert_eq!(slot_move.move_keys(1).expect("MIGRATE"), 1);
+        slot_move
+    })
+    .await
+    .expect("join");
+    // Both queued before the batching task runs (one thread): one call of two keys.
+    let (a, b) = (
+        [LimitCheck::new(&keys[0], &policy, 1)],
+        [LimitCheck::new(&keys[1], &policy, 1)],
+    );
+    let (first, second) = tokio::join!(
+        store.check(&a, Mode::Consume),
+        store.check(&b, Mode::Consume)
+    );
+    for verdict in [first, second] {
+        let verdict = verdict.expect("answered while the keys are apart");
+        assert!(verdict.allowed());
+        // The second of five, on either node.
+        assert_eq!(verdict.decisions[0].remaining, 3);
+    }
+    tokio::task::spawn_blocking(move || slot_move.finish().expect("finish"))
+        .await
+        .expect("join");
+}
