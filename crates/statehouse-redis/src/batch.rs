@@ -207,8 +207,9 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
             rest.iter()
                 .any(|r| r.check.storage_key != first.check.storage_key)
         });
-    let refused_apart = Arc::new(AtomicBool::new(false));
-    let refused = Arc::clone(&refused_apart);
+    // Whether the call was refused so (only on a cluster: no allocation on standalone Redis).
+    let refused_apart = several_keys.then(|| Arc::new(AtomicBool::new(false)));
+    let refused = refused_apart.clone();
     let call = |deadline| {
         let link = Arc::clone(link);
         async move {
@@ -225,7 +226,9 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
                         link.conn.invoke(&invocation_of(&cmd)).await
                     }
                     Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) => {
-                        refused.store(true, Ordering::Relaxed);
+                        if let Some(refused) = &refused {
+                            refused.store(true, Ordering::Relaxed);
+                        }
                         Err(err)
                     }
                     other => other,
@@ -239,7 +242,7 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
     else {
         return;
     };
-    if value.is_err() && several_keys && refused_apart.load(Ordering::Relaxed) {
+    if value.is_err() && refused_apart.is_some_and(|r| r.load(Ordering::Relaxed)) {
         split(link, timeout, group).await;
         return;
     }

@@ -559,3 +559,46 @@ async fn coalesced_checks_of_a_half_moved_slot_are_answered_at_once() {
         .await
         .expect("join");
 }
+
+/// Two cache reads of two keys of one slot, coalesced into one `MGET` while the slot is half
+/// moved: refused with `TRYAGAIN` while the keys are apart, the read is split by key, and both
+/// find their values without waiting for the move to end (here it never does).
+#[tokio::test]
+async fn coalesced_reads_of_a_half_moved_slot_are_answered_at_once() {
+    let cluster = private_cluster().await;
+    let store = RedisStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&store_prefix("reshard-split-get"))
+        .call_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("connect")
+        .cache_store();
+    let (slot, keys) = cache_keys_in_one_slot(&store, "page", 2);
+    let ttl = Duration::from_secs(3600);
+    for key in &keys {
+        store
+            .set(key, key.as_bytes(), ttl, None)
+            .await
+            .expect("set");
+    }
+    let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
+    let cluster2 = cluster.clone();
+    let slot_move = tokio::task::spawn_blocking(move || {
+        let slot_move = cluster2
+            .start_moving_slot(slot, to)
+            .expect("start the move");
+        assert_eq!(slot_move.move_keys(1).expect("MIGRATE"), 1);
+        slot_move
+    })
+    .await
+    .expect("join");
+    // Both queued before the batching task runs (one thread): one `MGET` of two keys.
+    let (first, second) = tokio::join!(store.get(&keys[0]), store.get(&keys[1]));
+    for (key, value) in keys.iter().zip([first, second]) {
+        let value = value.expect("answered while the keys are apart");
+        assert_eq!(value.as_deref(), Some(key.as_bytes()), "{key}");
+    }
+    tokio::task::spawn_blocking(move || slot_move.finish().expect("finish"))
+        .await
+        .expect("join");
+}
