@@ -539,3 +539,37 @@ async fn a_shadow_rule_never_denies_and_counts_what_it_would_have_denied() {
     }
     assert_eq!(shadow_only.stats().rules[0].denied, 2);
 }
+
+/// A request without a readable client address (an app served without `ConnectInfo`) is
+/// counted under one shared key, never let through unlimited, and the layer counts (and once
+/// logs) it so the misconfiguration shows.
+#[tokio::test]
+async fn requests_without_a_client_address_share_one_limit_and_are_counted() {
+    let clock = clock();
+    let layer = RateLimitLayer::new(limiter(&clock))
+        .rule(per_ip(
+            Policy::fixed_window(2, Duration::from_secs(60)).expect("policy"),
+        ))
+        .expect("rule");
+    let (router, _) = app(layer.clone());
+    let without_address = || Request::get("/").body(Body::empty()).expect("request");
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        let response = router
+            .clone()
+            .oneshot(without_address())
+            .await
+            .expect("infallible");
+        assert_eq!(response.status(), expected);
+    }
+    assert_eq!(layer.stats().unknown_client_addresses, 3);
+    // A request with an address has its own allowance and is not counted as unknown.
+    assert_eq!(
+        get_from(&router, [10, 0, 0, 1], &[]).await.0.status,
+        StatusCode::OK
+    );
+    assert_eq!(layer.stats().unknown_client_addresses, 3);
+}

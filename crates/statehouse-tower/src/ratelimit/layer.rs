@@ -16,6 +16,8 @@ use crate::session::ClientIp;
 
 /// The longest rule name: it goes into every storage key and every header.
 pub(crate) const MAX_RULE_NAME: usize = 64;
+/// The key under which requests whose client address cannot be read are counted together.
+const UNKNOWN_ADDRESS: &str = "unknown";
 /// Keys longer than this (from [`RuleKey::Custom`]) are stored as their SHA-256.
 const MAX_PLAIN_KEY: usize = 128;
 
@@ -59,9 +61,11 @@ impl RuleKey {
     /// The request's key under this rule, or `None` when the rule does not apply to it.
     fn resolve<B>(&self, req: &Request<B>, parts: &mut Option<Parts>) -> Option<String> {
         match self {
-            RuleKey::ClientIp(source) => {
-                Some(source.resolve(req).unwrap_or_else(|| "unknown".to_owned()))
-            }
+            RuleKey::ClientIp(source) => Some(
+                source
+                    .resolve(req)
+                    .unwrap_or_else(|| UNKNOWN_ADDRESS.to_owned()),
+            ),
             RuleKey::Header(name) => {
                 let mut values = req.headers().get_all(name).iter().peekable();
                 values.peek()?;
@@ -180,6 +184,11 @@ pub struct RateLimitStats {
     /// Requests answered with an error status because the limiter failed (its degraded policy
     /// is `ReturnError` and the store was down, or an unexpected error).
     pub store_errors: u64,
+    /// Client-address keys that could not be read, so counted under the one shared key
+    /// `unknown` (a first one is also logged at `warn`): with [`ClientIp::Peer`], a server that
+    /// does not pass the peer address; with a header source, requests that did not come
+    /// through the proxy.
+    pub unknown_client_addresses: u64,
 }
 
 impl RateLimitRule {
@@ -280,6 +289,8 @@ pub(crate) struct Config {
     pub(crate) headers: bool,
     /// Requests answered with an error status because the limiter failed.
     pub(crate) store_errors: AtomicU64,
+    /// Rule keys of client addresses that could not be read (counted under `unknown`).
+    pub(crate) unknown_addresses: AtomicU64,
 }
 
 impl Config {
@@ -290,9 +301,28 @@ impl Config {
             .iter()
             .filter_map(|rule| {
                 let key = rule.key.resolve(req, &mut parts)?;
+                if key == UNKNOWN_ADDRESS && matches!(rule.key, RuleKey::ClientIp(_)) {
+                    self.unknown_address(&rule.name);
+                }
                 Some((rule, rule.storage_key(&key)))
             })
             .collect()
+    }
+
+    /// Counts a request whose client address could not be read, and says so once: usually the
+    /// server does not pass the peer address (axum: serve with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`), and every client then shares one
+    /// limit.
+    fn unknown_address(&self, rule: &str) {
+        if self.unknown_addresses.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                rule,
+                "statehouse: a request without a readable client address is counted under the \
+                 shared key `unknown`; with ClientIp::Peer, serve the app with \
+                 `into_make_service_with_connect_info::<SocketAddr>()` (axum), or read the \
+                 address from your proxy's header (ClientIp::ForwardedFor, ClientIp::Header)"
+            );
+        }
     }
 }
 
@@ -322,6 +352,7 @@ impl RateLimitLayer {
                 rules: Vec::new(),
                 headers: true,
                 store_errors: AtomicU64::new(0),
+                unknown_addresses: AtomicU64::new(0),
             }),
         }
     }
@@ -369,6 +400,7 @@ impl RateLimitLayer {
                 })
                 .collect(),
             store_errors: load(&self.config.store_errors),
+            unknown_client_addresses: load(&self.config.unknown_addresses),
         }
     }
 
