@@ -14,7 +14,7 @@ use statehouse_core::cache::CacheStore;
 use statehouse_core::session::{NewSession, SessionConfig, SessionStore};
 use statehouse_core::{Algorithm, LimitCheck, Mode, Policy, RateLimitStore};
 use statehouse_redis::{RedisSessionStore, RedisStore, RedisTopology, hash_slot};
-use statehouse_testkit::{RedisCluster, TlsOptions, test_certificates};
+use statehouse_testkit::{RedisCluster, SlotMove, TlsOptions, test_certificates};
 
 use common::{admitted_at_once, store_prefix};
 
@@ -305,6 +305,27 @@ async fn session_loads_carry_on_while_their_slot_moves() {
     }
 }
 
+/// Starts moving `slot` to the next node and moves `keys` of its keys: a slot caught half
+/// moved, both nodes marked.
+async fn half_move(cluster: &Arc<RedisCluster>, slot: u16, keys: usize) -> SlotMove {
+    let cluster = cluster.clone();
+    tokio::task::spawn_blocking(move || {
+        let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
+        let slot_move = cluster.start_moving_slot(slot, to).expect("start the move");
+        assert_eq!(slot_move.move_keys(keys).expect("MIGRATE"), keys);
+        slot_move
+    })
+    .await
+    .expect("join")
+}
+
+/// Ends a move [`half_move`] started.
+async fn finish(slot_move: SlotMove) {
+    tokio::task::spawn_blocking(move || slot_move.finish().expect("finish"))
+        .await
+        .expect("join");
+}
+
 /// Clears the flag when dropped.
 struct StopOnDrop(Arc<AtomicBool>);
 
@@ -387,17 +408,7 @@ async fn purge_half_moved_slot(tls: bool) {
             .await
             .expect("set");
     }
-    let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
-    let cluster2 = cluster.clone();
-    let slot_move = tokio::task::spawn_blocking(move || {
-        let slot_move = cluster2
-            .start_moving_slot(slot, to)
-            .expect("start the move");
-        assert_eq!(slot_move.move_keys(5).expect("MIGRATE"), 5);
-        slot_move
-    })
-    .await
-    .expect("join");
+    let slot_move = half_move(&cluster, slot, 5).await;
     assert_eq!(store.purge_prefix("page:").await.expect("purge"), 12 + 20);
     for key in &keys {
         assert_eq!(store.get(key).await.expect("get"), None, "{key}");
@@ -406,9 +417,7 @@ async fn purge_half_moved_slot(tls: bool) {
         store.get("post:3").await.expect("get").as_deref(),
         Some(&b"v"[..])
     );
-    tokio::task::spawn_blocking(move || slot_move.finish().expect("finish"))
-        .await
-        .expect("join");
+    finish(slot_move).await;
     assert_eq!(store.purge_prefix("post:").await.expect("purge"), 20);
 }
 
@@ -542,17 +551,7 @@ async fn coalesced_checks_of_a_half_moved_slot_are_answered_at_once() {
                 .allowed()
         );
     }
-    let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
-    let cluster2 = cluster.clone();
-    let slot_move = tokio::task::spawn_blocking(move || {
-        let slot_move = cluster2
-            .start_moving_slot(slot, to)
-            .expect("start the move");
-        assert_eq!(slot_move.move_keys(1).expect("MIGRATE"), 1);
-        slot_move
-    })
-    .await
-    .expect("join");
+    let slot_move = half_move(&cluster, slot, 1).await;
     // Both queued before the batching task runs (one thread): one call of two keys.
     let (a, b) = (
         [LimitCheck::new(&keys[0], &policy, 1)],
@@ -568,9 +567,7 @@ async fn coalesced_checks_of_a_half_moved_slot_are_answered_at_once() {
         // The second of five, on either node.
         assert_eq!(verdict.decisions[0].remaining, 3);
     }
-    tokio::task::spawn_blocking(move || slot_move.finish().expect("finish"))
-        .await
-        .expect("join");
+    finish(slot_move).await;
 }
 
 /// Two cache reads of two keys of one slot, coalesced into one `MGET` while the slot is half
@@ -594,24 +591,12 @@ async fn coalesced_reads_of_a_half_moved_slot_are_answered_at_once() {
             .await
             .expect("set");
     }
-    let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
-    let cluster2 = cluster.clone();
-    let slot_move = tokio::task::spawn_blocking(move || {
-        let slot_move = cluster2
-            .start_moving_slot(slot, to)
-            .expect("start the move");
-        assert_eq!(slot_move.move_keys(1).expect("MIGRATE"), 1);
-        slot_move
-    })
-    .await
-    .expect("join");
+    let slot_move = half_move(&cluster, slot, 1).await;
     // Both queued before the batching task runs (one thread): one `MGET` of two keys.
     let (first, second) = tokio::join!(store.get(&keys[0]), store.get(&keys[1]));
     for (key, value) in keys.iter().zip([first, second]) {
         let value = value.expect("answered while the keys are apart");
         assert_eq!(value.as_deref(), Some(key.as_bytes()), "{key}");
     }
-    tokio::task::spawn_blocking(move || slot_move.finish().expect("finish"))
-        .await
-        .expect("join");
+    finish(slot_move).await;
 }
