@@ -26,8 +26,8 @@
 //!    `TIME` read, shared by the group).
 //!    On a cluster, a call on several keys of a slot that is being moved between nodes is
 //!    refused with `TRYAGAIN` (nothing ran) while its keys are on two nodes; such a call is
-//!    not tried again whole but split by key ([`split`]): one call per key, concurrently, each
-//!    key's checks in order, each following `ASK` to its key's node.
+//!    not tried again whole but split by key ([`split`], [`SplitOnMove`]): one call per key,
+//!    concurrently, each key's checks in order, each following `ASK` to its key's node.
 //! 4. It answers each caller through its oneshot. A check the script refused (corrupt state, a
 //!    key of the wrong type) gets its own [`Error::Backend`]; the others are unaffected. An
 //!    error of the whole call (timeout, connection lost, `OOM`, …) goes to every caller in the
@@ -51,7 +51,6 @@
 //! through the batcher: they keep their own script call.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::Future;
@@ -60,7 +59,7 @@ use redis::{ErrorKind, ServerErrorKind};
 use statehouse_core::{Decision, Error, Mode, Result};
 use tokio::time::Instant;
 
-use crate::coalesce::{self, Batch, Classes};
+use crate::coalesce::{self, Batch, Classes, SplitOnMove};
 use crate::limiter_script::{
     IndependentCheck, ScriptCheck, independent_command, invocation_of, parse_independent_reply,
 };
@@ -199,37 +198,18 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
         .collect();
     let cmd = independent_command(link.skew_allowance_ms, &checks);
     drop(checks);
-    // On a cluster, a call on several keys of a slot that is moving is refused with `TRYAGAIN`
-    // for as long as its keys are on two nodes; the checks are independent, so such a call is
-    // split by key instead of waiting for the move to end (see `split`).
-    let several_keys = link.conn.is_cluster()
-        && group.split_first().is_some_and(|(first, rest)| {
-            rest.iter()
-                .any(|r| r.check.storage_key != first.check.storage_key)
-        });
-    // Whether the call was refused so (only on a cluster: no allocation on standalone Redis).
-    let refused_apart = several_keys.then(|| Arc::new(AtomicBool::new(false)));
-    let refused = refused_apart.clone();
+    // The checks are independent: a call refused while its keys are apart is split by key.
+    let on_move = SplitOnMove::new(link, &group, |r| r.check.storage_key.as_str());
+    let sender = on_move.clone();
     let call = |deadline| {
         let link = Arc::clone(link);
         async move {
             let call = async {
-                let sent = if several_keys {
-                    link.conn.query_batch_once(&cmd).await
-                } else {
-                    link.conn.query_batch(&cmd).await
-                };
-                match sent {
+                match sender.send(&link, &cmd).await {
                     // Not loaded yet (or flushed): the invocation loads it and calls again.
                     // Nothing ran.
                     Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                         link.conn.invoke(&invocation_of(&cmd)).await
-                    }
-                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) => {
-                        if let Some(refused) = &refused {
-                            refused.store(true, Ordering::Relaxed);
-                        }
-                        Err(err)
                     }
                     other => other,
                 }
@@ -242,7 +222,7 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
     else {
         return;
     };
-    if value.is_err() && refused_apart.is_some_and(|r| r.load(Ordering::Relaxed)) {
+    if value.is_err() && on_move.refused() {
         split(link, timeout, group).await;
         return;
     }
@@ -269,16 +249,7 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
 /// those the whole call would have given, in one of the orders the callers could have raced
 /// in.
 async fn split(link: &Arc<Link>, timeout: Duration, group: Vec<Request>) {
-    let mut by_key: Vec<Vec<Request>> = Vec::new();
-    for request in group {
-        match by_key
-            .iter_mut()
-            .find(|part| part[0].check.storage_key == request.check.storage_key)
-        {
-            Some(part) => part.push(request),
-            None => by_key.push(vec![request]),
-        }
-    }
+    let by_key = coalesce::by_key(group, |r| r.check.storage_key.as_str());
     tracing::debug!(
         keys = by_key.len(),
         "statehouse-redis: a slot is moving; sending a coalesced call key by key"

@@ -17,16 +17,15 @@
 //! are right for a cache: the key holds nothing this store wrote.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::Future;
 use futures::channel::oneshot;
-use redis::{ErrorKind, ServerErrorKind, Value};
+use redis::Value;
 use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
-use crate::coalesce::{self, Batch, Classes, IN_FLIGHT};
+use crate::coalesce::{self, Batch, Classes, IN_FLIGHT, SplitOnMove};
 use crate::error::unexpected_reply;
 use crate::link::Link;
 
@@ -169,33 +168,13 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<GetRequest>) {
         cmd
     };
     let n = group.len();
-    // On a cluster, an `MGET` of several keys of a slot that is moving is refused with
-    // `TRYAGAIN` while its keys are on two nodes: such a call is split by key at once instead
-    // of waiting for the move to end.
-    let several_keys = link.conn.is_cluster()
-        && group
-            .split_first()
-            .is_some_and(|(first, rest)| rest.iter().any(|r| r.key != first.key));
-    // Whether the call was refused so (only on a cluster: no allocation on standalone Redis).
-    let refused_apart = several_keys.then(|| Arc::new(AtomicBool::new(false)));
-    let refused = refused_apart.clone();
+    // The reads are independent: a call refused while its keys are apart is split by key.
+    let on_move = SplitOnMove::new(link, &group, |r| r.key.as_str());
+    let sender = on_move.clone();
     let call = |deadline| {
         let link = Arc::clone(link);
         async move {
-            let sent = async {
-                let sent = if several_keys {
-                    link.conn.query_batch_once(&cmd).await
-                } else {
-                    link.conn.query_batch(&cmd).await
-                };
-                if let (Err(err), Some(refused)) = (&sent, &refused)
-                    && err.kind() == ErrorKind::Server(ServerErrorKind::TryAgain)
-                {
-                    refused.store(true, Ordering::Relaxed);
-                }
-                sent
-            };
-            link.bounded(deadline, sent)
+            link.bounded(deadline, sender.send(&link, &cmd))
                 .await
                 .and_then(|value| split(value, n))
         }
@@ -205,15 +184,9 @@ async fn send(link: &Arc<Link>, timeout: Duration, group: Vec<GetRequest>) {
     else {
         return;
     };
-    if replies.is_err() && refused_apart.is_some_and(|r| r.load(Ordering::Relaxed)) {
+    if replies.is_err() && on_move.refused() {
         // One read per key, concurrently (a read of one key follows `ASK`).
-        let mut by_key: Vec<Vec<GetRequest>> = Vec::new();
-        for request in group {
-            match by_key.iter_mut().find(|part| part[0].key == request.key) {
-                Some(part) => part.push(request),
-                None => by_key.push(vec![request]),
-            }
-        }
+        let by_key = coalesce::by_key(group, |r| r.key.as_str());
         futures::future::join_all(
             by_key
                 .into_iter()

@@ -51,6 +51,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -58,6 +59,7 @@ use std::time::Duration;
 use futures::channel::oneshot;
 use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt};
+use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
@@ -509,4 +511,56 @@ mod tests {
         assert_eq!(batch_size(100, 8), 8);
         assert_eq!(batch_size(0, 256), MIN_SPLIT);
     }
+}
+
+/// A coalesced call on a cluster that names several keys, sent so that a slot move does not
+/// hold it up: while a slot moves between nodes, a call on several of its keys is refused with
+/// `TRYAGAIN` (nothing ran) for as long as its keys are on two nodes. Such a call is sent once
+/// ([`Connection::query_batch_once`](crate::connection::Connection::query_batch_once)), and
+/// when refused so, its caller sends its requests again key by key ([`by_key`]): a call on one
+/// key follows `ASK` to wherever its key is. Any other call (standalone Redis, one key) is sent
+/// as usual and costs nothing more. Clones share the record of a refusal.
+#[derive(Clone)]
+pub(crate) struct SplitOnMove(Option<Arc<AtomicBool>>);
+
+impl SplitOnMove {
+    /// For a call carrying `requests`, whose keys `key` reads.
+    pub(crate) fn new<T>(link: &Link, requests: &[T], key: impl Fn(&T) -> &str) -> SplitOnMove {
+        let several = link.conn.is_cluster()
+            && requests
+                .split_first()
+                .is_some_and(|(first, rest)| rest.iter().any(|r| key(r) != key(first)));
+        SplitOnMove(several.then(|| Arc::new(AtomicBool::new(false))))
+    }
+
+    /// Sends `cmd` as a batch call, noting a `TRYAGAIN` refusal.
+    pub(crate) async fn send(&self, link: &Link, cmd: &Cmd) -> RedisResult<Value> {
+        let Some(refused) = &self.0 else {
+            return link.conn.query_batch(cmd).await;
+        };
+        let sent = link.conn.query_batch_once(cmd).await;
+        if let Err(err) = &sent
+            && err.kind() == ErrorKind::Server(ServerErrorKind::TryAgain)
+        {
+            refused.store(true, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// Whether the call was refused because its keys were apart: send them key by key.
+    pub(crate) fn refused(&self) -> bool {
+        self.0.as_ref().is_some_and(|r| r.load(Ordering::Relaxed))
+    }
+}
+
+/// `requests` split by their key (`key`), each part in its original order.
+pub(crate) fn by_key<T>(requests: Vec<T>, key: impl Fn(&T) -> &str) -> Vec<Vec<T>> {
+    let mut parts: Vec<Vec<T>> = Vec::new();
+    for request in requests {
+        match parts.iter_mut().find(|part| key(&part[0]) == key(&request)) {
+            Some(part) => part.push(request),
+            None => parts.push(vec![request]),
+        }
+    }
+    parts
 }
