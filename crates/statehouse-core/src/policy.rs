@@ -290,9 +290,16 @@ impl Policy {
         Ok(self)
     }
 
-    /// This policy with its limit and burst divided by `replicas` (rounded down, at least 1):
-    /// the share of one replica when each enforces the policy alone, as in the degraded mode's
-    /// local fallback.
+    /// This policy's share for one of `replicas` processes that each enforce it alone, as in
+    /// the degraded mode's local fallback: together they never admit more than the policy's
+    /// rate.
+    ///
+    /// The limit is divided by `replicas`, rounded down. When that leaves less than one (a
+    /// limit of 2 per minute over 10 replicas), a replica cannot admit a fraction of a
+    /// request: its share is then **1 per a longer period**, `period × ⌈replicas ÷ limit⌉`
+    /// (1 per 5 minutes here: 10 replicas admit 10 per 5 minutes, the policy's 2 per minute),
+    /// capped at ten years. The burst is divided the same way, at least 1, so while every
+    /// replica falls back at once the fleet's momentary burst is at least `replicas`.
     ///
     /// ```
     /// use std::num::NonZeroU32;
@@ -300,7 +307,11 @@ impl Policy {
     /// use statehouse_core::Policy;
     /// let p = Policy::gcra(100, Duration::from_secs(1))?;
     /// let share = p.divided(NonZeroU32::new(3).unwrap());
-    /// assert_eq!(share.limit(), 33);
+    /// assert_eq!((share.limit(), share.period()), (33, Duration::from_secs(1)));
+    ///
+    /// let scarce = Policy::gcra(2, Duration::from_secs(60))?;
+    /// let share = scarce.divided(NonZeroU32::new(10).unwrap());
+    /// assert_eq!((share.limit(), share.period()), (1, Duration::from_secs(300)));
     /// # Ok::<(), statehouse_core::Error>(())
     /// ```
     pub fn divided(&self, replicas: NonZeroU32) -> Policy {
@@ -308,6 +319,14 @@ impl Policy {
         let mut p = self.clone();
         p.limit = (self.limit / n).max(1);
         p.burst = (self.burst / n).max(1);
+        if self.limit < n {
+            // ⌈n ÷ limit⌉ periods per admitted unit on each replica: n ÷ ⌈n ÷ limit⌉ ≤ limit.
+            let stretch = n.div_ceil(self.limit);
+            p.period_us = self
+                .period_us
+                .saturating_mul(stretch)
+                .min(duration_to_micros(MAX_PERIOD));
+        }
         p
     }
 

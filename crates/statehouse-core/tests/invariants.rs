@@ -180,6 +180,26 @@ proptest! {
             _ => unreachable!(),
         }
     }
+
+    /// `replicas` replicas each enforcing `Policy::divided` never admit more than the policy's
+    /// rate together, also when the limit is below the replica count (each replica's share is
+    /// then one per a longer period), and a share is always a usable policy (limit ≥ 1).
+    #[test]
+    fn replica_shares_never_add_up_to_more_than_the_rate(
+        policy in policy_strategy(),
+        replicas in 1u32..=64,
+    ) {
+        let share = policy.divided(std::num::NonZeroU32::new(replicas).unwrap());
+        prop_assert!(share.limit() >= 1 && share.burst() >= 1);
+        prop_assert_eq!(share.algorithm(), policy.algorithm());
+        // replicas × share.limit / share.period ≤ limit / period, in integers.
+        let fleet = u128::from(replicas) * u128::from(share.limit()) * u128::from(policy.period_micros());
+        let allowed = u128::from(policy.limit()) * u128::from(share.period_micros());
+        prop_assert!(fleet <= allowed, "{:?} over {} replicas: {:?}", policy, replicas, share);
+        // And not needlessly strict: within one unit per replica of the policy's rate.
+        let slack = u128::from(replicas) * u128::from(share.period_micros());
+        prop_assert!(allowed <= fleet + slack, "{:?} over {} replicas: {:?}", policy, replicas, share);
+    }
 }
 
 #[test]

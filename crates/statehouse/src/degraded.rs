@@ -36,8 +36,9 @@ pub enum DegradedPolicy {
     FailClosed,
     /// Decide with an in-process [`EmbeddedStore`](crate::EmbeddedStore) running the same
     /// algorithm, with the policy's limit and burst divided by `replicas`
-    /// ([`Policy::divided`](crate::Policy::divided)): if every one of `replicas` processes
-    /// falls back at once, the fleet as a whole still admits about the policy's limit.
+    /// ([`Policy::divided`](crate::Policy::divided); a limit below `replicas` becomes one per
+    /// a longer period): if every one of `replicas` processes falls back at once, the fleet as
+    /// a whole admits at most the policy's rate.
     ///
     /// The counts taken while degraded stay in this process: they are **not** copied back to
     /// the store when it returns (as in rate-limiter-flexible's insurance limiter), so right

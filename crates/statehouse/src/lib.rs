@@ -69,7 +69,7 @@
 //! |---|---|---|---|
 //! | `FailOpen` (**default**) | admitted; `remaining == limit`, no `retry_after` | `true` | protecting a service from overload, where an outage of the limiter must not become an outage of the service |
 //! | `FailClosed` | denied; `retry_after` = the breaker's `open_for` | `true` | limits that guard against abuse or cost: login attempts, SMS or e-mail sending, paid quotas |
-//! | `LocalFallback { replicas }` | decided by an in-process store, same algorithm, limit and burst divided by `replicas` | `true` | keeping a limit close to right through an outage, when the replica count is known |
+//! | `LocalFallback { replicas }` | decided by an in-process store, same algorithm, limit and burst divided by `replicas` (a limit below `replicas`: one per a longer period, so the fleet never exceeds the rate) | `true` | keeping a limit close to right through an outage, when the replica count is known |
 //! | `ReturnError` | no decision: the error (`Timeout`, `Unavailable`) is returned | — | callers with their own fallback |
 //!
 //! Whatever the policy:

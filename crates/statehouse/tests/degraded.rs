@@ -155,6 +155,29 @@ async fn local_fallback_enforces_the_limit_divided_by_replicas() {
 }
 
 #[tokio::test]
+async fn local_fallback_with_fewer_units_than_replicas_stretches_the_period() {
+    // 2 per minute over 10 replicas: a replica cannot admit a fifth of a request, so its share
+    // is 1 per 5 minutes (10 replicas: 10 per 5 minutes, the policy's rate), not 1 per minute
+    // (10 per minute, five times the limit).
+    let (limiter, store, clock) = limiter(DegradedPolicy::LocalFallback {
+        replicas: replicas(10),
+    });
+    store.set_fault(Fault::Unavailable);
+    let policy = Policy::gcra(2, Duration::from_secs(60)).expect("valid policy");
+    let first = limiter.check("k", &policy).await.expect("fallback decides");
+    assert!(first.allowed && first.degraded, "{first:?}");
+    assert_eq!(first.limit, 1);
+    let mut admitted = 1;
+    for _ in 0..10 {
+        clock.advance(Duration::from_secs(29));
+        admitted += u32::from(limiter.check("k", &policy).await.expect("check").allowed);
+    }
+    assert_eq!(admitted, 1, "290 s after the first: still within its 300 s");
+    clock.advance(Duration::from_secs(10));
+    assert!(limiter.check("k", &policy).await.expect("check").allowed);
+}
+
+#[tokio::test]
 async fn local_fallback_counts_are_not_copied_back_to_the_store() {
     let (limiter, store, clock) = limiter(DegradedPolicy::LocalFallback {
         replicas: replicas(2),
