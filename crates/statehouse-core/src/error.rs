@@ -93,3 +93,35 @@ impl Error {
 
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The longest deadline (or call timeout) a builder accepts: one hour. A deadline bounds one
+/// store call; anything longer is a mistake (or "no deadline", which Statehouse does not
+/// offer: a dead store must cost a bounded wait), and would overflow the clock arithmetic of
+/// the timers.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// Checks a deadline or call timeout named `what`: more than zero and at most
+/// [`MAX_DEADLINE`].
+///
+/// ```
+/// use std::time::Duration;
+/// use statehouse_core::check_deadline;
+/// assert!(check_deadline("deadline", Duration::from_millis(50)).is_ok());
+/// assert!(check_deadline("deadline", Duration::ZERO).is_err());
+/// assert!(check_deadline("deadline", Duration::MAX).is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] naming `what` when the value is out of range.
+pub fn check_deadline(what: &str, deadline: Duration) -> Result<()> {
+    if deadline.is_zero() {
+        return Err(Error::InvalidInput(format!("{what} must be more than zero")));
+    }
+    if deadline > MAX_DEADLINE {
+        return Err(Error::InvalidInput(format!(
+            "{what} is {deadline:?}; the most is one hour (a store call is bounded)"
+        )));
+    }
+    Ok(())
+}

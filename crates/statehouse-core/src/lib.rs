@@ -28,6 +28,6 @@ mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use decision::{Decision, Verdict};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, MAX_DEADLINE, Result, check_deadline};
 pub use policy::{Algorithm, MAX_LIMIT, MAX_PERIOD, MAX_SLIDING_LOG_LIMIT, Policy, replica_count};
 pub use store::{LimitCheck, Mode, PreparedCheck, RateLimitStore, prepare_checks};

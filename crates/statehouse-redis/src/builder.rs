@@ -136,7 +136,7 @@ impl RedisStoreBuilder {
 
     /// The deadline of one call to Redis (default one second), including connecting or
     /// reconnecting; a call that misses it returns [`Error::Timeout`](statehouse_core::Error::Timeout). Also bounds the initial
-    /// connection in [`connect`](Self::connect). Must not be zero.
+    /// connection in [`connect`](Self::connect). More than zero, at most one hour ([`MAX_DEADLINE`](statehouse_core::MAX_DEADLINE)).
     ///
     /// The `statehouse` facade adds its own, usually shorter, deadline and a circuit breaker.
     /// Coalesced calls (single checks, reads, read-only session loads) take that deadline

@@ -59,11 +59,7 @@ impl Link {
         call_timeout: Duration,
         tls: TlsSettings,
     ) -> Result<Link> {
-        if call_timeout.is_zero() {
-            return Err(Error::InvalidInput(
-                "call_timeout must be greater than zero".into(),
-            ));
-        }
+        statehouse_core::check_deadline("call_timeout", call_timeout)?;
         let skew_allowance = skew_allowance.unwrap_or(match time_source {
             TimeSource::Server => Duration::ZERO,
             TimeSource::Caller(_) => DEFAULT_CALLER_SKEW_ALLOWANCE,

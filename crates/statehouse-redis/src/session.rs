@@ -774,7 +774,7 @@ impl RedisSessionStoreBuilder {
     }
 
     /// The deadline of one call (default one second); a call that misses it returns
-    /// [`Error::Timeout`]. Must not be zero.
+    /// [`Error::Timeout`]. More than zero, at most one hour.
     pub fn call_timeout(mut self, call_timeout: Duration) -> Self {
         self.call_timeout = call_timeout;
         self

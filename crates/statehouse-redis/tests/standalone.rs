@@ -189,6 +189,13 @@ async fn invalid_input_is_rejected_before_any_io() {
         .await
         .expect_err("bad url");
     assert!(err.is_invalid_input(), "{err}");
+    // A call timeout past an hour would overflow the deadline arithmetic of every call.
+    let err = RedisStore::builder(RedisTopology::Standalone(shared_standalone().url()))
+        .call_timeout(Duration::MAX)
+        .connect()
+        .await
+        .expect_err("endless call timeout");
+    assert!(err.is_invalid_input() && err.to_string().contains("call_timeout"), "{err}");
 }
 
 #[tokio::test]

@@ -317,9 +317,7 @@ impl CircuitBreaker {
                 reported: false,
             }),
             OPEN => {
-                let opened_at = self.opened_at_us.load(Ordering::Acquire);
-                let due = opened_at.saturating_add(self.open_for_us);
-                if clock.now().as_micros() >= due
+                if self.due(clock)
                     && self
                         .state
                         .compare_exchange(OPEN, PROBING, Ordering::AcqRel, Ordering::Acquire)
@@ -344,11 +342,7 @@ impl CircuitBreaker {
         match self.state.load(Ordering::Acquire) {
             CLOSED => BreakerState::Closed,
             OPEN => {
-                let due = self
-                    .opened_at_us
-                    .load(Ordering::Acquire)
-                    .saturating_add(self.open_for_us);
-                if clock.now().as_micros() >= due {
+                if self.due(clock) {
                     BreakerState::HalfOpen
                 } else {
                     BreakerState::Open
@@ -356,6 +350,15 @@ impl CircuitBreaker {
             }
             _ => BreakerState::HalfOpen,
         }
+    }
+
+    /// Whether an open breaker may probe: `open_for` has passed since it opened, or the clock
+    /// now reads earlier than the opening (a wall clock stepped back, by NTP say: waiting for
+    /// the old reading to come round again could keep the store unused for hours).
+    fn due(&self, clock: &dyn Clock) -> bool {
+        let opened_at = self.opened_at_us.load(Ordering::Acquire);
+        let now = clock.now().as_micros();
+        now >= opened_at.saturating_add(self.open_for_us) || now < opened_at
     }
 
     /// Times the breaker went from closed to open.
@@ -530,6 +533,28 @@ mod tests {
         }
         probe.succeeded();
         assert_eq!(b.state(&clock), BreakerState::Closed);
+        assert!(matches!(b.admit(&clock), Admission::Call(_)));
+    }
+
+    #[test]
+    fn a_clock_stepped_back_lets_the_probe_through_at_once() {
+        let (b, clock) = breaker(1);
+        clock.advance(Duration::from_secs(3600));
+        fail(&b, &clock);
+        assert_eq!(b.state(&clock), BreakerState::Open);
+        // The wall clock is stepped back an hour: waiting for `opened_at + open_for` would
+        // keep the store unused for that hour.
+        clock.set(Timestamp::from_micros(1_000_000));
+        assert_eq!(b.state(&clock), BreakerState::HalfOpen);
+        let Admission::Call(probe) = b.admit(&clock) else {
+            panic!("no probe after the clock went back");
+        };
+        assert!(matches!(b.admit(&clock), Admission::Skip), "still one probe");
+        // A failed probe reopens from the new reading: `open_for` on the clock as it is now.
+        probe.failed(clock.now(), &unavailable());
+        clock.advance(Duration::from_millis(999));
+        assert!(matches!(b.admit(&clock), Admission::Skip));
+        clock.advance(Duration::from_millis(1));
         assert!(matches!(b.admit(&clock), Admission::Call(_)));
     }
 

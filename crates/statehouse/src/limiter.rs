@@ -135,7 +135,7 @@ impl RateLimiterBuilder {
     /// The hard deadline of one store call (enforced with `tokio::time::timeout`, or by the
     /// store itself where it bounds its calls: `RateLimitStore::check_within`); a call past it
     /// counts as a store failure and its decision follows the degraded policy. Default
-    /// [`DEFAULT_DEADLINE`] (50 ms). Must be more than zero.
+    /// [`DEFAULT_DEADLINE`] (50 ms). More than zero, at most one hour.
     ///
     /// This deadline bounds every decision; a store's own timeout (such as the Redis store's
     /// `call_timeout`) is best set at or above it.
@@ -164,14 +164,10 @@ impl RateLimiterBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] for a zero deadline, a zero `failure_threshold` or a zero
+    /// [`Error::InvalidInput`] for a deadline of zero or above one hour ([`MAX_DEADLINE`](statehouse_core::MAX_DEADLINE)), a zero `failure_threshold` or a zero
     /// `open_for`; an error of the embedded store for [`DegradedPolicy::LocalFallback`].
     pub fn build(self) -> Result<RateLimiter> {
-        if self.deadline.is_zero() {
-            return Err(Error::InvalidInput(
-                "deadline must be more than zero".into(),
-            ));
-        }
+        statehouse_core::check_deadline("deadline", self.deadline)?;
         self.breaker.validate()?;
         let degraded = match self.degraded {
             DegradedPolicy::FailOpen => Degraded::FailOpen,

@@ -219,7 +219,7 @@ impl<C: SessionCodec> SessionsBuilder<C> {
     }
 
     /// The hard deadline of one store call; a call past it is an [`Error::Timeout`] and counts
-    /// as a store failure. Default [`DEFAULT_SESSION_DEADLINE`] (100 ms); more than zero.
+    /// as a store failure. Default [`DEFAULT_SESSION_DEADLINE`] (100 ms); more than zero, at most one hour.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -262,13 +262,9 @@ impl<C: SessionCodec> SessionsBuilder<C> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] for a zero deadline or an invalid circuit breaker.
+    /// [`Error::InvalidInput`] for a deadline of zero or above one hour or an invalid circuit breaker.
     pub fn build(self) -> Result<Sessions<C>> {
-        if self.deadline.is_zero() {
-            return Err(Error::InvalidInput(
-                "deadline must be more than zero".into(),
-            ));
-        }
+        statehouse_core::check_deadline("deadline", self.deadline)?;
         self.breaker.validate()?;
         Ok(self.assemble())
     }

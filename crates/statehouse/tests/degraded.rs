@@ -425,6 +425,13 @@ fn builder_rejects_invalid_configuration() {
         zero_deadline.to_string().contains("deadline"),
         "{zero_deadline}"
     );
+    // "No deadline" is not offered: a dead store must cost a bounded wait (and a huge one
+    // would overflow the timers' clock arithmetic).
+    let endless = RateLimiter::builder(store.clone())
+        .deadline(Duration::MAX)
+        .build()
+        .expect_err("endless deadline");
+    assert!(endless.to_string().contains("one hour"), "{endless}");
     let zero_threshold = RateLimiter::builder(store.clone())
         .circuit_breaker(CircuitBreakerConfig {
             failure_threshold: 0,

@@ -520,7 +520,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
     }
 
     /// The hard deadline of one store call. Default [`DEFAULT_CACHE_DEADLINE`] (100 ms); more
-    /// than zero. [`Cache::purge_prefix`] has none (it scans).
+    /// than zero, at most one hour. [`Cache::purge_prefix`] has none (it scans).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -544,7 +544,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
     /// # Errors
     ///
     /// [`Error::InvalidInput`] for an invalid namespace (empty, over 1 000 bytes, or with a
-    /// `:`), a zero deadline, a codec id above 15 or a near cache with a zero `max_ttl`; the
+    /// `:`), a deadline of zero or above one hour, a codec id above 15 or a near cache with a zero `max_ttl`; the
     /// store's error when it cannot subscribe.
     pub async fn build(self) -> Result<Cache<V, C>> {
         validate_tag(&self.namespace)?;
@@ -554,11 +554,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
             ));
         }
         self.breaker.validate()?;
-        if self.deadline.is_zero() {
-            return Err(Error::InvalidInput(
-                "deadline must be more than zero".into(),
-            ));
-        }
+        statehouse_core::check_deadline("deadline", self.deadline)?;
         if self.codec.id() > 15 {
             return Err(Error::InvalidInput(format!(
                 "a cache codec id is 0 to 15, this one is {}",
