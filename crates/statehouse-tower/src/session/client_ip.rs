@@ -46,20 +46,22 @@ impl ClientIp {
             ClientIp::Off => None,
             ClientIp::Peer | ClientIp::ForwardedFor { trusted_proxies: 0 } => peer(req),
             ClientIp::ForwardedFor { trusted_proxies } => {
-                // Every X-Forwarded-For line, in order, as one comma-separated list.
-                let entries: Vec<&str> = req
+                // Every X-Forwarded-For line, in order, as one comma-separated list. Split as
+                // bytes: an entry the client wrote with other bytes must not hide (and so
+                // shift) the entries the proxies appended to the same line.
+                let entries: Vec<&[u8]> = req
                     .headers()
                     .get_all("x-forwarded-for")
                     .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|v| v.split(','))
-                    .map(str::trim)
+                    .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                    .map(<[u8]>::trim_ascii)
                     .collect();
                 entries
                     .len()
                     .checked_sub(*trusted_proxies)
                     .and_then(|i| entries.get(i))
-                    .and_then(|s| parse_ip(s))
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(parse_ip)
             }
             ClientIp::Header(name) => req
                 .headers()
@@ -115,6 +117,15 @@ mod tests {
         assert_eq!(two.resolve(&r).as_deref(), Some("203.0.113.7"));
         // More proxies than entries: the header cannot be trusted at all.
         assert_eq!(four.resolve(&r), None);
+        // A client-written entry with bytes outside ASCII, on the line the proxy appended to:
+        // the proxy's entry is still found.
+        let mut r = req(&[]);
+        r.headers_mut().append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes("caf\u{e9}, 203.0.113.7".as_bytes()).unwrap(),
+        );
+        assert_eq!(one.resolve(&r).as_deref(), Some("203.0.113.7"));
+        assert_eq!(two.resolve(&r), None, "the client's own entry is not an address");
     }
 
     #[test]

@@ -359,20 +359,19 @@ pub(crate) enum Lookup {
 /// attack `__Host-` exists to stop), and picking either could log the user into the attacker's
 /// session.
 pub(crate) fn lookup(headers: &HeaderMap, name: &str) -> Lookup {
-    let mut found: Option<&str> = None;
+    let name = name.as_bytes();
+    let mut found: Option<&[u8]> = None;
     for header in headers.get_all(COOKIE) {
-        // A header with bytes outside visible ASCII holds no token of ours.
-        let Ok(header) = header.to_str() else {
-            continue;
-        };
-        for pair in header.split(';') {
-            let Some((n, v)) = pair.split_once('=') else {
+        // Read as bytes: another cookie's value may hold bytes outside visible ASCII (browsers
+        // send UTF-8 as it is), and it must not hide ours.
+        for pair in header.as_bytes().split(|&b| b == b';') {
+            let Some(eq) = pair.iter().position(|&b| b == b'=') else {
                 continue;
             };
-            if n.trim() != name {
+            if pair[..eq].trim_ascii() != name {
                 continue;
             }
-            let v = v.trim();
+            let v = pair[eq + 1..].trim_ascii();
             match found {
                 Some(previous) if previous != v => {
                     return Lookup::Rejected("several different session cookies");
@@ -383,9 +382,9 @@ pub(crate) fn lookup(headers: &HeaderMap, name: &str) -> Lookup {
     }
     match found {
         None => Lookup::Absent,
-        Some(v) => match SessionToken::parse(v) {
-            Ok(token) => Lookup::Token(token),
-            Err(_) => Lookup::Rejected("malformed session cookie"),
+        Some(v) => match std::str::from_utf8(v).map(SessionToken::parse) {
+            Ok(Ok(token)) => Lookup::Token(token),
+            _ => Lookup::Rejected("malformed session cookie"),
         },
     }
 }
@@ -504,6 +503,30 @@ mod tests {
             ),
             Lookup::Rejected(_)
         ));
+        // Another cookie holding UTF-8 (browsers send it as it is) does not hide ours; our
+        // cookie holding such bytes is malformed.
+        let mut raw = HeaderMap::new();
+        raw.append(
+            COOKIE,
+            HeaderValue::from_bytes(format!("pref=caf\u{e9}; {good}; x=\u{1F600}").as_bytes())
+                .unwrap(),
+        );
+        assert_eq!(lookup(&raw, "__Host-session"), Lookup::Token(t.clone()));
+        let mut raw = HeaderMap::new();
+        raw.append(
+            COOKIE,
+            HeaderValue::from_bytes("__Host-session=caf\u{e9}".as_bytes()).unwrap(),
+        );
+        assert_eq!(
+            lookup(&raw, "__Host-session"),
+            Lookup::Rejected("malformed session cookie")
+        );
+        let mut raw = HeaderMap::new();
+        raw.append(COOKIE, HeaderValue::from_bytes(b"__Host-session=\xff\xfe").unwrap());
+        assert_eq!(
+            lookup(&raw, "__Host-session"),
+            Lookup::Rejected("malformed session cookie")
+        );
         // Other names, and pairs without `=`, are ignored.
         assert_eq!(
             lookup(
