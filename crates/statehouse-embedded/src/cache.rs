@@ -8,13 +8,16 @@
 //! - **Values** live until `now + ttl` by the store's clock: at `expires_at` they read as
 //!   absent. A zero TTL is invalid input (a cache write that could never be read back is a
 //!   caller's mistake).
-//! - **Leases** follow the protocol of [`statehouse_core::cache`]. A lease is granted when the
-//!   key holds none or the held one's `expires_at <= now`, with `now` the *caller's* time;
-//!   `expires_at = now + ttl`. A fill (`set` with `Some(token)`) succeeds only while `token` is
-//!   the key's lease and has not expired by the store's clock, and consumes it; a write
+//! - **Leases** follow the protocol of [`statehouse_core::cache`], as the Redis store does. A
+//!   lease lasts `ttl` from its acquisition **by the store's clock** (Redis: the lease key's
+//!   `PX`): a fill (`set` with `Some(token)`) succeeds only while `token` is the key's lease
+//!   and that time has not passed, and consumes it; an expired lease is reclaimed by the
+//!   store's clock. Whether another caller may take the lease over compares its `now` with the
+//!   holder's `now + ttl` (both callers' clocks: the Redis script stores the same). So a
+//!   caller whose clock differs from the store's (the facade's default `SystemClock` against
+//!   this store's `MonotonicClock` after the wall clock was stepped) still fills. A write
 //!   (`set` with `None`), a delete and a purge void the lease. A zero lease TTL is invalid
-//!   input. Pass lease times from the store's clock (the facade does): an expired lease is
-//!   reclaimed by the store's clock.
+//!   input.
 //! - **Tag versions** are 53-bit (exact in a double, like Redis's Lua numbers) and never zero. A
 //!   tag never seen (or evicted) gets a random starting version from the operating system's
 //!   CSPRNG, so it cannot come back to a version an old entry recorded; a bump adds one.
@@ -246,7 +249,12 @@ struct Value {
 #[derive(Debug)]
 struct Lease {
     token: LeaseToken,
+    /// When the lease expires by the store's clock (`store now + ttl`, as Redis's `PX`): what a
+    /// fill and the reclaiming of expired state go by.
     expires_at: Timestamp,
+    /// When it expires by the clock of the caller that took it (`caller now + ttl`): what
+    /// another caller's acquisition is compared with, as the Redis script does.
+    held_until: Timestamp,
 }
 
 #[derive(Debug)]
@@ -587,22 +595,24 @@ impl CacheShard {
         hash: u64,
         key: &str,
         caller_now: Timestamp,
-        expires_at: Timestamp,
+        ttl: Duration,
         now: Timestamp,
     ) -> Result<(LeaseOutcome, u64)> {
         let existing = self.find(hash, Kind::Key, key);
         if let Some(index) = existing
             && matches!(
                 &self.slots[index].body,
-                Body::Key { lease: Some(l), .. } if l.expires_at > caller_now
+                Body::Key { lease: Some(l), .. } if l.held_until > caller_now
             )
         {
             return Ok((LeaseOutcome::HeldElsewhere, 0));
         }
         let token = LeaseToken::generate()?;
+        let expires_at = now.saturating_add(ttl);
         let lease = Lease {
             token: token.clone(),
             expires_at,
+            held_until: caller_now.saturating_add(ttl),
         };
         let index = match existing {
             Some(index) => {
@@ -1031,7 +1041,7 @@ impl CacheStore for EmbeddedCacheStore {
             let mut shard = self.shard(hash);
             let store_now = self.inner.clock.now();
             shard.reclaim_expired(store_now);
-            shard.acquire_lease(hash, key, now, now.saturating_add(ttl), store_now)?
+            shard.acquire_lease(hash, key, now, ttl, store_now)?
         };
         self.count_evictions(evicted);
         Ok(outcome)
