@@ -161,6 +161,75 @@ async fn waiters_share_the_leaders_error() {
     assert_eq!(cache.stats().load_errors, 1);
 }
 
+/// A caller that waits for a background refresh which then fails gets the stale-if-error
+/// value, as the caller who ran the failed load would: not the loader's error. Both with the
+/// stale value in this replica's near cache and only in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_a_failed_refresh_is_served_stale_if_error() {
+    for near in [true, false] {
+        let clock = clock();
+        let builder = Cache::<String>::builder(store(&clock), "t")
+            .policy(
+                CachePolicy::builder(Duration::from_secs(10))
+                    .jitter(0.0)
+                    .stale_while_revalidate(Duration::from_secs(1))
+                    .stale_if_error(Duration::from_secs(3600))
+                    .build()
+                    .expect("policy"),
+            )
+            .clock(Arc::new(clock.clone()));
+        let cache = if near {
+            builder
+        } else {
+            builder.without_near_cache()
+        }
+        .build()
+        .await
+        .expect("cache");
+        cache.set("k", &"v1".to_string()).await.expect("set");
+        // Within stale-while-revalidate: served stale, and a refresh starts in the background;
+        // the backend hangs, then fails.
+        clock.advance(Duration::from_millis(10_500));
+        let gate = Gate::new();
+        let first = {
+            let gate = gate.clone();
+            cache
+                .get_or_load_with("k", move || async move {
+                    gate.wait().await;
+                    Err::<Loaded<String>, _>(io::Error::other("backend down"))
+                })
+                .await
+                .expect("stale")
+        };
+        assert_eq!(first.source, Source::Stale, "near cache: {near}");
+        // Past stale-while-revalidate: a new caller joins the refresh and waits for it.
+        clock.advance(Duration::from_secs(1));
+        let waiter = {
+            let c = cache.clone();
+            tokio::spawn(async move {
+                c.get_or_load_with("k", || async {
+                    Err::<Loaded<String>, _>(io::Error::other("not called"))
+                })
+                .await
+            })
+        };
+        poll("the waiter", || {
+            let c = cache.clone();
+            async move { c.stats().coalesced_waiters == 1 }
+        })
+        .await;
+        gate.open();
+        let fetched = tokio::time::timeout(EVENT_WAIT, waiter)
+            .await
+            .expect("answered")
+            .expect("task")
+            .unwrap_or_else(|e| panic!("near cache {near}: the refresh's error, not stale: {e}"));
+        assert_eq!(fetched.source, Source::StaleIfError, "near cache: {near}");
+        assert_eq!(fetched.value.as_deref().map(String::as_str), Some("v1"));
+        assert_eq!(cache.stats().loads, 1, "the waiter did not load again");
+    }
+}
+
 /// The loader decides: its own TTL, tags, or no caching at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loader_chooses_ttl_tags_and_whether_to_store() {

@@ -956,6 +956,19 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
                                     source: Source::Stale,
                                 });
                             }
+                            // Past stale-while-revalidate but within stale-if-error: kept, in
+                            // case the refresh we wait for fails.
+                            Ok(Some(RemoteEntry {
+                                freshness: Freshness::StaleIfError,
+                                entry:
+                                    NearEntry {
+                                        value: Some(value),
+                                        stale_until,
+                                        ..
+                                    },
+                            })) if stale.is_none() => {
+                                stale = Some(StaleValue { value, stale_until });
+                            }
                             Err(e) if e.is_invalid_input() => return Err(CacheError::Store(e)),
                             _ => {}
                         }
@@ -973,7 +986,9 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
                         }
                         Some(Err(shared)) => {
                             if let Ok(e) = shared.downcast::<E>() {
-                                return Err(CacheError::Load(e));
+                                // The load we waited for failed: the stale-if-error value, as
+                                // for the caller who ran it.
+                                return self.stale_or_error(e, stale);
                             }
                             // A loader with another error type failed: load ourselves.
                             loader = Some(load);
@@ -1875,7 +1890,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
 
     fn stale_or_error<E>(
         &self,
-        error: E,
+        error: impl Into<Arc<E>>,
         stale: Option<StaleValue<V>>,
     ) -> std::result::Result<Fetched<V>, CacheError<E>> {
         let inner = &*self.inner;
@@ -1888,7 +1903,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
                     source: Source::StaleIfError,
                 })
             }
-            _ => Err(CacheError::Load(Arc::new(error))),
+            _ => Err(CacheError::Load(error.into())),
         }
     }
 
