@@ -142,7 +142,9 @@ impl RedisStoreBuilder {
     /// Coalesced calls (single checks, reads, read-only session loads) take that deadline
     /// along (`check_within`, `get_within`, `load_within`): their callers are answered by it,
     /// while the call on the wire stays bounded by this timeout, which is also what the
-    /// connection's health check counts (three calls in a row past it replace the connection).
+    /// connection's health check counts (three calls in a row past it replace the connection; a
+    /// call that went out with less than half of it left, after queueing in this process, is
+    /// not counted).
     pub fn call_timeout(mut self, call_timeout: Duration) -> Self {
         self.call_timeout = call_timeout;
         self

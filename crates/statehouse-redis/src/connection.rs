@@ -14,7 +14,7 @@ use crate::link::TlsSettings;
 use crate::pipe::Pipe;
 
 /// After this many calls in a row missed their deadline, the standalone connection is replaced.
-const REPLACE_AFTER_TIMEOUTS: u32 = 3;
+pub(crate) const REPLACE_AFTER_TIMEOUTS: u32 = 3;
 
 /// How long a cluster call keeps trying again while a slot moves (see [`across_slot_moves`]);
 /// every call is also bounded by its caller's deadline, usually far shorter.
@@ -89,6 +89,12 @@ impl ManagerSlot {
 }
 
 impl StandaloneConnection {
+    /// Calls in a row that missed their deadline (the health check's count).
+    #[cfg(test)]
+    pub(crate) fn consecutive_timeouts(&self) -> u32 {
+        self.consecutive_timeouts.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn new(
         client: redis::Client,
         config: ConnectionManagerConfig,

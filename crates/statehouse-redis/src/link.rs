@@ -137,12 +137,20 @@ impl Link {
     }
 
     /// Runs `fut` against a deadline, mapping client errors.
+    ///
+    /// A miss counts toward the connection's health check ([`Connection::timed_out`]: several
+    /// in a row replace it) only when the call had at least half the call timeout to run. A
+    /// coalesced call's deadline counts from when its first request was queued, so under a
+    /// client overload (requests waiting their turn in this process) calls go out with little
+    /// time left and miss it while Redis answers every one in a millisecond: that says nothing
+    /// about the connection, and replacing it would fail every call on its way.
     pub(crate) async fn bounded<T>(
         &self,
         deadline: Instant,
         fut: impl Future<Output = RedisResult<T>>,
     ) -> Result<T> {
         let timeout = self.call_timeout;
+        let fair = deadline.saturating_duration_since(Instant::now()) >= timeout / 2;
         match tokio::time::timeout_at(deadline, fut).await {
             Ok(result) => {
                 // redis-rs's own response timeout (set to the same duration) may fire first.
@@ -154,7 +162,9 @@ impl Link {
                 result.map_err(|e| from_redis(e, timeout))
             }
             Err(_) => {
-                self.conn.timed_out();
+                if fair {
+                    self.conn.timed_out();
+                }
                 Err(Error::Timeout { deadline: timeout })
             }
         }
@@ -343,6 +353,42 @@ fn invalid_url(err: redis::RedisError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn consecutive_timeouts(link: &Link) -> u32 {
+        match &link.conn {
+            Connection::Standalone(conn) => conn.consecutive_timeouts(),
+            Connection::Cluster(_) => unreachable!("a standalone link"),
+        }
+    }
+
+    /// Calls that go out with little of their deadline left (they waited in this process's
+    /// queue) and miss it do not count against the connection; calls that had their time do.
+    #[tokio::test]
+    async fn only_calls_that_had_their_time_count_against_the_connection() {
+        let server = statehouse_testkit::RedisServer::start().expect("redis-server");
+        let timeout = Duration::from_millis(400);
+        let link = Link::connect(
+            RedisTopology::Standalone(server.url()),
+            TimeSource::Server,
+            None,
+            timeout,
+            TlsSettings::default(),
+        )
+        .await
+        .expect("connect");
+        let never = || std::future::pending::<RedisResult<()>>();
+        for _ in 0..crate::connection::REPLACE_AFTER_TIMEOUTS + 2 {
+            let late = Instant::now() + timeout / 4;
+            assert!(matches!(
+                link.bounded(late, never()).await,
+                Err(Error::Timeout { .. })
+            ));
+        }
+        assert_eq!(consecutive_timeouts(&link), 0, "late calls are not counted");
+        let fair = Instant::now() + timeout;
+        assert!(link.bounded(fair, never()).await.is_err());
+        assert_eq!(consecutive_timeouts(&link), 1, "a call that had its time is");
+    }
 
     /// Built without the `tls` feature (`cargo test -p statehouse-redis --no-default-features
     /// --lib`), TLS is refused before anything connects, with a reason.
