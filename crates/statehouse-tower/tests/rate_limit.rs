@@ -284,6 +284,90 @@ async fn a_leaky_bucket_rule_delays_requests_to_its_rate() {
     assert_eq!(calls.load(Ordering::SeqCst), 6);
 }
 
+/// An inner service that counts the readiness it has granted and not yet used: a stand-in for
+/// a `ConcurrencyLimit` or `Buffer` slot.
+struct Reserving {
+    reserved: Arc<AtomicUsize>,
+    mine: bool,
+}
+
+impl Clone for Reserving {
+    fn clone(&self) -> Self {
+        Reserving {
+            reserved: self.reserved.clone(),
+            mine: false,
+        }
+    }
+}
+
+impl Drop for Reserving {
+    fn drop(&mut self) {
+        if self.mine {
+            self.reserved.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl tower::Service<Request<Body>> for Reserving {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        if !self.mine {
+            self.mine = true;
+            self.reserved.fetch_add(1, Ordering::SeqCst);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Body>) -> Self::Future {
+        assert!(self.mine, "called without poll_ready");
+        self.mine = false;
+        self.reserved.fetch_sub(1, Ordering::SeqCst);
+        std::future::ready(Ok(http::Response::new(Body::empty())))
+    }
+}
+
+/// A request the leaky bucket delays does not hold the inner service's reserved slot while it
+/// waits: it asks for one again when its turn comes.
+#[tokio::test(start_paused = true)]
+async fn a_delayed_request_holds_no_inner_slot_while_it_waits() {
+    use tower::Layer;
+    let clock = clock();
+    let shaper = Policy::leaky_bucket(10, Duration::from_secs(1))
+        .expect("policy")
+        .with_max_delay(Duration::from_millis(500))
+        .expect("max delay");
+    let layer = RateLimitLayer::new(limiter(&clock))
+        .rule(per_ip(shaper))
+        .expect("rule");
+    let reserved = Arc::new(AtomicUsize::new(0));
+    let service = layer.layer(Reserving {
+        reserved: reserved.clone(),
+        mine: false,
+    });
+    let request = || {
+        let mut req = Request::get("/").body(Body::empty()).expect("request");
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
+        req
+    };
+    // The first goes at once; the second waits 100 ms for its turn.
+    let first = service.clone().oneshot(request()).await.expect("first");
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = tokio::spawn(service.clone().oneshot(request()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!second.is_finished(), "still waiting for its turn");
+    assert_eq!(reserved.load(Ordering::SeqCst), 0, "no slot held while waiting");
+    let second = second.await.expect("task").expect("second");
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(reserved.load(Ordering::SeqCst), 0);
+}
+
 /// Redis down: the limiter's degraded policy answers within its deadline. Fail open lets the
 /// request through without `RateLimit` figures (they would be guesses); `ReturnError` answers
 /// 503.

@@ -113,8 +113,15 @@ where
                 .max()
                 .unwrap_or_default();
             if !delay.is_zero() {
-                // A leaky bucket shapes: the request leaves when its turn comes.
+                // A leaky bucket shapes: the request leaves when its turn comes. The inner
+                // service's readiness (a concurrency or buffer slot it reserved) is given back
+                // for the wait and asked for again after it, so that waiting requests do not
+                // hold the slots of the requests that can go now.
+                let fresh = inner.clone();
+                drop(inner);
                 tokio::time::sleep(delay).await;
+                inner = fresh;
+                std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
             }
             let mut response = inner.call(req).await?;
             if config.headers {
