@@ -58,7 +58,9 @@ const MAX_NOW_MICROS: u64 = 1 << 53;
 ///   `get_async_pubsub`: its message stream ends when the connection is lost, which is exactly
 ///   when the sink must hear `on_channel_down`; RESP3 pushes on the shared connection would be
 ///   resubscribed silently on reconnect, hiding the loss), subscribes, calls `on_channel_up`
-///   and only then returns; an error if no node accepts within the call deadline. A background
+///   and only then returns; an error once every node was tried, each within the call
+///   timeout (on a Cluster, after asking the nodes for the cluster's nodes, also within one
+///   call timeout in all). A background
 ///   task then delivers each message (a malformed one is skipped and counted in
 ///   [`malformed_invalidations`](RedisCacheStore::malformed_invalidations)), `PING`s every
 ///   second to notice a connection that silently died, and after a loss calls

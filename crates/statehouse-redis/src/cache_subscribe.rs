@@ -319,7 +319,10 @@ impl RedisCacheStore {
                     }
                     nodes.template.get_or_insert(info);
                 }
-                nodes.refresh(false).await;
+                // One call timeout for the whole discovery, however many seeds stay silent:
+                // without an answer the seeds alone are tried.
+                let timeout = link.call_timeout;
+                let _ = tokio::time::timeout(timeout, nodes.refresh(false)).await;
             }
         }
         if nodes.seeds.is_empty() {
