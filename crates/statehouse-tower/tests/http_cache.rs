@@ -12,14 +12,16 @@ use std::time::{Duration, UNIX_EPOCH};
 use async_trait::async_trait;
 use axum::body::{Body, Bytes};
 use http::header::{
-    ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, ETAG, HOST,
-    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, SET_COOKIE, VARY,
+    ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, ETAG, HOST, IF_MATCH,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
+    SET_COOKIE, VARY,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use statehouse::statehouse_core::cache::{
-    CacheStore, InvalidationSink, InvalidationSubscription, LeaseOutcome, LeaseToken,
+    CacheStore, Envelope, EnvelopeFlags, InvalidationSink, InvalidationSubscription, LeaseOutcome,
+    LeaseToken,
 };
 use statehouse::{BreakerState, Clock, EmbeddedCacheStore, ManualClock, Timestamp};
 use statehouse_tower::cache::{CacheBody, HttpCacheLayer, HttpCacheLayerBuilder, NotStoredReason};
@@ -727,8 +729,8 @@ async fn a_revalidation_answered_200_replaces_the_response() {
 /// cache may store: the origin sends the whole response, which fills the cache, and the
 /// client's conditions are answered from it: a `304` when its copy is current, else the whole
 /// response. On a stale entry the origin gets the stored validators instead, and the client's
-/// conditions are answered from the refreshed entry. A response that may not be stored is
-/// answered the same way.
+/// conditions are answered from the refreshed entry. A response that may not be stored goes
+/// to the client as the origin sent it (a 200 answers a conditional GET too).
 #[tokio::test]
 async fn client_conditions_are_answered_by_the_cache_which_fills() {
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -777,13 +779,13 @@ async fn client_conditions_are_answered_by_the_cache_which_fills() {
     );
     let since = h.send(with(get("/c"), IF_MODIFIED_SINCE, LAST_MOD)).await;
     assert_eq!(since.status, StatusCode::NOT_MODIFIED);
-    // Not storable: still answered from what the origin sent.
+    // Not storable: what the origin sent, as it came.
     let unstored = h
         .send(with(get("/unstored"), IF_NONE_MATCH, "\"v1\""))
         .await;
     assert_eq!(
         (unstored.status, unstored.body.as_str()),
-        (StatusCode::NOT_MODIFIED, "")
+        (StatusCode::OK, "response 4")
     );
     assert_eq!(
         unstored.cache_status(),
@@ -1672,4 +1674,362 @@ async fn a_background_revalidation_leaves_a_key_another_replica_fills() {
     b.gate.as_ref().unwrap().add_permits(1);
     assert_eq!(filling.await.unwrap().body, "response 101");
     assert_eq!(a.get("/a").await.body, "response 101");
+}
+
+/// A request in absolute form whose `Host` names another host is not cached: an application
+/// that builds links from `Host` would render the attacker's host into a page stored under
+/// the URI's, for every later visitor. The same host spelled differently (case, default
+/// port), or a URI authority without `Host` (HTTP/2's `:authority`), is cached as usual.
+#[tokio::test]
+async fn an_absolute_uri_naming_another_host_than_host_is_not_cached() {
+    let h = harness(|req, n, now| {
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        let mut res = ok("public, max-age=60", n, now);
+        *res.body_mut() = Body::from(format!("response {n} links to {host}"));
+        res
+    });
+    let absolute = |host: Option<&str>| {
+        let mut req = Request::get("http://example.com/page");
+        if let Some(host) = host {
+            req = req.header(HOST, host);
+        }
+        req.body(Body::empty()).expect("request")
+    };
+    let attack = h.send(absolute(Some("evil.test"))).await;
+    assert_eq!(attack.body, "response 1 links to evil.test");
+    assert_eq!(
+        attack.cache_status(),
+        "statehouse; fwd=bypass; fwd-status=200; detail=host-mismatch"
+    );
+    assert_eq!(h.layer.stats().bypassed(), 1);
+    let visitor = h.get("/page").await;
+    assert_eq!(visitor.body, "response 2 links to example.com");
+    assert_eq!(
+        visitor.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
+    for host in [Some("EXAMPLE.com:80"), Some("example.com"), None] {
+        let same = h.send(absolute(host)).await;
+        assert_eq!(same.body, "response 2 links to example.com", "{host:?}");
+        assert!(same.cache_status().contains("; hit"), "{host:?}");
+    }
+    let port = h.send(absolute(Some("example.com:8080"))).await;
+    assert!(port.cache_status().ends_with("detail=host-mismatch"));
+    assert_eq!(h.calls(), 3);
+}
+
+/// `If-Match`, `If-Unmodified-Since`, `If-Range` (and `Range`) make the origin's answer one
+/// for this client: forwarded with its conditions, not stored, so one client's `412` is never
+/// served to the next.
+#[tokio::test]
+async fn other_preconditions_and_ranges_bypass_the_cache() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let h = {
+        let seen = seen.clone();
+        harness(move |req, n, now| {
+            let conditions: Vec<String> = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE, RANGE]
+                .iter()
+                .filter(|name| req.headers().contains_key(*name))
+                .map(|name| name.to_string())
+                .collect();
+            let mut res = validated("public, max-age=60", "v1", n, now);
+            if !conditions.is_empty() {
+                *res.status_mut() = StatusCode::PRECONDITION_FAILED;
+            }
+            seen.lock().expect("lock").push(conditions);
+            res
+        })
+    };
+    let cases = [
+        ("/match", vec![(IF_MATCH, "\"other\"")]),
+        ("/since", vec![(IF_UNMODIFIED_SINCE, LAST_MOD)]),
+        ("/if-range", vec![(IF_RANGE, "\"other\"")]),
+        (
+            "/range",
+            vec![(RANGE, "bytes=0-1"), (IF_RANGE, "\"other\"")],
+        ),
+    ];
+    for (path, fields) in &cases {
+        let mut req = get(path);
+        for (name, value) in fields {
+            req = with(req, name.clone(), value);
+        }
+        let got = h.send(req).await;
+        assert_eq!(got.status, StatusCode::PRECONDITION_FAILED, "{path}");
+        let detail = if *path == "/range" {
+            "range"
+        } else {
+            "precondition"
+        };
+        assert_eq!(
+            got.cache_status(),
+            format!("statehouse; fwd=bypass; fwd-status=412; detail={detail}"),
+            "{path}"
+        );
+        let plain = h.get(path).await;
+        assert_eq!(plain.status, StatusCode::OK, "{path}");
+        assert_eq!(
+            plain.cache_status(),
+            "statehouse; fwd=uri-miss; fwd-status=200; stored",
+            "{path}"
+        );
+    }
+    let seen = seen.lock().expect("lock").clone();
+    let expected: Vec<Vec<String>> = cases
+        .iter()
+        .flat_map(|(_, fields)| {
+            let mut names: Vec<String> = fields.iter().map(|(n, _)| n.to_string()).collect();
+            names.sort_by_key(|n| {
+                ["if-match", "if-unmodified-since", "if-range", "range"]
+                    .iter()
+                    .position(|o| o == n)
+            });
+            [names, Vec::new()]
+        })
+        .collect();
+    assert_eq!(seen, expected, "the conditions reached the origin as sent");
+}
+
+/// A conditional GET whose fill is not stored (here: `Set-Cookie`) gets the origin's `200`
+/// as it came, `Set-Cookie` and every other field included, rather than a `304` built from a
+/// few of them. A stored one is answered `304`, and keeps the origin's `Set-Cookie` (made for
+/// this client) when the cache stores such responses.
+#[tokio::test]
+async fn a_conditional_get_whose_response_is_not_stored_gets_it_as_it_came() {
+    let respond = |cc: &'static str| {
+        move |_: &Request<Body>, n: usize, now: Timestamp| {
+            let mut res = validated(cc, "v1", n, now);
+            let headers = res.headers_mut();
+            headers.insert(SET_COOKIE, HeaderValue::from_static("session=s1"));
+            headers.insert("x-other", HeaderValue::from_static("kept"));
+            res
+        }
+    };
+    for cc in ["max-age=60", "no-cache"] {
+        let h = harness(respond(cc));
+        let got = h.send(with(get("/a"), IF_NONE_MATCH, "\"v1\"")).await;
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (StatusCode::OK, "response 1")
+        );
+        assert_eq!(got.headers[SET_COOKIE], "session=s1", "{cc}");
+        assert_eq!(got.headers["x-other"], "kept", "{cc}");
+        assert_eq!(got.headers[ETAG], "\"v1\"", "{cc}");
+        assert_eq!(
+            got.cache_status(),
+            "statehouse; fwd=uri-miss; fwd-status=200; detail=set-cookie"
+        );
+    }
+    let h = harness_with(
+        None,
+        false,
+        |b| b.store_set_cookie(true),
+        respond("max-age=60"),
+    );
+    let got = h.send(with(get("/a"), IF_NONE_MATCH, "\"v1\"")).await;
+    assert_eq!(got.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(got.headers[SET_COOKIE], "session=s1");
+    assert!(!got.headers.contains_key("x-other"));
+    assert_eq!(
+        got.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
+}
+
+fn cache_control_bytes(mut req_or_res: HeaderMap, line: &[u8]) -> HeaderMap {
+    req_or_res.append(
+        CACHE_CONTROL,
+        HeaderValue::from_bytes(line).expect("header value"),
+    );
+    req_or_res
+}
+
+/// A `Cache-Control` line holding bytes outside ASCII (in a quoted argument) is honoured
+/// whole: its `private` keeps the response out of the store, its `no-store` on a request
+/// bypasses the cache. A line that does not parse at all reads as `no-store`.
+#[tokio::test]
+async fn a_cache_control_line_with_bytes_outside_ascii_is_honoured() {
+    let h = harness(|req, n, now| {
+        let mut res = ok("max-age=60", n, now);
+        let line: &[u8] = match req.uri().path() {
+            "/private" => b"private, x-note=\"caf\xc3\xa9\"",
+            "/unparsable" => b"caf\xc3\xa9=1, public",
+            _ => b"x-note=\"caf\xc3\xa9\"",
+        };
+        *res.headers_mut() = cache_control_bytes(res.headers().clone(), line);
+        res
+    });
+    for (path, detail) in [("/private", "private"), ("/unparsable", "no-store")] {
+        let first = h.get(path).await;
+        assert_eq!(
+            first.cache_status(),
+            format!("statehouse; fwd=uri-miss; fwd-status=200; detail={detail}")
+        );
+        let second = h.get(path).await;
+        assert!(!second.cache_status().contains("; hit"), "{path}");
+    }
+    assert_eq!(h.calls(), 4);
+    // The same bytes in a line saying nothing a cache acts on: stored as usual.
+    h.get("/note").await;
+    assert!(h.get("/note").await.cache_status().contains("; hit"));
+
+    for line in [&b"no-store, x=\"\xe9\""[..], b"caf\xc3\xa9, max-age=60"] {
+        let mut req = get("/note");
+        *req.headers_mut() = cache_control_bytes(req.headers().clone(), line);
+        let got = h.send(req).await;
+        assert_eq!(
+            got.cache_status(),
+            "statehouse; fwd=bypass; fwd-status=200; detail=no-store",
+            "{line:?}"
+        );
+    }
+    assert_eq!(h.calls(), 7);
+}
+
+/// A store entry claiming more header lines than its bytes hold (or than a `HeaderMap` can)
+/// is undecodable: a counted miss, never a panic.
+#[tokio::test]
+async fn an_entry_claiming_too_many_header_lines_is_a_counted_miss() {
+    let h = harness(|_, n, now| ok("max-age=60", n, now));
+    let key = "http:http://example.com/a";
+    let one_line = b"\x00\x01a\x00\x00\x00\x00";
+    for lines in [Vec::new(), one_line.repeat(40_000)] {
+        let mut payload = vec![1u8];
+        payload.extend_from_slice(&200u16.to_be_bytes());
+        payload.extend_from_slice(&[0; 16]);
+        payload.extend_from_slice(&40_000u16.to_be_bytes());
+        payload.extend_from_slice(&lines);
+        payload.extend_from_slice(&0u64.to_be_bytes());
+        let later = h.clock.now().saturating_add(Duration::from_secs(60));
+        let entry = Envelope {
+            flags: EnvelopeFlags {
+                negative: false,
+                compressed: false,
+                codec: 2,
+            },
+            fresh_until: later,
+            stale_until: later,
+            load_micros: 0,
+            tags: vec![],
+            payload,
+        };
+        h.store
+            .set(
+                key,
+                &entry.encode().expect("envelope"),
+                Duration::from_secs(60),
+                None,
+            )
+            .await
+            .unwrap();
+        let got = h.get("/a").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(
+            got.cache_status(),
+            "statehouse; fwd=uri-miss; fwd-status=200; stored"
+        );
+    }
+    assert_eq!(h.layer.stats().decode_errors(), 2);
+    assert!(h.get("/a").await.cache_status().contains("; hit"));
+}
+
+/// The embedded store, except that the first `tag_versions` call (a filler's epoch read,
+/// right after it took the lease) never answers.
+#[derive(Debug)]
+struct StallingEpoch {
+    inner: Arc<dyn CacheStore>,
+    stall: std::sync::atomic::AtomicBool,
+    stalled: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl CacheStore for StallingEpoch {
+    async fn get(&self, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
+        self.inner.get(key).await
+    }
+    async fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        lease: Option<&LeaseToken>,
+    ) -> statehouse::Result<bool> {
+        self.inner.set(key, value, ttl, lease).await
+    }
+    async fn delete(&self, key: &str) -> statehouse::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn acquire_lease(
+        &self,
+        key: &str,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> statehouse::Result<LeaseOutcome> {
+        self.inner.acquire_lease(key, now, ttl).await
+    }
+    async fn release_lease(&self, key: &str, token: &LeaseToken) -> statehouse::Result<bool> {
+        self.inner.release_lease(key, token).await
+    }
+    async fn tag_versions(&self, tags: &[String]) -> statehouse::Result<Vec<u64>> {
+        if self.stall.swap(false, Ordering::SeqCst) {
+            self.stalled.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.inner.tag_versions(tags).await
+    }
+    async fn bump_tag(&self, tag: &str) -> statehouse::Result<u64> {
+        self.inner.bump_tag(tag).await
+    }
+    async fn purge_prefix(&self, prefix: &str) -> statehouse::Result<u64> {
+        self.inner.purge_prefix(prefix).await
+    }
+    async fn subscribe(
+        &self,
+        sink: Arc<dyn InvalidationSink>,
+    ) -> statehouse::Result<InvalidationSubscription> {
+        self.inner.subscribe(sink).await
+    }
+}
+
+/// A filler whose client goes away between taking the lease and asking the origin (here,
+/// while it reads the tag epoch) gives the lease back: the next request fills the key
+/// instead of being refused as `lease-held` until the lease expires.
+#[tokio::test(flavor = "current_thread")]
+async fn a_filler_cancelled_before_asking_the_origin_gives_its_lease_back() {
+    let clock = start();
+    let store = Arc::new(StallingEpoch {
+        inner: embedded(&clock),
+        stall: true.into(),
+        stalled: false.into(),
+    });
+    let h = Arc::new(harness_with(
+        Some(store.clone()),
+        false,
+        // Long enough that the stalled read does not time out during the test.
+        |b| b.store_deadline(Duration::from_secs(60)),
+        |_, n, now| ok("max-age=60", n, now),
+    ));
+    let filler = {
+        let h = h.clone();
+        tokio::spawn(async move { h.get("/a").await })
+    };
+    settle().await;
+    assert!(
+        store.stalled.load(Ordering::SeqCst),
+        "stalled in the epoch read"
+    );
+    assert_eq!(h.calls(), 0);
+    filler.abort();
+    settle().await;
+    let next = h.get("/a").await;
+    assert_eq!(next.body, "response 1");
+    assert_eq!(
+        next.cache_status(),
+        "statehouse; fwd=uri-miss; fwd-status=200; stored"
+    );
 }

@@ -89,6 +89,10 @@ pub(crate) fn assess(
         return Err(NotStoredReason::Status);
     }
     let cc = ResponseDirectives::parse(headers);
+    if cc.malformed {
+        // A `Cache-Control` line that does not parse might have said `private` or `no-store`.
+        return Err(NotStoredReason::NoStore);
+    }
     if cc.must_understand {
         // §5.2.2.3: store only what is understood, and then no-store may be ignored.
         if !understood(status) {

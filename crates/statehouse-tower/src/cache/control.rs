@@ -4,6 +4,12 @@
 //! `delta-seconds` larger than 2³¹ is read as 2³¹ (§1.2.2). A freshness directive that appears
 //! twice or has a malformed argument makes the response stale (§4.2.1 allows "the first one"
 //! or "stale"; stale is the strict choice), so it is never stored.
+//!
+//! Each field line is parsed as bytes: a quoted argument (and an unquoted one) may hold bytes
+//! outside ASCII (`x-note="café"`) without hiding the line's other directives. A line that
+//! does not parse (a directive name that is not a token, an unterminated quoted string,
+//! something other than a comma after a directive) is *malformed*: the conservative reading
+//! is `no-store`, for a request and a response alike (see [`ResponseDirectives::malformed`]).
 
 use http::HeaderMap;
 use http::header::CACHE_CONTROL;
@@ -18,54 +24,95 @@ struct Directive {
     argument: Option<String>,
 }
 
-/// Splits every `Cache-Control` line of `headers` into directives. Commas inside a quoted
-/// string do not split; a line that is not visible ASCII is skipped whole.
-fn directives(headers: &HeaderMap) -> Vec<Directive> {
+/// The directives of every `Cache-Control` line of `headers`, and whether some line did not
+/// parse (its directives are then left out).
+fn directives(headers: &HeaderMap) -> (Vec<Directive>, bool) {
     let mut out = Vec::new();
+    let mut malformed = false;
     for line in headers.get_all(CACHE_CONTROL) {
-        let Ok(line) = line.to_str() else { continue };
-        let mut rest = line;
-        while !rest.is_empty() {
-            let (item, after) = split_item(rest);
-            rest = after;
-            let item = item.trim_matches([' ', '\t']);
-            if item.is_empty() {
-                continue;
-            }
-            let (name, argument) = match item.split_once('=') {
-                Some((n, a)) => {
-                    let a = a.trim_matches([' ', '\t']);
-                    let a = match a.strip_prefix('"').and_then(|a| a.strip_suffix('"')) {
-                        Some(quoted) => quoted.replace("\\\"", "\"").replace("\\\\", "\\"),
-                        None => a.to_owned(),
-                    };
-                    (n.trim_matches([' ', '\t']), Some(a))
-                }
-                None => (item, None),
-            };
-            out.push(Directive {
-                name: name.to_ascii_lowercase(),
-                argument,
-            });
+        match parse_line(line.as_bytes()) {
+            Some(line) => out.extend(line),
+            None => malformed = true,
         }
     }
-    out
+    (out, malformed)
 }
 
-/// The first comma-separated item of `s` (commas inside quotes kept) and the rest after it.
-fn split_item(s: &str) -> (&str, &str) {
-    let mut quoted = false;
+/// A `tchar` (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `b` without surrounding spaces and tabs.
+fn trim_ows(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !matches!(c, b' ' | b'\t'));
+    let end = b.iter().rposition(|c| !matches!(c, b' ' | b'\t'));
+    match (start, end) {
+        (Some(s), Some(e)) => &b[s..=e],
+        _ => &[],
+    }
+}
+
+/// The directives of one field line (`#cache-directive`: empty list elements allowed), or
+/// `None` when it does not parse. Whitespace around `=` is tolerated.
+fn parse_line(line: &[u8]) -> Option<Vec<Directive>> {
+    let mut out = Vec::new();
+    let mut rest = trim_ows(line);
+    while !rest.is_empty() {
+        if rest[0] == b',' {
+            rest = trim_ows(&rest[1..]);
+            continue;
+        }
+        let name_len = rest.iter().take_while(|b| is_tchar(**b)).count();
+        if name_len == 0 {
+            return None;
+        }
+        let name = String::from_utf8_lossy(&rest[..name_len]).to_ascii_lowercase();
+        rest = trim_ows(&rest[name_len..]);
+        let argument = match rest.split_first() {
+            Some((b'=', after)) => {
+                let after = trim_ows(after);
+                if let Some(quoted) = after.strip_prefix(b"\"") {
+                    let (value, after) = quoted_string(quoted)?;
+                    rest = trim_ows(after);
+                    Some(String::from_utf8_lossy(&value).into_owned())
+                } else {
+                    // A token, or something else that the directive's own parser judges (a
+                    // malformed `max-age` makes the response stale).
+                    let end = after.iter().position(|b| *b == b',').unwrap_or(after.len());
+                    rest = &after[end..];
+                    Some(String::from_utf8_lossy(trim_ows(&after[..end])).into_owned())
+                }
+            }
+            _ => None,
+        };
+        match rest.split_first() {
+            None => {}
+            Some((b',', after)) => rest = trim_ows(after),
+            Some(_) => return None,
+        }
+        out.push(Directive { name, argument });
+    }
+    Some(out)
+}
+
+/// The content of a quoted string whose opening quote was read (escapes resolved), and the
+/// bytes after its closing quote; `None` when it is not closed.
+fn quoted_string(bytes: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let mut value = Vec::new();
     let mut escaped = false;
-    for (i, c) in s.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            ',' if !quoted => return (&s[..i], &s[i + 1..]),
-            _ => {}
+    for (i, b) in bytes.iter().enumerate() {
+        match *b {
+            c if escaped => {
+                value.push(c);
+                escaped = false;
+            }
+            b'\\' => escaped = true,
+            b'"' => return Some((value, &bytes[i + 1..])),
+            c => value.push(c),
         }
     }
-    (s, "")
+    None
 }
 
 /// A `delta-seconds` argument: `Some(n)` (capped at 2³¹), or `None` when malformed.
@@ -142,6 +189,10 @@ pub(crate) struct ResponseDirectives {
     pub(crate) stale_if_error: Option<u64>,
     /// RFC 5861's `stale-while-revalidate`, when valid.
     pub(crate) stale_while_revalidate: Option<u64>,
+    /// A `Cache-Control` line did not parse, so what it said is unknown (it might have said
+    /// `private`): the response is not stored, whatever else the field says (even with
+    /// `must-understand`).
+    pub(crate) malformed: bool,
 }
 
 impl ResponseDirectives {
@@ -158,8 +209,11 @@ impl ResponseDirectives {
             must_understand: false,
             stale_if_error: None,
             stale_while_revalidate: None,
+            malformed: false,
         };
-        for Directive { name, argument } in directives(headers) {
+        let (directives, malformed) = directives(headers);
+        d.malformed = malformed;
+        for Directive { name, argument } in directives {
             let arg = argument.as_deref();
             match name.as_str() {
                 "max-age" => d.max_age.record(arg),
@@ -214,9 +268,13 @@ pub(crate) struct RequestDirectives {
 }
 
 impl RequestDirectives {
+    /// A line that does not parse reads as `no-store` (the request bypasses the cache): what
+    /// it said is unknown, and it might have been `no-store`.
     pub(crate) fn parse(headers: &HeaderMap) -> Self {
         let mut d = RequestDirectives::default();
-        for Directive { name, argument } in directives(headers) {
+        let (directives, malformed) = directives(headers);
+        d.no_store = malformed;
+        for Directive { name, argument } in directives {
             let arg = argument.as_deref();
             match name.as_str() {
                 "no-store" => d.no_store = true,
@@ -289,5 +347,48 @@ mod tests {
         assert_eq!((d.max_age, d.min_fresh), (Some(10), Some(5)));
         assert!(d.only_if_cached && !d.refuses_stored());
         assert!(RequestDirectives::parse(&headers(&["no-store"])).no_store);
+    }
+
+    fn raw(lines: &[&[u8]]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            h.append(CACHE_CONTROL, HeaderValue::from_bytes(l).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn bytes_outside_ascii_do_not_hide_a_line() {
+        let d = ResponseDirectives::parse(&raw(&[
+            b"max-age=60",
+            b"private, x-note=\"caf\xc3\xa9, \\\"still\\\" quoted\", no-cache=\"x-a\"",
+        ]));
+        assert_eq!(d.private, Qualifiable::Whole);
+        assert_eq!(d.no_cache, Qualifiable::Fields(vec!["x-a".into()]));
+        assert_eq!(d.max_age, Seconds::Value(60));
+        assert!(!d.malformed);
+        let d = ResponseDirectives::parse(&raw(&[b"x=caf\xe9 , public , max-age = 5"]));
+        assert!(d.public && !d.malformed);
+        assert_eq!(d.max_age, Seconds::Value(5));
+        assert!(RequestDirectives::parse(&raw(&[b"no-store, x=\"\xe9\""])).no_store);
+        let d = RequestDirectives::parse(&raw(&[b"max-age=5, x=\"\xe9\""]));
+        assert_eq!((d.no_store, d.max_age), (false, Some(5)));
+    }
+
+    #[test]
+    fn a_line_that_does_not_parse_is_no_store() {
+        for line in [
+            &b"caf\xc3\xa9, public"[..],
+            b"private=\"unterminated, max-age=60",
+            b"public; max-age=60",
+            b"max-age=\"60\"junk",
+            b"=60",
+        ] {
+            let d = ResponseDirectives::parse(&raw(&[b"max-age=60", line]));
+            assert!(d.malformed, "{line:?}");
+            assert!(RequestDirectives::parse(&raw(&[line])).no_store, "{line:?}");
+        }
+        let d = ResponseDirectives::parse(&raw(&[b" , max-age=60 ,, public ,"]));
+        assert!(!d.malformed && d.public);
     }
 }

@@ -64,6 +64,33 @@ pub(crate) fn primary_key(
     Some(format!("{prefix}{scheme}://{host}{path_and_query}"))
 }
 
+/// Whether a request in absolute form (`GET http://a.test/x`) names another host in its `Host`
+/// header (RFC 9112 §3.2.2 says a server uses the URI's and ignores `Host`, but an application
+/// building links from `Host` may not): such a request is not cached, else a response rendered
+/// for the `Host` one would be stored under the URI's host and served to its visitors. Hosts
+/// compare as keys do (case-insensitive, default port dropped). A URI authority without any
+/// `Host` (HTTP/2's `:authority`) is no conflict; two `Host` lines, or one that is not a
+/// valid authority, are.
+pub(crate) fn host_conflict(default_scheme: &str, uri: &Uri, headers: &HeaderMap) -> bool {
+    let Some(authority) = uri.authority() else {
+        return false;
+    };
+    let mut hosts = headers.get_all(HOST).iter();
+    let Some(host) = hosts.next() else {
+        return false;
+    };
+    if hosts.next().is_some() {
+        return true;
+    }
+    let scheme = uri
+        .scheme_str()
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_else(|| default_scheme.to_owned());
+    let from_uri = normalise_host(authority.as_str(), &scheme);
+    let from_header = host.to_str().ok().and_then(|h| normalise_host(h, &scheme));
+    from_uri.is_none() || from_uri != from_header
+}
+
 /// The `Vary` of a response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum VaryNames {
@@ -170,6 +197,29 @@ mod tests {
             primary_key("p:", "http", &origin_form, &HeaderMap::new()),
             None
         );
+    }
+
+    #[test]
+    fn a_host_header_naming_another_host_than_the_uri_conflicts() {
+        let host = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(HOST, HeaderValue::from_static(v));
+            h
+        };
+        let absolute: Uri = "http://Example.com:80/p".parse().unwrap();
+        assert!(!host_conflict("http", &absolute, &host("example.COM")));
+        assert!(!host_conflict("http", &absolute, &host("example.com:80")));
+        assert!(host_conflict("http", &absolute, &host("evil.test")));
+        assert!(host_conflict("http", &absolute, &host("example.com:8080")));
+        assert!(!host_conflict("http", &absolute, &HeaderMap::new()));
+        let tls: Uri = "https://example.com/p".parse().unwrap();
+        assert!(!host_conflict("http", &tls, &host("example.com:443")));
+        assert!(host_conflict("http", &tls, &host("example.com:80")));
+        let origin_form: Uri = "/p".parse().unwrap();
+        assert!(!host_conflict("http", &origin_form, &host("evil.test")));
+        let mut two = host("example.com");
+        two.append(HOST, HeaderValue::from_static("example.com"));
+        assert!(host_conflict("http", &absolute, &two));
     }
 
     #[test]

@@ -66,7 +66,11 @@
 //!   unqualified `private` or `no-cache`. The qualified forms (`private="Set-Cookie"`) store
 //!   the response without the fields they name. An unqualified `no-cache` response is
 //!   stored only when it has a validator (and revalidation is on), as an entry revalidated
-//!   before every use (§5.2.2.4, below) and never served stale;
+//!   before every use (§5.2.2.4, below) and never served stale. Each `Cache-Control` line is
+//!   read as bytes, so a quoted argument outside ASCII (`x-note="café"`) hides none of the
+//!   line's directives; a line that does not parse at all (a name that is not a token, an
+//!   unterminated quoted string) might have said `private`, so the response is not stored
+//!   (`detail=no-store`);
 //! * no `Set-Cookie`, unless [`store_set_cookie(true)`](HttpCacheLayerBuilder::store_set_cookie);
 //! * for a request with `Authorization` (only handled at all with
 //!   [`cache_authorized(true)`](HttpCacheLayerBuilder::cache_authorized)): `public`,
@@ -85,8 +89,15 @@
 //!
 //! * GET and HEAD are looked up; HEAD is answered from a stored GET without the body. A HEAD
 //!   miss goes to the origin as HEAD and stores nothing.
-//! * `Cache-Control: no-store`, a `Range`, or `Authorization` (unless allowed) bypass the
-//!   cache (`fwd=bypass`). `no-cache` or `max-age=0` go to the origin even when a fresh entry
+//! * Bypass the cache (`fwd=bypass`: forwarded as they are, nothing stored, never coalesced
+//!   with other requests): `Cache-Control: no-store` (a request `Cache-Control` line that
+//!   does not parse counts as `no-store`), a `Range` (`detail=range`), `If-Match`,
+//!   `If-Unmodified-Since` or `If-Range` (`detail=precondition`: the origin's `412` or `206`
+//!   answers that client alone), `Authorization` (unless allowed), and a request in absolute
+//!   form whose `Host` names another host than its URI (`detail=host-mismatch`: an
+//!   application building links from `Host` would otherwise have one client's `Host` served
+//!   to every visitor of the URI's host; see *Keys*).
+//!   `no-cache` or `max-age=0` go to the origin even when a fresh entry
 //!   exists (`fwd=request`), and the new response is stored; `max-age=N` and `min-fresh=N`
 //!   are honoured; `only-if-cached` gets a 504 when the cache cannot answer.
 //! * Any other method goes to the origin (`fwd=method`). An unsafe one (anything but GET,
@@ -100,7 +111,11 @@
 //!   `Last-Modified` and `Age`, and no body (§4.3.2). One that misses is filled: its
 //!   `If-None-Match` and `If-Modified-Since` are kept from the origin (which then sends the
 //!   whole response, stored as any other), and answered from what the origin sent, with a
-//!   `304` when the client's copy is current. Only a request that cannot store (another
+//!   `304` when the client's copy is current (carrying the origin's `Set-Cookie`, if any,
+//!   with the fields above). That is only for a response the cache may store: one it does not
+//!   store (`Set-Cookie`, `private`, `no-store`...) goes to the client as the origin sent it,
+//!   every field and the body (a `200` answers a conditional GET too). Only a request that
+//!   cannot store (another
 //!   replica holds the fill's lease, or the store is down) goes to the origin with its
 //!   conditions, and the origin's `304` is passed on.
 //! * A stale entry goes to the origin (`fwd=stale`; so does a fresh one the request refuses,
@@ -131,7 +146,9 @@
 //! ## Keys, `Vary`, coalescing, leases
 //!
 //! The key is the scheme (the URI's own, else [`default_scheme`](HttpCacheLayerBuilder::default_scheme)),
-//! the host (lowercase, default port dropped) and the exact path and query. A response with
+//! the host (lowercase, default port dropped) and the exact path and query. The host is the
+//! URI's own when it has one (absolute form, HTTP/2's `:authority`), else the `Host` header;
+//! a request carrying both, naming different hosts (compared the same way), is not cached. A response with
 //! `Vary` stores a small *vary spec* at that key (the names and a random generation) and the
 //! response itself under a variant key made of the generation and a SHA-256 of the request's
 //! values of those fields.
@@ -142,8 +159,8 @@
 //! origin and writes with it: a purge or an invalidation in between voids the lease, so an
 //! old response is never written back after it. A replica that finds the lease taken goes
 //! to the origin and does not store (`detail=lease-held`). A filler whose client goes away
-//! mid-fill gives its lease back from a background task, and its waiters look the key up
-//! again (one of them leads).
+//! mid-fill (at any point after it took the lease) gives its lease back from a background
+//! task, and its waiters look the key up again (one of them leads).
 //!
 //! ## Purging
 //!
@@ -163,8 +180,9 @@
 //! [circuit breaker](HttpCacheLayerBuilder::circuit_breaker) (3 failures in a row, then 1 s
 //! without calling the store, then one probe; one per failure domain of the store, so on Redis
 //! Cluster one dead master does not cut the others off) makes a dead store cost a request no
-//! deadline at all ([`HttpCacheLayer::breaker_state`]). A stored value that does not decode is
-//! a miss, counted in [`HttpCacheStats::decode_errors`].
+//! deadline at all ([`HttpCacheLayer::breaker_state`]). A stored value that does not decode
+//! (corrupt, truncated, another program's, or claiming more header lines than it holds) is a
+//! miss, counted in [`HttpCacheStats::decode_errors`], never a panic.
 //!
 //! ## `Cache-Status`
 //!
@@ -179,7 +197,7 @@
 //! | waited for another request | `statehouse; fwd=uri-miss; fwd-status=200; collapsed` |
 //! | request directives | `statehouse; fwd=request; fwd-status=200; stored` |
 //! | stale entry | `statehouse; fwd=stale; fwd-status=200; stored` |
-//! | not handled | `statehouse; fwd=bypass; fwd-status=200; detail=no-store` |
+//! | not handled | `statehouse; fwd=bypass; fwd-status=200; detail=no-store` (or `range`, `precondition`, `authorization`, `host-mismatch`, `no-host`) |
 //! | other methods | `statehouse; fwd=method; fwd-status=204` |
 //!
 //! The `detail` of a response not stored is a [`NotStoredReason`].

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    AGE, AUTHORIZATION, CONTENT_LENGTH, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
-    RANGE,
+    AGE, AUTHORIZATION, CONTENT_LENGTH, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE, SET_COOKIE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -23,7 +23,7 @@ use super::conditional::{NOT_MODIFIED_FIELDS, not_modified};
 use super::control::RequestDirectives;
 use super::flight::{FlightGuard, Join, Outcome, wait};
 use super::future::ResponseFuture;
-use super::key::{primary_key, variant_digest, variant_key};
+use super::key::{host_conflict, primary_key, variant_digest, variant_key};
 use super::layer::Shared;
 use super::stats::NotStoredReason;
 use super::stored::{Record, StoredResponse, VarySpec, decode};
@@ -311,8 +311,8 @@ impl Shared {
 
     /// A leader's response that is not stored: the lease goes back, waiters go upstream
     /// themselves, and the client gets `res`, to a request the origin answered `origin_status`
-    /// (a revalidation's 304 for the stored response it refreshed; a 200 turned into a 304
-    /// for the client's own conditions).
+    /// (a revalidation's 304 for the stored response it refreshed; otherwise `res` is the
+    /// origin's response as it came, whatever the client's own conditions).
     async fn not_stored<B: Body>(
         &self,
         fill: Fill<'_>,
@@ -569,12 +569,22 @@ where
         let head = req.method() == Method::HEAD;
         let authorized = req.headers().contains_key(AUTHORIZATION);
         let config = &self.shared.config;
+        // Preconditions other than `If-None-Match` / `If-Modified-Since` make the origin's
+        // answer (a 412, a 206) one for this client alone: it goes as it is, and is neither
+        // stored nor shared.
+        let precondition = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
+            .iter()
+            .any(|name| req.headers().contains_key(name));
         let bypass = if cc.no_store {
             Some("no-store")
         } else if req.headers().contains_key(RANGE) {
             Some("range")
+        } else if precondition {
+            Some("precondition")
         } else if authorized && !config.cache_authorized {
             Some("authorization")
+        } else if host_conflict(&config.default_scheme, req.uri(), req.headers()) {
+            Some("host-mismatch")
         } else {
             None
         };
@@ -802,6 +812,14 @@ where
             Ok(LeaseOutcome::HeldElsewhere) => Err(NotStoredReason::LeaseHeld),
             Err(_) => Err(NotStoredReason::StoreUnavailable),
         };
+        // Given back in the background if this future is dropped (its client went away)
+        // before the lease is used or released, so the key does not wait out the lease. Set
+        // up before anything else is awaited.
+        let mut held = HeldLease {
+            shared: shared.clone(),
+            key: fill.fill_key.clone(),
+            token: lease.as_ref().ok().cloned(),
+        };
         if fill.background && lease.is_err() {
             // A background revalidation that cannot store (another replica refreshes the key,
             // or the store is down) does not ask the origin; its client was answered already,
@@ -822,13 +840,6 @@ where
             },
             Err(reason) => Err(*reason),
         };
-        // Given back in the background if this future is dropped (its client went away)
-        // before the lease is used or released, so the key does not wait out the lease.
-        let mut held = HeldLease {
-            shared: shared.clone(),
-            key: fill.fill_key.clone(),
-            token: lease.as_ref().ok().cloned(),
-        };
         let request_headers = req.headers().clone();
         let mut req = req;
         // A client's own conditions (`If-None-Match`, `If-Modified-Since`: a browser that holds
@@ -836,6 +847,9 @@ where
         // the whole response and the cache fills (a 304 for the client's copy could not be
         // stored); the client's conditions are then answered from what the origin sent
         // (`answer_conditions`). Without the lease, nothing will be stored: they go as they are.
+        // A response that turns out not storable goes to the client as the origin sent it (a
+        // 200 answers a conditional GET too): the cache answers conditions only for what it
+        // stores, never dropping, say, the `Set-Cookie` of a response it does not keep.
         let client_conditions = req.headers().contains_key(IF_NONE_MATCH)
             || req.headers().contains_key(IF_MODIFIED_SINCE);
         let answering = client_conditions && lease.is_ok() && epoch.is_ok();
@@ -928,10 +942,7 @@ where
             Ok(plan) => plan,
             Err(reason) => {
                 let origin_status = parts.status;
-                let mut res = Response::from_parts(parts, CacheBody::stream(body));
-                if answering {
-                    res = answer_conditions(&request_headers, res);
-                }
+                let res = Response::from_parts(parts, CacheBody::stream(body));
                 let res = shared
                     .not_stored(fill, lease, reason, res, origin_status)
                     .await;
@@ -943,10 +954,7 @@ where
             Collected::Complete(bytes) => bytes,
             Collected::Partial(body, reason) => {
                 let origin_status = parts.status;
-                let mut res = Response::from_parts(parts, body);
-                if answering {
-                    res = answer_conditions(&request_headers, res);
-                }
+                let res = Response::from_parts(parts, body);
                 let res = shared
                     .not_stored(fill, lease, reason, res, origin_status)
                     .await;
@@ -1045,9 +1053,11 @@ fn not_modified_from<B: Body>(headers: &HeaderMap) -> Response<CacheBody<B>> {
     res
 }
 
-/// A leader's response to a GET whose client conditions were kept from the origin: a
-/// `304 Not Modified` when the conditions (`client`) say the client's copy of this `200` is
-/// current, else the response as it is. The body of a response turned into a 304 is dropped.
+/// A leader's storable response to a GET whose client conditions were kept from the origin:
+/// a `304 Not Modified` when the conditions (`client`) say the client's copy of this `200` is
+/// current, else the response as it is. The body of a response turned into a 304 is dropped;
+/// its `Age` and `Set-Cookie` (the origin's, for this client: a 304 may set cookies too) are
+/// kept. Never for a response that is not stored: that one goes as it came.
 fn answer_conditions<B: Body>(
     client: &HeaderMap,
     res: Response<CacheBody<B>>,
@@ -1058,6 +1068,11 @@ fn answer_conditions<B: Body>(
     let mut not_modified = not_modified_from(res.headers());
     if let Some(age) = res.headers().get(AGE) {
         not_modified.headers_mut().insert(AGE, age.clone());
+    }
+    for cookie in res.headers().get_all(SET_COOKIE) {
+        not_modified
+            .headers_mut()
+            .append(SET_COOKIE, cookie.clone());
     }
     not_modified
 }

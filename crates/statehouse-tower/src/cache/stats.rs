@@ -167,8 +167,9 @@ impl HttpCacheStats {
         /// Requests that waited for another request's identical upstream call and were
         /// answered with its response.
         coalesced,
-        /// GET and HEAD requests the cache did not handle (`no-store`, `Range`,
-        /// `Authorization`, no host).
+        /// GET and HEAD requests the cache did not handle (`no-store`, `Range`, `If-Match`,
+        /// `If-Unmodified-Since`, `If-Range`, `Authorization`, no host, or a `Host` naming
+        /// another host than the URI).
         bypassed,
         /// Stored entries dropped because an unsafe method succeeded on their URI.
         invalidations,

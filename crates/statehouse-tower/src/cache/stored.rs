@@ -35,6 +35,9 @@ const KIND_RESPONSE_V1: u8 = 1;
 const KIND_VARY_SPEC_V1: u8 = 2;
 /// The most `Vary` names a decoded spec may list (the layer's own limit is lower).
 const MAX_SPEC_NAMES: usize = 64;
+/// The fewest bytes one stored header line takes: its name length (2), a one-byte name, its
+/// value length (4).
+const MIN_HEADER_BYTES: usize = 7;
 
 /// A stored response, as read back (payload and envelope together).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +230,13 @@ pub(crate) fn decode(bytes: &[u8]) -> statehouse::Result<Record> {
             let response_time = Timestamp::from_micros(r.u64()?);
             let initial_age = Duration::from_micros(r.u64()?);
             let count = r.u16()? as usize;
-            let mut headers = HeaderMap::with_capacity(count);
+            // The count is read, not trusted: each line takes at least `MIN_HEADER_BYTES`, and
+            // a `HeaderMap` holds at most 32 768 (beyond, `with_capacity` and `append` panic).
+            if count > r.bytes.len() / MIN_HEADER_BYTES {
+                return Err(invalid("more header lines than the entry holds"));
+            }
+            let mut headers = HeaderMap::try_with_capacity(count)
+                .map_err(|_| invalid("too many header lines"))?;
             for _ in 0..count {
                 let len = r.u16()? as usize;
                 let name = HeaderName::from_bytes(r.take(len)?)
@@ -235,7 +244,9 @@ pub(crate) fn decode(bytes: &[u8]) -> statehouse::Result<Record> {
                 let len = r.u32()? as usize;
                 let value = HeaderValue::from_bytes(r.take(len)?)
                     .map_err(|_| invalid("invalid header value"))?;
-                headers.append(name, value);
+                headers
+                    .try_append(name, value)
+                    .map_err(|_| invalid("too many header lines"))?;
             }
             let len = usize::try_from(r.u64()?).map_err(|_| invalid("body too long"))?;
             let body = Bytes::copy_from_slice(r.take(len)?);
@@ -337,5 +348,26 @@ mod tests {
             b"\x09whatever".to_vec(),
         );
         assert!(decode(&foreign.encode().unwrap()).is_err());
+    }
+
+    /// A response payload claiming `count` header lines, followed by `lines`.
+    fn claiming(count: u16, lines: &[u8]) -> Vec<u8> {
+        let mut p = vec![KIND_RESPONSE_V1];
+        p.extend_from_slice(&200u16.to_be_bytes());
+        p.extend_from_slice(&[0; 16]);
+        p.extend_from_slice(&count.to_be_bytes());
+        p.extend_from_slice(lines);
+        p.extend_from_slice(&0u64.to_be_bytes());
+        let env = envelope(Timestamp::EPOCH, Timestamp::EPOCH, vec![], p);
+        env.encode().unwrap()
+    }
+
+    #[test]
+    fn a_header_count_beyond_the_bytes_or_a_header_map_is_an_error() {
+        assert!(decode(&claiming(40_000, b"")).is_err());
+        assert!(decode(&claiming(u16::MAX, b"")).is_err());
+        let line = b"\x00\x01a\x00\x00\x00\x00";
+        assert!(decode(&claiming(1, line)).is_ok());
+        assert!(decode(&claiming(40_000, &line.repeat(40_000))).is_err());
     }
 }
