@@ -116,7 +116,9 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
 /// [`Error::InvalidInput`] naming `what` when the value is out of range.
 pub fn check_deadline(what: &str, deadline: Duration) -> Result<()> {
     if deadline.is_zero() {
-        return Err(Error::InvalidInput(format!("{what} must be more than zero")));
+        return Err(Error::InvalidInput(format!(
+            "{what} must be more than zero"
+        )));
     }
     if deadline > MAX_DEADLINE {
         return Err(Error::InvalidInput(format!(

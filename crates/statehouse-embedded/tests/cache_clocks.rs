@@ -44,7 +44,10 @@ fn a_caller_behind_the_store_still_fills() {
         block_on(store.set("k", b"v", Duration::from_secs(60), Some(&token))).unwrap(),
         "the fill is refused: the lease was judged expired on the wrong clock"
     );
-    assert_eq!(block_on(store.get("k")).unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        block_on(store.get("k")).unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
 }
 
 #[test]

@@ -387,7 +387,11 @@ mod tests {
         assert_eq!(consecutive_timeouts(&link), 0, "late calls are not counted");
         let fair = Instant::now() + timeout;
         assert!(link.bounded(fair, never()).await.is_err());
-        assert_eq!(consecutive_timeouts(&link), 1, "a call that had its time is");
+        assert_eq!(
+            consecutive_timeouts(&link),
+            1,
+            "a call that had its time is"
+        );
     }
 
     /// Built without the `tls` feature (`cargo test -p statehouse-redis --no-default-features

@@ -195,7 +195,10 @@ async fn invalid_input_is_rejected_before_any_io() {
         .connect()
         .await
         .expect_err("endless call timeout");
-    assert!(err.is_invalid_input() && err.to_string().contains("call_timeout"), "{err}");
+    assert!(
+        err.is_invalid_input() && err.to_string().contains("call_timeout"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

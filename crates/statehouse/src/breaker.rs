@@ -549,7 +549,10 @@ mod tests {
         let Admission::Call(probe) = b.admit(&clock) else {
             panic!("no probe after the clock went back");
         };
-        assert!(matches!(b.admit(&clock), Admission::Skip), "still one probe");
+        assert!(
+            matches!(b.admit(&clock), Admission::Skip),
+            "still one probe"
+        );
         // A failed probe reopens from the new reading: `open_for` on the clock as it is now.
         probe.failed(clock.now(), &unavailable());
         clock.advance(Duration::from_millis(999));

@@ -125,7 +125,11 @@ mod tests {
             http::HeaderValue::from_bytes("caf\u{e9}, 203.0.113.7".as_bytes()).unwrap(),
         );
         assert_eq!(one.resolve(&r).as_deref(), Some("203.0.113.7"));
-        assert_eq!(two.resolve(&r), None, "the client's own entry is not an address");
+        assert_eq!(
+            two.resolve(&r),
+            None,
+            "the client's own entry is not an address"
+        );
     }
 
     #[test]

@@ -522,7 +522,10 @@ mod tests {
             Lookup::Rejected("malformed session cookie")
         );
         let mut raw = HeaderMap::new();
-        raw.append(COOKIE, HeaderValue::from_bytes(b"__Host-session=\xff\xfe").unwrap());
+        raw.append(
+            COOKIE,
+            HeaderValue::from_bytes(b"__Host-session=\xff\xfe").unwrap(),
+        );
         assert_eq!(
             lookup(&raw, "__Host-session"),
             Lookup::Rejected("malformed session cookie")
