@@ -59,7 +59,9 @@ use std::time::Duration;
 use futures::channel::oneshot;
 use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt};
-use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
+use redis::{
+    Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, ScriptInvocation, ServerErrorKind, Value,
+};
 use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
@@ -517,9 +519,9 @@ mod tests {
 /// hold it up: while a slot moves between nodes, a call on several of its keys is refused with
 /// `TRYAGAIN` (nothing ran) for as long as its keys are on two nodes. Such a call is sent once
 /// ([`Connection::query_batch_once`](crate::connection::Connection::query_batch_once)), and
-/// when refused so, its caller sends its requests again key by key ([`by_key`]): a call on one
-/// key follows `ASK` to wherever its key is. Any other call (standalone Redis, one key) is sent
-/// as usual and costs nothing more. Clones share the record of a refusal.
+/// when refused so, its caller sends its requests again key by key ([`by_key`]; session loads
+/// user by user): a call on one key follows `ASK` to wherever its key is. Any other call
+/// (standalone Redis, one key) is sent as usual and costs nothing more. Clones share the record of a refusal.
 #[derive(Clone)]
 pub(crate) struct SplitOnMove(Option<Arc<AtomicBool>>);
 
@@ -547,9 +549,62 @@ impl SplitOnMove {
         sent
     }
 
+    /// Runs a script invocation as a batch call: as [`send`](Self::send) when the call can be
+    /// refused so (its `EVALSHA`, and on `NOSCRIPT` the `SCRIPT LOAD` and the `EVALSHA` again,
+    /// each sent once), otherwise as any script call
+    /// ([`Connection::invoke`](crate::connection::Connection::invoke): on standalone Redis over
+    /// redis-rs, not the batch connection, which does not carry scripts of this kind).
+    pub(crate) async fn invoke(
+        &self,
+        link: &Link,
+        inv: &ScriptInvocation<'_>,
+    ) -> RedisResult<Value> {
+        if self.0.is_none() {
+            return link.conn.invoke(inv).await;
+        }
+        inv.invoke_async(&mut SentOnce {
+            link,
+            on_move: self,
+        })
+        .await
+    }
+
     /// Whether the call was refused because its keys were apart: send them key by key.
     pub(crate) fn refused(&self) -> bool {
         self.0.as_ref().is_some_and(|r| r.load(Ordering::Relaxed))
+    }
+}
+
+/// The connection [`SplitOnMove::invoke`] hands to redis-rs's `ScriptInvocation`, so that its
+/// `EVALSHA`-then-load-on-`NOSCRIPT` goes through [`SplitOnMove::send`] (the invocation's own
+/// command is not public).
+struct SentOnce<'s> {
+    link: &'s Link,
+    on_move: &'s SplitOnMove,
+}
+
+impl redis::aio::ConnectionLike for SentOnce<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(self.on_move.send(self.link, cmd))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        _: &'a redis::Pipeline,
+        _: usize,
+        _: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        // A script invocation sends single commands only.
+        Box::pin(async {
+            Err(RedisError::from((
+                ErrorKind::Client,
+                "a batch call carries no pipeline",
+            )))
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
     }
 }
 

@@ -18,8 +18,8 @@
 //!   slots are consumed in order and refunded on denial; see [`RedisStore`]. While a slot
 //!   moves between nodes, calls refused with `TRYAGAIN`, `MOVED` or `ASK` (nothing ran) are
 //!   tried again within their deadline, so resharding costs latency, not errors; a coalesced
-//!   batch of single checks (or of cache reads) refused with `TRYAGAIN` is split by key at
-//!   once instead.
+//!   batch of single checks (or of cache reads, or of session loads) refused with `TRYAGAIN`
+//!   is split by key (by user) at once instead.
 //! * **Outages are errors, quickly.** Every call has a deadline ([`RedisStoreBuilder::call_timeout`]);
 //!   connection failures and timeouts return errors for which
 //!   [`Error::is_unavailable`](statehouse_core::Error::is_unavailable) is true, so the caller's

@@ -54,7 +54,10 @@ const TOKEN_ATTEMPTS: usize = 4;
 /// clock instead. Concurrent `load`s (the per-request hot path) are coalesced: the loads queued
 /// while earlier ones are on the wire go out together as one script call (per Cluster slot),
 /// each still run and answered exactly as a load of its own; under low load a batch is a
-/// single load, sent at once (no timer).
+/// single load, sent at once (no timer). On Redis Cluster, such a call refused with `TRYAGAIN`
+/// while its slot is half moved (some users' keys on each node) is split by user at once, each
+/// user's loads following `ASK`, rather than waiting for the move to end. A `load` takes at
+/// most the call timeout in all, the fast path's read and the script together.
 ///
 /// # Storage
 ///
@@ -339,43 +342,42 @@ impl RedisSessionStore {
         token: &SessionToken,
         timeout: Option<Duration>,
     ) -> Result<Option<LoadedSession>> {
-        let started = Instant::now();
+        let link = &self.inner.link;
+        let budget = LoadBudget::new(Instant::now(), timeout, link.call_timeout);
         let id = token.id();
         let (key, base_len) = self.session_key_of(token.user_tag(), &id);
         // The read-only fast path first: one plain `GET`, no script (see `load_read_only`).
         // When every load refreshes (`touch_after` zero), it could never answer a live session:
         // straight to the script then, saving a round trip.
-        let key = if self.inner.config.touch_after_micros() > 0 {
+        let (key, handed_over) = if self.inner.config.touch_after_micros() > 0 {
             match self.load_read_only(id, key, timeout).await? {
                 Ok(answer) => return Ok(answer),
-                Err(key) => key,
+                Err(key) => (key, true),
             }
         } else {
-            key
+            (key, false)
         };
         // Through the batcher: see `session_batch`. One script call either way.
-        let link = &self.inner.link;
         let (reply, answer) = futures::channel::oneshot::channel();
         let request = LoadRequest {
             slot: hash_slot(key.as_bytes()),
             key,
             base_len,
             now: link.caller_now(),
-            deadline: self.deadline(),
+            deadline: budget.script_deadline(),
             reply,
         };
         let load = self
             .inner
             .loads
             .load(link, &self.inner.config, request, answer);
-        let value = match timeout {
-            // Within the caller's shorter deadline, counted from the start of the load.
-            Some(timeout) if timeout < link.call_timeout => {
-                tokio::time::timeout_at(started + timeout, load)
-                    .await
-                    .unwrap_or(Err(Error::Timeout { deadline: timeout }))?
-            }
-            _ => load.await?,
+        let value = match budget.caller_deadline(handed_over) {
+            Some(deadline) => tokio::time::timeout_at(deadline, load)
+                .await
+                .unwrap_or(Err(Error::Timeout {
+                    deadline: budget.timeout,
+                }))?,
+            None => load.await?,
         };
         let reply = parse_reply(value)?;
         match reply.status {
@@ -454,6 +456,48 @@ impl RedisSessionStore {
             });
         }
         Ok(())
+    }
+}
+
+/// The time one [`SessionStore::load`] may take, fast path and script together: the call
+/// timeout (or the caller's shorter timeout) from the moment the load started, not a fresh
+/// call timeout for the script once the fast path hands over (a load whose read took nearly
+/// the call timeout would then take up to twice as long).
+#[derive(Debug, Clone, Copy)]
+struct LoadBudget {
+    started: Instant,
+    /// The whole load's timeout: the caller's, when shorter than the call timeout.
+    timeout: Duration,
+    call_timeout: Duration,
+}
+
+impl LoadBudget {
+    /// The budget of a load that started at `started`, within `timeout` when it is shorter
+    /// than the call timeout.
+    fn new(started: Instant, timeout: Option<Duration>, call_timeout: Duration) -> LoadBudget {
+        LoadBudget {
+            started,
+            timeout: timeout.map_or(call_timeout, |t| t.min(call_timeout)),
+            call_timeout,
+        }
+    }
+
+    /// The deadline of the script's request in the load coalescer, which bounds the call
+    /// carrying it: what is left of the call timeout.
+    fn script_deadline(&self) -> Instant {
+        self.started + self.call_timeout
+    }
+
+    /// When the caller stops waiting for the script with a timer of its own, or `None` when
+    /// the request's deadline does it. It does when the script is the whole load (no fast path
+    /// before it) and the caller's timeout is the call timeout: the coalescer then answers the
+    /// request by its deadline without a timer, because a request queued with the full call
+    /// timeout has a later deadline than every call already on the wire (`src/coalesce.rs`,
+    /// "Deadlines"). A request handed over by the fast path has less time left than the queue
+    /// order promises (a call on the wire may end after its deadline), and a caller with a
+    /// shorter timeout waits less than its request's deadline: both keep a timer.
+    fn caller_deadline(&self, handed_over: bool) -> Option<Instant> {
+        (handed_over || self.timeout < self.call_timeout).then(|| self.started + self.timeout)
     }
 }
 
@@ -558,8 +602,8 @@ impl SessionStore for RedisSessionStore {
 
     /// `Some` always: the read-only fast path is answered within `timeout` by the read
     /// coalescer of that timeout (no timer per load); a load that needs the script (a refresh
-    /// is due, an alias, an expiry to report) bounds that call with a timer of its own, so the
-    /// whole load stays within `timeout`.
+    /// is due, an alias, an expiry to report) bounds that call with a timer of its own at
+    /// `timeout` from the load's start, so the whole load stays within `timeout`.
     async fn load_within(
         &self,
         token: &SessionToken,
@@ -839,6 +883,36 @@ impl RedisSessionStoreBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_load_handed_over_to_the_script_keeps_the_time_left_from_its_start() {
+        let call_timeout = Duration::from_millis(1000);
+        let started = Instant::now();
+        // However long the fast path's read took (here nearly the call timeout), the script's
+        // request and the caller's wait end at the call timeout from the load's start.
+        let handed_over_at = started + Duration::from_millis(900);
+        let budget = LoadBudget::new(started, None, call_timeout);
+        assert_eq!(budget.script_deadline(), started + call_timeout);
+        assert_eq!(
+            budget.script_deadline() - handed_over_at,
+            Duration::from_millis(100)
+        );
+        assert_eq!(budget.caller_deadline(true), Some(started + call_timeout));
+        // Straight to the script (`touch_after` zero): its request's deadline is enough.
+        assert_eq!(budget.caller_deadline(false), None);
+
+        // A caller's shorter timeout bounds the whole load; the script's call keeps the call
+        // timeout (the connection's health check counts it, not a caller's choice).
+        let budget = LoadBudget::new(started, Some(Duration::from_millis(300)), call_timeout);
+        let caller = started + Duration::from_millis(300);
+        assert_eq!(budget.caller_deadline(true), Some(caller));
+        assert_eq!(budget.caller_deadline(false), Some(caller));
+        assert_eq!(budget.script_deadline(), started + call_timeout);
+        // A caller's longer timeout is the call timeout.
+        let budget = LoadBudget::new(started, Some(Duration::from_secs(5)), call_timeout);
+        assert_eq!(budget.timeout, call_timeout);
+        assert_eq!(budget.caller_deadline(false), None);
+    }
 
     #[test]
     fn user_agents_are_cut_at_a_character_boundary() {

@@ -18,14 +18,22 @@
 //! 3. groups the batch by hash slot on Redis Cluster (standalone is one group) and sends each
 //!    group as one `EVALSHA` of `session.lua` in its `load_many` mode, where each load runs
 //!    exactly as a `load` call of its own, in queue order, with its own time (the caller's
-//!    clock, or the script's one `TIME` read);
+//!    clock, or the script's one `TIME` read). On a cluster, a call on several users' keys of
+//!    a slot that is being moved between nodes is refused with `TRYAGAIN` (nothing ran) while
+//!    its keys are on two nodes; such a call is not tried again whole but split by user
+//!    ([`split`], [`SplitOnMove`](crate::coalesce::SplitOnMove)): one call per user,
+//!    concurrently, each user's loads in order, each following `ASK` to its keys' node (a
+//!    user's session keys and index always move together: a call on one user's keys waits
+//!    out the moment they are apart);
 //! 4. answers each caller. A load the script refused (corrupt data, a key of the wrong type)
 //!    gets its own [`Error::Backend`]; an error of the whole call (timeout, connection lost)
 //!    goes to every caller in the group, mapped as a single call's error would be.
 //!
-//! At most [`IN_FLIGHT`](crate::coalesce::IN_FLIGHT) batches are on the wire at once: while one runs on the server,
-//! the next forms in the queue. A caller is answered by its own deadline (the call timeout from
-//! the moment it called; kept by the coalescer, see `src/coalesce.rs`); a load that was sent may
+//! At most [`IN_FLIGHT`](crate::coalesce::IN_FLIGHT) batches are on the wire at once: while one
+//! runs on the server, the next forms in the queue. A caller is answered by its own deadline
+//! (the call timeout from the moment its load started, the fast path's read included; kept by
+//! the coalescer, see `src/coalesce.rs`, and by a timer of the caller's own for a load the fast
+//! path handed over, see `LoadBudget` in `src/session.rs`); a load that was sent may
 //! still refresh the session after its call timed out, exactly like a single `EVALSHA` that
 //! timed out after reaching the server.
 //!
@@ -40,7 +48,7 @@ use statehouse_core::session::SessionConfig;
 use statehouse_core::{Error, Result};
 use tokio::time::Instant;
 
-use crate::coalesce::{self, Batch, Coalescer};
+use crate::coalesce::{self, Batch, Coalescer, SplitOnMove};
 use crate::link::Link;
 use crate::session_script::{array, invocation, uint};
 
@@ -175,8 +183,15 @@ async fn send(link: &Link, config: &SessionConfig, group: Vec<LoadRequest>) {
             None => inv.arg(""),
         };
     }
+    // The users' loads are independent: a call refused while their keys are apart is split by
+    // user (a user's loads name its session keys and its index, which always go together).
+    let on_move = SplitOnMove::new(link, &group, LoadRequest::base);
     let deadline = coalesce::call_deadline::<Loads>(&group);
-    let result = link.bounded(deadline, link.conn.invoke(&inv)).await;
+    let result = link.bounded(deadline, on_move.invoke(link, &inv)).await;
+    if result.is_err() && on_move.refused() {
+        split(link, config, group).await;
+        return;
+    }
     let replies = result.and_then(|value| split_replies(value, group.len()));
     match replies {
         Ok(replies) => {
@@ -190,6 +205,27 @@ async fn send(link: &Link, config: &SessionConfig, group: Vec<LoadRequest>) {
             }
         }
     }
+}
+
+/// Sends the loads of a group refused with `TRYAGAIN` (nothing ran) again as one call per user,
+/// concurrently, each user's loads in their order: a call on one user's keys is not refused so
+/// while they are together (a move carries them one by one; [`Connection::invoke`] waits out
+/// the moment they are apart) and follows `ASK` to wherever they are now. Loads of different
+/// users touch different keys, so the answers are those the whole call would have given.
+///
+/// [`Connection::invoke`]: crate::connection::Connection::invoke
+async fn split(link: &Link, config: &SessionConfig, group: Vec<LoadRequest>) {
+    let by_user = coalesce::by_key(group, LoadRequest::base);
+    tracing::debug!(
+        users = by_user.len(),
+        "statehouse-redis: a slot is moving; sending a coalesced session load user by user"
+    );
+    futures::future::join_all(
+        by_user
+            .into_iter()
+            .map(|part| Box::pin(send(link, config, part))),
+    )
+    .await;
 }
 
 /// Splits `{ now, reply 1, ..., reply n }`.
