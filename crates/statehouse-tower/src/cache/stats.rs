@@ -51,11 +51,16 @@ pub enum NotStoredReason {
     StoreUnavailable,
     /// A HEAD request: its response has no body to store.
     Head,
+    /// `Content-Type: text/event-stream`: server-sent events are a stream that may never end,
+    /// whatever their freshness says, so they are never stored (and never waited for).
+    EventStream,
+    /// The client went away (dropped the body) before a body streamed to it had ended.
+    ClientGone,
 }
 
 impl NotStoredReason {
     /// Every reason, in counter order.
-    pub const ALL: [NotStoredReason; 20] = [
+    pub const ALL: [NotStoredReason; 22] = [
         NotStoredReason::Status,
         NotStoredReason::NoStore,
         NotStoredReason::Private,
@@ -76,6 +81,8 @@ impl NotStoredReason {
         NotStoredReason::VaryChanged,
         NotStoredReason::StoreUnavailable,
         NotStoredReason::Head,
+        NotStoredReason::EventStream,
+        NotStoredReason::ClientGone,
     ];
 
     /// The token used as the `Cache-Status` `detail`, e.g. `set-cookie`.
@@ -101,6 +108,8 @@ impl NotStoredReason {
             NotStoredReason::VaryChanged => "vary-changed",
             NotStoredReason::StoreUnavailable => "store-unavailable",
             NotStoredReason::Head => "head",
+            NotStoredReason::EventStream => "event-stream",
+            NotStoredReason::ClientGone => "client-gone",
         }
     }
 
@@ -133,7 +142,7 @@ pub struct HttpCacheStats {
     hits: AtomicU64,
     misses: AtomicU64,
     stored: AtomicU64,
-    not_stored: [AtomicU64; 20],
+    not_stored: [AtomicU64; NotStoredReason::ALL.len()],
     coalesced: AtomicU64,
     bypassed: AtomicU64,
     invalidations: AtomicU64,
