@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use statehouse_core::cache::CacheStore;
-use statehouse_core::session::{NewSession, SessionConfig, SessionStore};
+use statehouse_core::session::{NewSession, SessionConfig, SessionStore, SessionToken};
 use statehouse_core::{Algorithm, LimitCheck, Mode, Policy, RateLimitStore};
 use statehouse_redis::{RedisSessionStore, RedisStore, RedisTopology, hash_slot};
 use statehouse_testkit::{RedisCluster, SlotMove, TlsOptions, raw_command, test_certificates};
@@ -240,35 +240,8 @@ async fn cache_reads_and_writes_carry_on_while_their_slot_moves() {
 async fn session_loads_carry_on_while_their_slot_moves() {
     let cluster = private_cluster().await;
     for share in [(1, 4), (0, 1)] {
-        let config = SessionConfig::builder()
-            .touch_after_share(share.0, share.1)
-            .build()
-            .expect("config");
-        let store = RedisSessionStore::builder(RedisTopology::Cluster(cluster.urls()))
-            .prefix(&store_prefix("reshard-session"))
-            .call_timeout(Duration::from_secs(10))
-            .config(config)
-            .connect()
-            .await
-            .expect("connect");
-        let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-        let (slot, users) = (0..)
-            .find_map(|n| {
-                let user = format!("member-{n}");
-                let slot = hash_slot(store.index_key(&user).as_bytes());
-                let users = by_slot.entry(slot).or_default();
-                users.push(user);
-                (users.len() == 8).then(|| (slot, users.clone()))
-            })
-            .expect("eight users of one slot");
-        let mut tokens = Vec::new();
-        for user in &users {
-            let (token, _) = store
-                .create(&NewSession::for_user(user.as_str()))
-                .await
-                .expect("create");
-            tokens.push(token);
-        }
+        let (store, slot, users, tokens) =
+            sessions_of_one_slot(&cluster, share, "reshard-session", 8).await;
         let to = (cluster.owner_of(slot).expect("owner") + 1) % 3;
 
         let (moving, mover) = move_slot_in_background(&cluster, slot, to);
@@ -620,6 +593,46 @@ async fn half_move_keys(cluster: &Arc<RedisCluster>, slot: u16, keys: Vec<String
     slot_move
 }
 
+/// A session store on `cluster` refreshing at `share` of the idle timeout, and `n` users
+/// whose keys share one slot, each with a session: (store, slot, users, their tokens).
+async fn sessions_of_one_slot(
+    cluster: &RedisCluster,
+    share: (u32, u32),
+    prefix: &str,
+    n: usize,
+) -> (RedisSessionStore, u16, Vec<String>, Vec<SessionToken>) {
+    let config = SessionConfig::builder()
+        .touch_after_share(share.0, share.1)
+        .build()
+        .expect("config");
+    let store = RedisSessionStore::builder(RedisTopology::Cluster(cluster.urls()))
+        .prefix(&store_prefix(prefix))
+        .call_timeout(Duration::from_secs(10))
+        .config(config)
+        .connect()
+        .await
+        .expect("connect");
+    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    let (slot, users) = (0..)
+        .find_map(|i| {
+            let user = format!("member-{i}");
+            let slot = hash_slot(store.index_key(&user).as_bytes());
+            let users = by_slot.entry(slot).or_default();
+            users.push(user);
+            (users.len() == n).then(|| (slot, users.clone()))
+        })
+        .expect("n users of one slot");
+    let mut tokens = Vec::new();
+    for user in &users {
+        let (token, _) = store
+            .create(&NewSession::for_user(user.as_str()))
+            .await
+            .expect("create");
+        tokens.push(token);
+    }
+    (store, slot, users, tokens)
+}
+
 /// Four users of one slot, each with a session, while the slot is half moved: the first and
 /// third users' keys (session and index) on the target, the others' on the source, each user's
 /// keys together. Loads of the four, queued before the batching task runs (one thread), go out
@@ -629,35 +642,8 @@ async fn half_move_keys(cluster: &Arc<RedisCluster>, slot: u16, keys: Vec<String
 /// or the read-only fast path.
 async fn session_loads_of_a_half_moved_slot(share: (u32, u32), touched: bool) {
     let cluster = private_cluster().await;
-    let config = SessionConfig::builder()
-        .touch_after_share(share.0, share.1)
-        .build()
-        .expect("config");
-    let store = RedisSessionStore::builder(RedisTopology::Cluster(cluster.urls()))
-        .prefix(&store_prefix("reshard-split-load"))
-        .call_timeout(Duration::from_secs(10))
-        .config(config)
-        .connect()
-        .await
-        .expect("connect");
-    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-    let (slot, users) = (0..)
-        .find_map(|n| {
-            let user = format!("member-{n}");
-            let slot = hash_slot(store.index_key(&user).as_bytes());
-            let users = by_slot.entry(slot).or_default();
-            users.push(user);
-            (users.len() == 4).then(|| (slot, users.clone()))
-        })
-        .expect("four users of one slot");
-    let mut tokens = Vec::new();
-    for user in &users {
-        let (token, _) = store
-            .create(&NewSession::for_user(user.as_str()))
-            .await
-            .expect("create");
-        tokens.push(token);
-    }
+    let (store, slot, users, tokens) =
+        sessions_of_one_slot(&cluster, share, "reshard-split-load", 4).await;
     let moved = [0, 2]
         .into_iter()
         .flat_map(|i| [store.session_key(&tokens[i]), store.index_key(&users[i])])
