@@ -19,6 +19,8 @@
 //!   conformance suites every backend runs, instantiated with
 //!   [`ratelimit_conformance!`], [`session_conformance!`] and
 //!   [`cache_conformance!`].
+//! * [`cache_intercept`] — a cache store that forwards to a real one except where a test
+//!   makes it misbehave.
 //!
 //! Every server is supervised by a small `sh` watchdog that kills it once the
 //! test process is gone (normal exit, panic or SIGKILL), so the never-dropped
@@ -37,6 +39,7 @@
 //! assert_eq!(raw_command(server.port(), &["TYPE", &key]).unwrap(), "string");
 //! ```
 
+pub mod cache_intercept;
 pub mod cache_suite;
 mod cluster;
 pub mod ratelimit_suite;

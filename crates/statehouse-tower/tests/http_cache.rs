@@ -24,6 +24,7 @@ use statehouse::statehouse_core::cache::{
     LeaseToken,
 };
 use statehouse::{BreakerState, Clock, EmbeddedCacheStore, ManualClock, Timestamp};
+use statehouse_testkit::cache_intercept::{Intercept, Intercepted};
 use statehouse_tower::cache::{CacheBody, HttpCacheLayer, HttpCacheLayerBuilder, NotStoredReason};
 use tokio::sync::{Semaphore, mpsc};
 use tower::util::BoxCloneSyncService;
@@ -2154,61 +2155,26 @@ async fn an_entry_claiming_too_many_header_lines_is_a_counted_miss() {
     assert!(h.get("/a").await.cache_status().contains("; hit"));
 }
 
-/// The embedded store, except that the first `tag_versions` call (a filler's epoch read,
+/// The real store's calls, except that the first `tag_versions` call (a filler's epoch read,
 /// right after it took the lease) never answers.
 #[derive(Debug)]
 struct StallingEpoch {
-    inner: Arc<dyn CacheStore>,
     stall: std::sync::atomic::AtomicBool,
     stalled: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
-impl CacheStore for StallingEpoch {
-    async fn get(&self, key: &str) -> statehouse::Result<Option<Vec<u8>>> {
-        self.inner.get(key).await
-    }
-    async fn set(
+impl Intercept for StallingEpoch {
+    async fn tag_versions(
         &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-        lease: Option<&LeaseToken>,
-    ) -> statehouse::Result<bool> {
-        self.inner.set(key, value, ttl, lease).await
-    }
-    async fn delete(&self, key: &str) -> statehouse::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn acquire_lease(
-        &self,
-        key: &str,
-        now: Timestamp,
-        ttl: Duration,
-    ) -> statehouse::Result<LeaseOutcome> {
-        self.inner.acquire_lease(key, now, ttl).await
-    }
-    async fn release_lease(&self, key: &str, token: &LeaseToken) -> statehouse::Result<bool> {
-        self.inner.release_lease(key, token).await
-    }
-    async fn tag_versions(&self, tags: &[String]) -> statehouse::Result<Vec<u64>> {
+        inner: &dyn CacheStore,
+        tags: &[String],
+    ) -> statehouse::Result<Vec<u64>> {
         if self.stall.swap(false, Ordering::SeqCst) {
             self.stalled.store(true, Ordering::SeqCst);
             std::future::pending::<()>().await;
         }
-        self.inner.tag_versions(tags).await
-    }
-    async fn bump_tag(&self, tag: &str) -> statehouse::Result<u64> {
-        self.inner.bump_tag(tag).await
-    }
-    async fn purge_prefix(&self, prefix: &str) -> statehouse::Result<u64> {
-        self.inner.purge_prefix(prefix).await
-    }
-    async fn subscribe(
-        &self,
-        sink: Arc<dyn InvalidationSink>,
-    ) -> statehouse::Result<InvalidationSubscription> {
-        self.inner.subscribe(sink).await
+        inner.tag_versions(tags).await
     }
 }
 
@@ -2218,10 +2184,12 @@ impl CacheStore for StallingEpoch {
 #[tokio::test(flavor = "current_thread")]
 async fn a_filler_cancelled_before_asking_the_origin_gives_its_lease_back() {
     let clock = start();
-    let store = Arc::new(StallingEpoch {
+    let store = Arc::new(Intercepted {
         inner: embedded(&clock),
-        stall: true.into(),
-        stalled: false.into(),
+        intercept: StallingEpoch {
+            stall: true.into(),
+            stalled: false.into(),
+        },
     });
     let h = Arc::new(harness_with(
         Some(store.clone()),

@@ -2,21 +2,18 @@
 //! leader, a shared error), the loader's choices, compression, the near cache's bounds and the
 //! store deadline. The cross-replica scenarios on every backend are in `cache_scenarios.rs`.
 
-#[path = "common/intercept.rs"]
-mod intercept;
-
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use intercept::{Intercept, Intercepted};
 use statehouse::{
     BreakerState, Cache, CachePolicy, CacheStore, CircuitBreakerConfig, EmbeddedCacheStore, Loaded,
     Lookup, ManualClock, NearCacheConfig, SetOptions, Source, Tier, Timestamp,
 };
 use statehouse_core::cache::Envelope;
+use statehouse_testkit::cache_intercept::{Intercept, Intercepted};
 use tokio::sync::watch;
 
 const EVENT_WAIT: Duration = Duration::from_secs(10);

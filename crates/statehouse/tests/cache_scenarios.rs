@@ -6,8 +6,6 @@
 //! event (an invalidation message, a spawned task) with an upper bound.
 
 mod common;
-#[path = "common/intercept.rs"]
-mod intercept;
 
 use std::io;
 use std::sync::Arc;
@@ -16,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{CacheBackend, CacheFleet, Deployment};
-use intercept::{Intercept, Intercepted};
 use statehouse::{
     BreakerState, Cache, CacheError, CachePolicy, CacheStore, Clock, Invalidation,
     InvalidationSink, InvalidationSubscription, JsonCodec, LeaseOutcome, Loaded, Lookup,
     ManualClock, SetOptions, Source, Tier, Timestamp,
 };
 use statehouse_core::cache::{Envelope, EnvelopeFlags};
+use statehouse_testkit::cache_intercept::{Intercept, Intercepted};
 use tokio::sync::watch;
 
 /// How long a test waits, in real time, for an asynchronous event before failing.
