@@ -252,18 +252,22 @@ async fn headers_can_be_left_off_admitted_responses_but_not_a_429() {
     assert_eq!(header(&denied, RETRY_AFTER.as_str()), Some("10"));
 }
 
+/// A leaky bucket of 10 per second (one request each 100 ms) that delays up to 500 ms.
+fn shaper() -> Policy {
+    Policy::leaky_bucket(10, Duration::from_secs(1))
+        .expect("policy")
+        .with_max_delay(Duration::from_millis(500))
+        .expect("max delay")
+}
+
 /// A leaky bucket delays instead of rejecting: each request leaves one interval after the one
 /// before, until the wait would pass `max_delay`. The limiter's clock stands still (every
 /// request arrives at once); tokio's paused clock measures how long the layer held each one.
 #[tokio::test(start_paused = true)]
 async fn a_leaky_bucket_rule_delays_requests_to_its_rate() {
     let clock = clock();
-    let shaper = Policy::leaky_bucket(10, Duration::from_secs(1))
-        .expect("policy")
-        .with_max_delay(Duration::from_millis(500))
-        .expect("max delay");
     let layer = RateLimitLayer::new(limiter(&clock))
-        .rule(per_ip(shaper))
+        .rule(per_ip(shaper()))
         .expect("rule");
     let (app, calls) = app(layer);
     for k in 0..6u64 {
@@ -338,12 +342,8 @@ impl tower::Service<Request<Body>> for Reserving {
 async fn a_delayed_request_holds_no_inner_slot_while_it_waits() {
     use tower::Layer;
     let clock = clock();
-    let shaper = Policy::leaky_bucket(10, Duration::from_secs(1))
-        .expect("policy")
-        .with_max_delay(Duration::from_millis(500))
-        .expect("max delay");
     let layer = RateLimitLayer::new(limiter(&clock))
-        .rule(per_ip(shaper))
+        .rule(per_ip(shaper()))
         .expect("rule");
     let reserved = Arc::new(AtomicUsize::new(0));
     let service = layer.layer(Reserving {
