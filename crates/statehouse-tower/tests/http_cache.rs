@@ -12,9 +12,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use async_trait::async_trait;
 use axum::body::{Body, Bytes};
 use http::header::{
-    ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, DATE, ETAG,
-    HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
-    RANGE, SET_COOKIE, VARY,
+    ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, ETAG, HOST, IF_MATCH,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
+    SET_COOKIE, VARY,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
@@ -26,7 +26,7 @@ use statehouse::statehouse_core::cache::{
 use statehouse::{BreakerState, Clock, EmbeddedCacheStore, ManualClock, Timestamp};
 use statehouse_testkit::cache_intercept::{Intercept, Intercepted};
 use statehouse_tower::cache::{CacheBody, HttpCacheLayer, HttpCacheLayerBuilder, NotStoredReason};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
@@ -1158,227 +1158,6 @@ async fn an_oversized_body_streams_through_unstored() {
     let hit = h.get("/small").await;
     assert_eq!(hit.body, "x".repeat(900));
     assert_eq!(hit.headers[CONTENT_LENGTH], "900");
-}
-
-/// An upstream body that arrives as the test feeds it: each `Bytes` sent is one frame, and
-/// the body ends when the sender is dropped. No length is known ahead.
-struct Fed(mpsc::UnboundedReceiver<Bytes>);
-
-impl http_body::Body for Fed {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
-    }
-}
-
-/// A harness whose origin answers its first call with `cc` (and `content_type`) over a body
-/// the returned sender feeds, and every later call as [`ok`] does.
-fn fed(
-    configure: impl FnOnce(HttpCacheLayerBuilder) -> HttpCacheLayerBuilder,
-    cc: &'static str,
-    content_type: Option<&'static str>,
-) -> (Arc<Harness>, mpsc::UnboundedSender<Bytes>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let rx = Mutex::new(Some(rx));
-    let h = harness_with(None, false, configure, move |_, n, now| {
-        let mut res = ok(cc, n, now);
-        if let Some(ct) = content_type {
-            res.headers_mut()
-                .insert(CONTENT_TYPE, ct.parse().expect("content type"));
-        }
-        if let Some(rx) = rx.lock().expect("origin body lock").take() {
-            *res.body_mut() = Body::new(Fed(rx));
-        }
-        res
-    });
-    (Arc::new(h), tx)
-}
-
-/// `fut`, or a panic naming `what` if it cannot finish. On a paused clock the deadline passes
-/// as soon as every task is blocked, so a wait that would never end fails at once.
-async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: still waiting"))
-}
-
-/// The head of the response to a GET of `path`, while its body is still arriving.
-async fn head_of(h: &Harness, path: &str) -> Response<CacheBody<Body>> {
-    within(
-        "the head, before the body has ended",
-        h.svc.clone().oneshot(get(path)),
-    )
-    .await
-    .expect("infallible")
-}
-
-/// The next data frame of `body`.
-async fn next_chunk(body: &mut CacheBody<Body>) -> Bytes {
-    within("the next frame", body.frame())
-        .await
-        .expect("a frame, not the end")
-        .expect("no body error")
-        .into_data()
-        .expect("a data frame")
-}
-
-/// Regression: a storable response (explicit freshness, within `max_body_bytes`) was read
-/// whole before its head left, so a stream reached nobody until it ended. Its client now gets
-/// each frame as it arrives; a request for it meanwhile waits for the fill, and the response
-/// is stored at its end.
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_storable_body_streams_to_its_client_and_is_stored_at_its_end() {
-    let (h, feed) = fed(|b| b, "max-age=60", None);
-    feed.send(Bytes::from("first, ")).unwrap();
-    let res = head_of(&h, "/s").await;
-    assert_eq!(
-        res.headers()["cache-status"],
-        "statehouse; fwd=uri-miss; fwd-status=200; detail=streaming"
-    );
-    let mut body = res.into_body();
-    assert_eq!(next_chunk(&mut body).await, "first, ");
-
-    let waiter = {
-        let h = h.clone();
-        tokio::spawn(async move { h.get("/s").await })
-    };
-    settle().await;
-    assert!(
-        !waiter.is_finished(),
-        "a request meanwhile waits for the fill"
-    );
-    feed.send(Bytes::from("then the rest")).unwrap();
-    assert_eq!(next_chunk(&mut body).await, "then the rest");
-    drop(feed);
-    assert!(within("the end", body.frame()).await.is_none());
-
-    let waited = within("the waiter", waiter).await.unwrap();
-    assert_eq!(waited.body, "first, then the rest");
-    assert_eq!(
-        waited.cache_status(),
-        "statehouse; fwd=uri-miss; fwd-status=200; collapsed"
-    );
-    let hit = h.get("/s").await;
-    assert_eq!(hit.body, "first, then the rest");
-    assert_eq!(hit.cache_status(), "statehouse; hit; ttl=60");
-    assert_eq!(hit.headers[CONTENT_LENGTH], "20");
-    assert_eq!(h.calls(), 1);
-    let stats = h.layer.stats();
-    assert_eq!((stats.stored(), stats.not_stored_total()), (1, 0));
-}
-
-/// A streamed body that passes `max_body_bytes` still reaches its client whole and is not
-/// stored; its waiters go upstream on their own as soon as it passed the limit, not at its end.
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_streamed_body_over_the_limit_reaches_its_client_whole_unstored() {
-    let (h, feed) = fed(|b| b.max_body_bytes(10), "max-age=60", None);
-    feed.send(Bytes::from("0123456")).unwrap();
-    let res = head_of(&h, "/s").await;
-    let mut body = res.into_body();
-    assert_eq!(next_chunk(&mut body).await, "0123456");
-    let waiter = {
-        let h = h.clone();
-        tokio::spawn(async move { h.get("/s").await })
-    };
-    settle().await;
-    assert!(!waiter.is_finished());
-
-    feed.send(Bytes::from("789abc")).unwrap();
-    assert_eq!(next_chunk(&mut body).await, "789abc");
-    let waited = within("the waiter, past the limit", waiter).await.unwrap();
-    assert_eq!(waited.body, "response 2");
-    assert_eq!(
-        waited.cache_status(),
-        "statehouse; fwd=uri-miss; fwd-status=200"
-    );
-
-    feed.send(Bytes::from("def")).unwrap();
-    drop(feed);
-    let rest = within("the rest", body.collect()).await.unwrap().to_bytes();
-    assert_eq!(rest, "def", "every byte, in order");
-    settle().await;
-    let stats = h.layer.stats();
-    assert_eq!(stats.not_stored(NotStoredReason::TooLarge), 1);
-    assert_eq!(stats.stored(), 0);
-    let next = h.get("/s").await;
-    assert_eq!(
-        (next.body.as_str(), next.cache_status()),
-        (
-            "response 3",
-            "statehouse; fwd=uri-miss; fwd-status=200; stored"
-        )
-    );
-}
-
-/// A client that goes away mid-body (drops it) leaves nothing stored: the lease goes back, so
-/// the next request fills the key (rather than `detail=lease-held`), and the waiters go
-/// upstream on their own at once.
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_client_dropping_a_streamed_body_stores_nothing_and_gives_the_lease_back() {
-    let (h, feed) = fed(|b| b, "max-age=60", None);
-    feed.send(Bytes::from("first")).unwrap();
-    let res = head_of(&h, "/s").await;
-    let mut body = res.into_body();
-    assert_eq!(next_chunk(&mut body).await, "first");
-    let waiter = {
-        let h = h.clone();
-        tokio::spawn(async move { h.get("/s").await })
-    };
-    settle().await;
-    assert!(!waiter.is_finished());
-
-    drop(body);
-    assert!(
-        feed.send(Bytes::from("never read")).is_err(),
-        "the origin's body went with the client"
-    );
-    let waited = within("the waiter, after the drop", waiter).await.unwrap();
-    assert_eq!(
-        (waited.body.as_str(), waited.cache_status()),
-        ("response 2", "statehouse; fwd=uri-miss; fwd-status=200")
-    );
-    settle().await;
-    let stats = h.layer.stats();
-    assert_eq!(stats.not_stored(NotStoredReason::ClientGone), 1);
-    assert_eq!(stats.stored(), 0);
-    let next = h.get("/s").await;
-    assert_eq!(
-        (next.body.as_str(), next.cache_status()),
-        (
-            "response 3",
-            "statehouse; fwd=uri-miss; fwd-status=200; stored"
-        )
-    );
-}
-
-/// Server-sent events are never stored, whatever their freshness: the client streams, and a
-/// request for the same URI meanwhile goes to the origin at once instead of waiting for a
-/// stream that may never end.
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn server_sent_events_are_never_stored_nor_waited_for() {
-    let (h, feed) = fed(
-        |b| b,
-        "max-age=60",
-        Some("Text/Event-Stream; charset=utf-8"),
-    );
-    feed.send(Bytes::from("data: 1\n\n")).unwrap();
-    let res = head_of(&h, "/events").await;
-    assert_eq!(
-        res.headers()["cache-status"],
-        "statehouse; fwd=uri-miss; fwd-status=200; detail=event-stream"
-    );
-    let mut body = res.into_body();
-    assert_eq!(next_chunk(&mut body).await, "data: 1\n\n");
-    let other = within("another request", h.get("/events")).await;
-    assert_eq!(other.body, "response 2");
-    assert_eq!(h.calls(), 2);
-    assert_eq!(h.layer.stats().not_stored(NotStoredReason::EventStream), 2);
 }
 
 #[tokio::test]

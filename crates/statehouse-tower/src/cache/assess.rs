@@ -2,7 +2,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use http::header::{AGE, CONNECTION, CONTENT_TYPE, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
+use http::header::{AGE, CONNECTION, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
 use http::{HeaderMap, HeaderName, StatusCode};
 use statehouse::Timestamp;
 use statehouse::statehouse_core::cache::MAX_TAGS;
@@ -25,16 +25,6 @@ pub(crate) struct Plan {
     pub(crate) vary: Vec<HeaderName>,
     /// The response's tags, as sent.
     pub(crate) tags: Vec<String>,
-}
-
-/// Whether the media type of `Content-Type` is `text/event-stream` (any parameters, any case).
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers.get_all(CONTENT_TYPE).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b';')
-            .next()
-            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"text/event-stream"))
-    })
 }
 
 /// The statuses this cache "understands" for `must-understand` (§5.2.2.3): the heuristically
@@ -184,13 +174,6 @@ pub(crate) fn assess(
         _ => Duration::ZERO,
     };
     let stale_until = fresh_until.saturating_add(stale_window);
-    // Server-sent events are a stream meant to stay open: storing one would mean holding every
-    // coalesced request until it ends, which may be never. Refused here, from the head, the
-    // waiters go upstream at once (each gets its own stream) and the client is streamed to.
-    // Checked last so that a response refused anyway keeps its usual reason.
-    if is_event_stream(headers) {
-        return Err(NotStoredReason::EventStream);
-    }
 
     let mut tags = Vec::new();
     for line in headers.get_all(&config.tag_header) {

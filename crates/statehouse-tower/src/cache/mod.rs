@@ -78,11 +78,7 @@
 //! * not `Vary: *`, at most 8 `Vary` names ([`max_vary_headers`](HttpCacheLayerBuilder::max_vary_headers)),
 //!   and at most 16 variants per URI ([`max_variants`](HttpCacheLayerBuilder::max_variants));
 //! * a body of at most 1 MiB ([`max_body_bytes`](HttpCacheLayerBuilder::max_body_bytes)) and
-//!   no trailers. The body streams to the client as it arrives either way (see *Streaming*);
-//!   the copy kept to store is dropped as soon as it passes the limit;
-//! * not `Content-Type: text/event-stream`: server-sent events are a stream meant to stay
-//!   open, so they are never stored whatever their freshness (`detail=event-stream`), and the
-//!   requests coalesced with one go to the origin as soon as its head arrives;
+//!   no trailers. A larger body is read only up to the limit, then streams through unstored;
 //! * not already stale when received (its `Age`, and the delay, count: §4.2.3).
 //!
 //! Hop-by-hop fields, `Age` and upstream `Cache-Status` are not stored. Freshness and ages
@@ -147,38 +143,6 @@
 //!   `proxy-revalidate`, `s-maxage`, unqualified `no-cache`), a request with `no-cache`,
 //!   `max-age` or `min-fresh`, or a HEAD: those wait for the origin.
 //!
-//! ## Streaming
-//!
-//! A response the cache may store is not held back until its body has ended, as nginx's
-//! `proxy_cache` does not: what of the body has already arrived with the head is read at once,
-//! and if that is the whole body, it is stored before the head leaves (the usual case for a
-//! small response, whose `Cache-Status` then says `stored`, or why not). A body still arriving
-//! goes to the client frame by frame through a *tee* that keeps a copy
-//! (`Cache-Status: ...; detail=streaming`, since whether it will be stored is known only
-//! after the head has left), so a long poll, progressive HTML or any slow body keeps its time
-//! to first byte. At the body's end:
-//!
-//! * complete, within `max_body_bytes` and without trailers: the copy is stored under the
-//!   fill's lease, from a background task (the client gets its end at once), and the
-//!   coalesced requests are answered from it (`collapsed`), as for any fill. Until then the
-//!   flight stays open, so a request arriving meanwhile waits for the stored response;
-//! * past `max_body_bytes`, at trailers, at a body error, or when the client goes away (drops
-//!   the body before its end, counted as [`NotStoredReason::ClientGone`]): the copy is
-//!   dropped, nothing is stored, the lease is given back, and the coalesced requests go to the
-//!   origin on their own at that moment. A client still there keeps streaming to the end.
-//!
-//! Coalesced requests thus never wait longer than they did when bodies were read whole: until
-//! the body has ended, or turned out unstorable. A stream that never ends and is not
-//! `text/event-stream` (a long poll with a `max-age`, say) still holds them until it passes
-//! `max_body_bytes` or ends: an origin should mark such a response `no-store`.
-//! A body that takes longer than the [lease](HttpCacheLayerBuilder::lease_ttl) (10 s) is not
-//! stored when another replica took the key meanwhile.
-//!
-//! Two fills still read the whole body first, since nobody could be streamed to: a
-//! background revalidation (`stale-while-revalidate`), and a fill whose client's own
-//! conditions (`If-None-Match`, `If-Modified-Since`) the new response satisfies: that client
-//! gets a `304` without the body, which is known only once the body is there to store.
-//!
 //! ## Keys, `Vary`, coalescing, leases
 //!
 //! The key is the scheme (the URI's own, else [`default_scheme`](HttpCacheLayerBuilder::default_scheme)),
@@ -196,8 +160,7 @@
 //! old response is never written back after it. A replica that finds the lease taken goes
 //! to the origin and does not store (`detail=lease-held`). A filler whose client goes away
 //! mid-fill (at any point after it took the lease) gives its lease back from a background
-//! task. Before the response's head, its waiters look the key up again (one of them leads);
-//! once the body streams to the client, they go to the origin on their own (see *Streaming*).
+//! task, and its waiters look the key up again (one of them leads).
 //!
 //! ## Purging
 //!
@@ -230,7 +193,6 @@
 //! | fresh hit | `statehouse; hit; ttl=42` |
 //! | miss, stored | `statehouse; fwd=uri-miss; fwd-status=200; stored` |
 //! | miss, not stored | `statehouse; fwd=uri-miss; fwd-status=200; detail=set-cookie` |
-//! | miss, body streaming (stored at its end if it may be) | `statehouse; fwd=uri-miss; fwd-status=200; detail=streaming` |
 //! | another variant | `statehouse; fwd=vary-miss; fwd-status=200; stored` |
 //! | waited for another request | `statehouse; fwd=uri-miss; fwd-status=200; collapsed` |
 //! | request directives | `statehouse; fwd=request; fwd-status=200; stored` |

@@ -18,7 +18,7 @@ use statehouse::statehouse_core::cache::{LeaseOutcome, LeaseToken, validate_tag}
 use tower_service::Service;
 
 use super::assess::{Plan, assess};
-use super::body::{CacheBody, Collected, FillSink, collect};
+use super::body::{CacheBody, Collected, collect};
 use super::conditional::{NOT_MODIFIED_FIELDS, not_modified};
 use super::control::RequestDirectives;
 use super::flight::{FlightGuard, Join, Outcome, wait};
@@ -950,46 +950,8 @@ where
                 return Ok(res);
             }
         };
-        // The body goes to the client as it arrives (a tee keeps the copy to store), except
-        // where it must be whole first: a background revalidation has no client to stream to,
-        // and a client whose own conditions this response satisfies gets a 304 without it.
-        // What is already there is read at once either way: a body that came with its head is
-        // stored before the head leaves, and its `Cache-Status` says how that went.
-        let wait = fill.background
-            || (answering
-                && not_modified(&Method::GET, &request_headers, parts.status, &parts.headers));
-        let max = shared.config.max_body_bytes;
-        let body = match collect(body, max, wait).await {
+        let body = match collect(body, shared.config.max_body_bytes).await {
             Collected::Complete(bytes) => bytes,
-            Collected::Arriving(prefix) => {
-                let status = parts.status;
-                // Whether it will be stored is known only at the body's end, after this head
-                // left; unless the fill could never store (no lease, the store down).
-                let detail = match (&lease, &epoch) {
-                    (Err(reason), _) | (Ok(_), Err(reason)) => reason.as_str(),
-                    (Ok(_), Ok(_)) => "streaming",
-                };
-                let sink = StreamedFill {
-                    shared: shared.clone(),
-                    guard: fill.guard,
-                    primary: fill.primary.to_owned(),
-                    fill_key: fill.fill_key,
-                    spec: fill.spec,
-                    fwd: fill.fwd,
-                    authorized: fill.authorized,
-                    new_variant: fill.new_variant,
-                    lease,
-                    epoch,
-                    held,
-                    status,
-                    plan,
-                    request_headers,
-                    response_time,
-                };
-                let res = Response::from_parts(parts, CacheBody::tee(prefix, max, Box::new(sink)));
-                let cache_status = CacheStatus::fwd(fill.fwd, Some(status)).detail(detail);
-                return Ok(shared.finish(res, cache_status));
-            }
             Collected::Partial(body, reason) => {
                 let origin_status = parts.status;
                 let res = Response::from_parts(parts, body);
@@ -1181,88 +1143,6 @@ struct Stale {
 struct Prior {
     response: StoredResponse,
     serve_on_error: bool,
-}
-
-/// A leader's fill whose body streams to its client: stored, and shared with the flight's
-/// waiters, once the body ends complete; given up on (lease given back, waiters sent upstream
-/// on their own) when it cannot be stored or the client goes away first.
-struct StreamedFill {
-    shared: Arc<Shared>,
-    guard: FlightGuard,
-    primary: String,
-    fill_key: String,
-    spec: Option<VarySpec>,
-    fwd: Fwd,
-    authorized: bool,
-    new_variant: bool,
-    lease: Result<LeaseToken, NotStoredReason>,
-    epoch: Result<u64, NotStoredReason>,
-    held: HeldLease,
-    status: StatusCode,
-    plan: Plan,
-    request_headers: HeaderMap,
-    response_time: Timestamp,
-}
-
-impl FillSink for StreamedFill {
-    fn complete(self: Box<Self>, body: Bytes) {
-        // The store calls are async and the body's poll is not: a task of their own, so the
-        // client gets the end of its body at once. The flight stays open until it is done,
-        // so a request arriving meanwhile waits for the stored response rather than the origin.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return self.abandon(NotStoredReason::StoreUnavailable);
-        };
-        runtime.spawn(async move {
-            let StreamedFill {
-                shared,
-                guard,
-                primary,
-                fill_key,
-                spec,
-                fwd,
-                authorized,
-                new_variant,
-                lease,
-                epoch,
-                mut held,
-                status,
-                plan,
-                request_headers,
-                response_time,
-            } = *self;
-            let fill = Fill {
-                guard,
-                primary: &primary,
-                fill_key,
-                spec,
-                fwd,
-                prior: None,
-                authorized,
-                new_variant,
-                background: false,
-            };
-            shared
-                .store_and_share(
-                    fwd,
-                    fill,
-                    lease,
-                    epoch,
-                    &mut held,
-                    (status, &plan, body),
-                    &request_headers,
-                    response_time,
-                )
-                .await;
-        });
-    }
-
-    fn abandon(self: Box<Self>, reason: NotStoredReason) {
-        // As for a response not stored: waiters go upstream themselves (they are not kept
-        // waiting for what is left of this body), and the lease goes back (dropping `held`
-        // gives it back from a background task).
-        self.guard.finish(Outcome::NotShareable);
-        self.shared.stats.count_not_stored(reason);
-    }
 }
 
 impl Shared {

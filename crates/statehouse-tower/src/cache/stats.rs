@@ -51,16 +51,11 @@ pub enum NotStoredReason {
     StoreUnavailable,
     /// A HEAD request: its response has no body to store.
     Head,
-    /// `Content-Type: text/event-stream`: server-sent events are a stream that may never end,
-    /// whatever their freshness says, so they are never stored (and never waited for).
-    EventStream,
-    /// The client went away (dropped the body) before a body streamed to it had ended.
-    ClientGone,
 }
 
 impl NotStoredReason {
     /// Every reason, in counter order.
-    pub const ALL: [NotStoredReason; 22] = [
+    pub const ALL: [NotStoredReason; 20] = [
         NotStoredReason::Status,
         NotStoredReason::NoStore,
         NotStoredReason::Private,
@@ -81,8 +76,6 @@ impl NotStoredReason {
         NotStoredReason::VaryChanged,
         NotStoredReason::StoreUnavailable,
         NotStoredReason::Head,
-        NotStoredReason::EventStream,
-        NotStoredReason::ClientGone,
     ];
 
     /// The token used as the `Cache-Status` `detail`, e.g. `set-cookie`.
@@ -108,8 +101,6 @@ impl NotStoredReason {
             NotStoredReason::VaryChanged => "vary-changed",
             NotStoredReason::StoreUnavailable => "store-unavailable",
             NotStoredReason::Head => "head",
-            NotStoredReason::EventStream => "event-stream",
-            NotStoredReason::ClientGone => "client-gone",
         }
     }
 
@@ -142,7 +133,7 @@ pub struct HttpCacheStats {
     hits: AtomicU64,
     misses: AtomicU64,
     stored: AtomicU64,
-    not_stored: [AtomicU64; NotStoredReason::ALL.len()],
+    not_stored: [AtomicU64; 20],
     coalesced: AtomicU64,
     bypassed: AtomicU64,
     invalidations: AtomicU64,
