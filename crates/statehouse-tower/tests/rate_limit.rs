@@ -362,7 +362,11 @@ async fn a_delayed_request_holds_no_inner_slot_while_it_waits() {
     let second = tokio::spawn(service.clone().oneshot(request()));
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!second.is_finished(), "still waiting for its turn");
-    assert_eq!(reserved.load(Ordering::SeqCst), 0, "no slot held while waiting");
+    assert_eq!(
+        reserved.load(Ordering::SeqCst),
+        0,
+        "no slot held while waiting"
+    );
     let second = second.await.expect("task").expect("second");
     assert_eq!(second.status(), StatusCode::OK);
     assert_eq!(reserved.load(Ordering::SeqCst), 0);
