@@ -633,6 +633,20 @@ async fn sessions_of_one_slot(
     (store, slot, users, tokens)
 }
 
+/// Loads the four sessions of `tokens` concurrently, queued before the batching task runs.
+async fn load_at_once(
+    store: &RedisSessionStore,
+    tokens: &[SessionToken],
+) -> [statehouse_core::Result<Option<statehouse_core::session::LoadedSession>>; 4] {
+    let loads = tokio::join!(
+        store.load(&tokens[0]),
+        store.load(&tokens[1]),
+        store.load(&tokens[2]),
+        store.load(&tokens[3]),
+    );
+    [loads.0, loads.1, loads.2, loads.3]
+}
+
 /// Four users of one slot, each with a session, while the slot is half moved: the first and
 /// third users' keys (session and index) on the target, the others' on the source, each user's
 /// keys together. Loads of the four, queued before the batching task runs (one thread), go out
@@ -649,13 +663,7 @@ async fn session_loads_of_a_half_moved_slot(share: (u32, u32), touched: bool) {
         .flat_map(|i| [store.session_key(&tokens[i]), store.index_key(&users[i])])
         .collect();
     let slot_move = half_move_keys(&cluster, slot, moved).await;
-    let loads = tokio::join!(
-        store.load(&tokens[0]),
-        store.load(&tokens[1]),
-        store.load(&tokens[2]),
-        store.load(&tokens[3]),
-    );
-    for (user, loaded) in users.iter().zip([loads.0, loads.1, loads.2, loads.3]) {
+    for (user, loaded) in users.iter().zip(load_at_once(&store, &tokens).await) {
         let loaded = loaded
             .unwrap_or_else(|e| panic!("{user}: not answered while the keys are apart: {e}"))
             .unwrap_or_else(|| panic!("{user}: no session"));
@@ -676,13 +684,7 @@ async fn session_loads_of_a_half_moved_slot(share: (u32, u32), touched: bool) {
     })
     .await
     .expect("join");
-    let loads = tokio::join!(
-        store.load(&tokens[0]),
-        store.load(&tokens[1]),
-        store.load(&tokens[2]),
-        store.load(&tokens[3]),
-    );
-    for (user, loaded) in users.iter().zip([loads.0, loads.1, loads.2, loads.3]) {
+    for (user, loaded) in users.iter().zip(load_at_once(&store, &tokens).await) {
         let loaded = loaded.expect("load").expect("present");
         assert_eq!(&loaded.record.user_id, user);
     }
