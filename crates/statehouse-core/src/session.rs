@@ -424,6 +424,27 @@ pub struct LoadedSession {
     pub via_rotation_alias: bool,
 }
 
+/// What an [`update`](SessionStore::update) found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Updated {
+    /// The session is gone (revoked, expired or unknown): nothing was written, and nothing
+    /// brought it back.
+    Gone,
+    /// Written through the session's current token; `last_seen` and the expiry moved.
+    Written,
+    /// Written through an old token still in its rotation grace: the session has a newer token
+    /// (a concurrent request rotated it), so a client holding the old one must not be handed it
+    /// again.
+    WrittenViaRotationAlias,
+}
+
+impl Updated {
+    /// Whether the changes were written.
+    pub fn written(self) -> bool {
+        self != Updated::Gone
+    }
+}
+
 /// When a session expires: `min(last_seen + idle, created_at + absolute)`.
 pub fn expires_at(
     created_at: Timestamp,
@@ -568,9 +589,9 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
         None
     }
 
-    /// Applies `changes` field by field and refreshes the session; `false` (and nothing written)
-    /// when the session is gone.
-    async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<bool>;
+    /// Applies `changes` field by field and refreshes the session; [`Updated::Gone`] (and
+    /// nothing written) when the session is gone.
+    async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<Updated>;
 
     /// Moves the session to a new token, atomically; the old token keeps working for the
     /// rotation grace. `None` when the session is gone.
@@ -587,8 +608,14 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     async fn revoke_by_id(&self, user_id: &str, id: &SessionId) -> Result<bool>;
 
     /// Revokes every session of `user_id` except `keep` ("log out everywhere else"); returns
-    /// how many were revoked.
-    async fn revoke_all_for_user(&self, user_id: &str, keep: Option<&SessionId>) -> Result<u64>;
+    /// the ids of the sessions it revoked. A `keep` that is the id of an old token still in its rotation
+    /// grace keeps the session that token was rotated to (a request that loaded its session
+    /// just before a concurrent rotation keeps the current device).
+    async fn revoke_all_for_user(
+        &self,
+        user_id: &str,
+        keep: Option<&SessionId>,
+    ) -> Result<Vec<SessionId>>;
 
     /// How many failure domains the store has: parts that can fail while the others go on
     /// (groups of hash slots of a Redis Cluster). A caller with a circuit breaker (the

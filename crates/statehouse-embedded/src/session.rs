@@ -75,7 +75,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use statehouse_core::session::{
     LoadedSession, NewSession, SessionChanges, SessionConfig, SessionId, SessionInfo,
-    SessionRecord, SessionStore, SessionToken, UserTag, is_alive, touch_due,
+    SessionRecord, SessionStore, SessionToken, Updated, UserTag, is_alive, touch_due,
 };
 use statehouse_core::{Clock, Error, Result, SystemClock, Timestamp};
 
@@ -566,16 +566,18 @@ impl EmbeddedSessionStore {
         })
     }
 
-    fn update_sync(&self, token: &SessionToken, changes: &SessionChanges) -> Result<bool> {
+    fn update_sync(&self, token: &SessionToken, changes: &SessionChanges) -> Result<Updated> {
         changes.validate()?;
         let tag = token.user_tag();
         let mut shard = self.shard_of(tag);
         let now = self.inner.clock.now();
-        let Some((target, _)) = shard.resolve(tag, &token.id(), now, &self.inner.config) else {
-            return Ok(false);
+        let presented = token.id();
+        let Some((target, _)) = shard.resolve(tag, &presented, now, &self.inner.config) else {
+            return Ok(Updated::Gone);
         };
+        let via_alias = target != presented;
         let Some(record) = shard.session_mut(tag, &target) else {
-            return Ok(false);
+            return Ok(Updated::Gone);
         };
         for name in &changes.remove {
             record.data.remove(name);
@@ -587,7 +589,11 @@ impl EmbeddedSessionStore {
             record.roles.clone_from(roles);
         }
         record.last_seen = now;
-        Ok(true)
+        Ok(if via_alias {
+            Updated::WrittenViaRotationAlias
+        } else {
+            Updated::Written
+        })
     }
 
     fn rotate_with(
@@ -688,11 +694,18 @@ impl EmbeddedSessionStore {
         Ok(owned)
     }
 
-    fn revoke_all_sync(&self, user_id: &str, keep: Option<&SessionId>) -> Result<u64> {
+    fn revoke_all_sync(&self, user_id: &str, keep: Option<&SessionId>) -> Result<Vec<SessionId>> {
         validate_user_id(user_id)?;
         let tag = UserTag::for_user(user_id);
         let mut shard = self.shard_of(tag);
         let now = self.inner.clock.now();
+        // An old id in its rotation grace keeps the session it was rotated to.
+        let keep = keep.map(|id| {
+            shard
+                .resolve(tag, id, now, &self.inner.config)
+                .map_or_else(|| id.clone(), |(target, _)| target)
+        });
+        let keep = keep.as_ref();
         shard.prune_user(tag, now, &self.inner.config);
         let doomed: Vec<SessionId> = shard
             .users
@@ -708,7 +721,7 @@ impl EmbeddedSessionStore {
             shard.remove(tag, id);
         }
         shard.prune_user(tag, now, &self.inner.config);
-        Ok(doomed.len() as u64)
+        Ok(doomed)
     }
 }
 
@@ -734,7 +747,7 @@ impl SessionStore for EmbeddedSessionStore {
         Ok(self.load_sync(token))
     }
 
-    async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<bool> {
+    async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<Updated> {
         self.update_sync(token, changes)
     }
 
@@ -754,7 +767,11 @@ impl SessionStore for EmbeddedSessionStore {
         self.revoke_by_id_sync(user_id, id)
     }
 
-    async fn revoke_all_for_user(&self, user_id: &str, keep: Option<&SessionId>) -> Result<u64> {
+    async fn revoke_all_for_user(
+        &self,
+        user_id: &str,
+        keep: Option<&SessionId>,
+    ) -> Result<Vec<SessionId>> {
         self.revoke_all_sync(user_id, keep)
     }
 }

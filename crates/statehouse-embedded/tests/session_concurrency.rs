@@ -5,7 +5,7 @@ use std::sync::Barrier;
 
 use futures::executor::block_on;
 use statehouse_core::ManualClock;
-use statehouse_core::session::{NewSession, SessionChanges, SessionStore};
+use statehouse_core::session::{NewSession, SessionChanges, SessionStore, Updated};
 use statehouse_embedded::EmbeddedSessionStore;
 
 const THREADS: usize = 8;
@@ -36,7 +36,10 @@ fn eight_threads_updating_different_fields_lose_nothing() {
                     } else {
                         changes.remove.insert(format!("scratch-{thread}"));
                     }
-                    assert!(block_on(store.update(token, &changes)).unwrap());
+                    assert_eq!(
+                        block_on(store.update(token, &changes)).unwrap(),
+                        Updated::Written
+                    );
                     assert!(block_on(store.load(token)).unwrap().is_some());
                 }
             });

@@ -418,7 +418,8 @@ end
 -- roles by ARGV[11], ARGV[12] = number of fields to set, then that many name/value pairs of
 -- data fields, then the names of the data fields to delete. Writes only to a live session; the
 -- record is decoded, changed field by field and written back in this one atomic step, so
--- concurrent updates of other fields are never lost.
+-- concurrent updates of other fields are never lost. Reply { now, 1, via_alias (1 when the
+-- presented id was a rotation alias) }.
 local function update()
   local idx = KEYS[2]
   local sess = resolve(KEYS[1], ARGV[9])
@@ -444,7 +445,7 @@ local function update()
   f.s = now
   call('SET', sess.key, encode(f))
   refresh_expiry(idx, sess.key, sess.id, f.c)
-  return { fmt(now), DONE }
+  return { fmt(now), DONE, sess.via_alias }
 end
 
 -- rotate: KEYS[1], KEYS[2] as load, KEYS[3] = key of the new id; ARGV[9] = presented id,
@@ -538,10 +539,18 @@ local function list()
   return { fmt(now), out, expired }
 end
 
--- revoke_all: KEYS[1] = index; ARGV[9] = user id, ARGV[10] = id to keep or ''.
--- Reply { now, { revoked ids }, { expired id, user ... } }.
+-- revoke_all: KEYS[1] = index; ARGV[9] = user id, ARGV[10] = id to keep or ''. A kept id that
+-- is a live rotation alias keeps the session it points at: a request that loaded its session
+-- before a concurrent rotation keeps the current device. Reply { now, { revoked ids },
+-- { expired id, user ... } }.
 local function revoke_all()
   local idx, keep = KEYS[1], ARGV[10]
+  if keep ~= '' then
+    local kept = resolve(base .. keep, keep)
+    if kept then
+      keep = kept.id
+    end
+  end
   local revoked = {}
   local expired = walk(function(id, key)
     if id ~= keep then

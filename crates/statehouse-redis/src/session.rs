@@ -9,8 +9,8 @@ use redis::{ScriptInvocation, Value};
 use statehouse_core::key::validate_prefix;
 use statehouse_core::session::{
     LoadedSession, NewSession, SessionChanges, SessionConfig, SessionEvent, SessionHooks,
-    SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, USER_TAG_LEN, UserTag,
-    expires_at,
+    SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, USER_TAG_LEN, Updated,
+    UserTag, expires_at,
 };
 use statehouse_core::{Clock, Error, Result, Timestamp};
 use tokio::time::Instant;
@@ -612,7 +612,7 @@ impl SessionStore for RedisSessionStore {
         Some(self.load_bounded(token, Some(timeout)).await)
     }
 
-    async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<bool> {
+    async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<Updated> {
         changes.validate()?;
         let id = token.id();
         let (mut inv, base) = self.start("update", token.user_tag());
@@ -632,11 +632,20 @@ impl SessionStore for RedisSessionStore {
         }
         let reply = parse_reply(self.run(&inv, self.deadline()).await?)?;
         match reply.status {
-            Status::Done => Ok(true),
-            Status::Gone => Ok(false),
+            Status::Done => match reply
+                .rest
+                .first()
+                .map(|v| uint(v, "via_alias"))
+                .transpose()?
+            {
+                Some(0) => Ok(Updated::Written),
+                Some(1) => Ok(Updated::WrittenViaRotationAlias),
+                _ => Err(unexpected_reply("update answered without its alias flag")),
+            },
+            Status::Gone => Ok(Updated::Gone),
             Status::Expired => {
                 self.emit_expired(reply.rest)?;
-                Ok(false)
+                Ok(Updated::Gone)
             }
             Status::Collision => Err(unexpected_reply("update answered a collision")),
         }
@@ -740,7 +749,11 @@ impl SessionStore for RedisSessionStore {
         self.revocation_outcome(reply, "revoke_by_id")
     }
 
-    async fn revoke_all_for_user(&self, user_id: &str, keep: Option<&SessionId>) -> Result<u64> {
+    async fn revoke_all_for_user(
+        &self,
+        user_id: &str,
+        keep: Option<&SessionId>,
+    ) -> Result<Vec<SessionId>> {
         check_user(user_id)?;
         let (mut inv, base) = self.start("revoke_all", UserTag::for_user(user_id));
         inv.key(format!("{base}idx"))
@@ -748,14 +761,17 @@ impl SessionStore for RedisSessionStore {
             .arg(keep.map_or("", SessionId::as_str));
         let (_now, revoked, expired) = parse_lists(self.run(&inv, self.deadline()).await?)?;
         self.emit_expired(expired)?;
-        let count = revoked.len() as u64;
-        for id in revoked {
+        let revoked = revoked
+            .into_iter()
+            .map(|id| session_id(id, "revoked id"))
+            .collect::<Result<Vec<_>>>()?;
+        for id in &revoked {
             self.emit(SessionEvent::Revoked {
-                id: session_id(id, "revoked id")?,
+                id: id.clone(),
                 user_id: Some(user_id.to_owned()),
             });
         }
-        Ok(count)
+        Ok(revoked)
     }
 }
 

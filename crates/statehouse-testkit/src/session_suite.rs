@@ -20,7 +20,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use statehouse_core::session::{
     LoadedSession, MAX_NAME_LEN, MAX_ROLES, MAX_VALUE_LEN, NewSession, SessionChanges,
-    SessionConfig, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, UserTag,
+    SessionConfig, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, Updated,
+    UserTag,
 };
 use statehouse_core::{Clock, ManualClock, Timestamp};
 
@@ -123,7 +124,7 @@ impl Harness {
     }
 
     /// Updates through the main store.
-    pub async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> bool {
+    pub async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Updated {
         update(&self.store, token, changes).await
     }
 
@@ -147,7 +148,7 @@ async fn update(
     store: &Arc<dyn SessionStore>,
     token: &SessionToken,
     changes: &SessionChanges,
-) -> bool {
+) -> Updated {
     store
         .update(token, changes)
         .await
@@ -282,8 +283,9 @@ pub async fn absolute_expiry_is_exact_despite_activity(f: &dyn SessionStoreFacto
         .await
         .expect("alive 1µs before the absolute edge");
     assert_eq!(loaded.record.expires_at(&h.config), end);
-    assert!(
+    assert_eq!(
         update(&h.store, &t, &set("k", b"v")).await,
+        Updated::Written,
         "writes count as activity too"
     );
     h.advance(US);
@@ -291,7 +293,7 @@ pub async fn absolute_expiry_is_exact_despite_activity(f: &dyn SessionStoreFacto
         h.load(&t).await.is_none(),
         "gone exactly at created_at + absolute"
     );
-    assert!(!h.update(&t, &set("k", b"v")).await);
+    assert_eq!(h.update(&t, &set("k", b"v")).await, Updated::Gone);
 }
 
 /// Reads refresh `last_seen` only once `touch_after` has passed since the last refresh.
@@ -340,7 +342,7 @@ pub async fn updates_are_field_level(f: &dyn SessionStoreFactory) {
     h.advance(Duration::from_secs(1));
     let (set_a, set_b) = (set("a", b"from replica 1"), set("b", b"from replica 2"));
     let (a, b) = futures::join!(update(&r1, &t, &set_a), update(&r2, &t, &set_b));
-    assert!(a && b);
+    assert_eq!((a, b), (Updated::Written, Updated::Written));
     let loaded = h.load(&t).await.expect("loads");
     assert_eq!(
         loaded.record.data,
@@ -358,7 +360,7 @@ pub async fn updates_are_field_level(f: &dyn SessionStoreFactory) {
     changes.remove.insert("drop".into());
     changes.remove.insert("never-there".into());
     changes.roles = Some(vec!["admin".into(), "auditor".into()]);
-    assert!(h.update(&t, &changes).await);
+    assert_eq!(h.update(&t, &changes).await, Updated::Written);
     let record = h.load(&t).await.expect("loads").record;
     assert_eq!(
         record.data,
@@ -371,9 +373,12 @@ pub async fn updates_are_field_level(f: &dyn SessionStoreFactory) {
     // empty change set is still activity.
     let mut both = set("keep", b"new");
     both.remove.insert("keep".into());
-    assert!(h.update(&t, &both).await);
+    assert_eq!(h.update(&t, &both).await, Updated::Written);
     h.advance(Duration::from_secs(1));
-    assert!(h.update(&t, &SessionChanges::default()).await);
+    assert_eq!(
+        h.update(&t, &SessionChanges::default()).await,
+        Updated::Written
+    );
     let record = h.load(&t).await.expect("loads").record;
     assert_eq!(
         record.data.get("keep").map(Vec::as_slice),
@@ -390,14 +395,18 @@ pub async fn no_resurrection_after_revoke_or_expiry(f: &dyn SessionStoreFactory)
     let (t, _) = h.create_for("alice").await;
     assert!(revoke(&h.store, &t).await);
     assert!(!revoke(&h.store, &t).await, "already gone");
-    assert!(!h.update(&t, &set("k", b"v")).await);
+    assert_eq!(h.update(&t, &set("k", b"v")).await, Updated::Gone);
     assert!(h.load(&t).await.is_none());
     assert!(rotate(&h.store, &t).await.is_none());
     assert!(h.list("alice").await.is_empty());
 
     let (t, _) = h.create_for("bob").await;
     h.advance(IDLE);
-    assert!(!h.update(&t, &set("k", b"v")).await, "expired: no write");
+    assert_eq!(
+        h.update(&t, &set("k", b"v")).await,
+        Updated::Gone,
+        "expired: no write"
+    );
     assert!(h.load(&t).await.is_none());
     assert!(h.list("bob").await.is_empty());
     assert!(
@@ -417,8 +426,9 @@ pub async fn logout_during_a_slow_request_stays_logged_out(f: &dyn SessionStoreF
     h.advance(Duration::from_millis(300));
     assert!(revoke(&logout, &t).await, "logout on another replica");
     h.advance(Duration::from_millis(300));
-    assert!(
-        !update(&slow, &t, &set("cart", b"[3]")).await,
+    assert_eq!(
+        update(&slow, &t, &set("cart", b"[3]")).await,
+        Updated::Gone,
         "the slow request's write must not undo the logout"
     );
     assert!(load(&slow, &t).await.is_none());
@@ -467,8 +477,9 @@ pub async fn rotation_keeps_the_session_under_a_new_token(f: &dyn SessionStoreFa
     assert!(aliased.via_rotation_alias);
     assert_eq!(aliased.record.id, fresh.id());
 
-    assert!(
+    assert_eq!(
         h.update(&old, &set("from-old", b"1")).await,
+        Updated::WrittenViaRotationAlias,
         "an in-flight request writes"
     );
     let record = h.load(&fresh).await.expect("loads").record;
@@ -496,7 +507,7 @@ pub async fn old_token_stops_exactly_at_the_grace_end(f: &dyn SessionStoreFactor
         h.load(&old).await.is_none(),
         "gone exactly at the grace end"
     );
-    assert!(!h.update(&old, &set("k", b"v")).await);
+    assert_eq!(h.update(&old, &set("k", b"v")).await, Updated::Gone);
     assert!(!revoke(&h.store, &old).await);
     assert!(rotate(&h.store, &old).await.is_none());
     let loaded = h.load(&fresh).await.expect("the new token lives on");
@@ -595,7 +606,7 @@ pub async fn rotation_edge_cases(f: &dyn SessionStoreFactory) {
         h.load(&a).await.is_none(),
         "the alias of a revoked session is dead"
     );
-    assert!(!h.update(&a, &set("k", b"v")).await);
+    assert_eq!(h.update(&a, &set("k", b"v")).await, Updated::Gone);
     assert!(h.list("bob").await.is_empty());
 }
 
@@ -606,7 +617,7 @@ pub async fn replicas_share_sessions(f: &dyn SessionStoreFactory) {
     let c = h.replica(f).await;
     let (t, record) = h.create_for("alice").await;
     assert_eq!(load(&b, &t).await.expect("seen on b").record, record);
-    assert!(update(&c, &t, &set("k", b"v")).await);
+    assert_eq!(update(&c, &t, &set("k", b"v")).await, Updated::Written);
     let seen = load(&b, &t).await.expect("seen on b");
     assert_eq!(
         seen.record.data.get("k").map(Vec::as_slice),
@@ -694,13 +705,15 @@ pub async fn per_user_index_lists_and_revokes(f: &dyn SessionStoreFactory) {
     );
 
     let (t4, _) = h.create_for("alice").await;
-    assert_eq!(
-        h.store
-            .revoke_all_for_user("alice", Some(&r3.id))
-            .await
-            .expect("revoke all but current"),
-        2
-    );
+    let mut revoked = h
+        .store
+        .revoke_all_for_user("alice", Some(&r3.id))
+        .await
+        .expect("revoke all but current");
+    revoked.sort();
+    let mut expected = vec![t1.id(), t4.id()];
+    expected.sort();
+    assert_eq!(revoked, expected, "the revoked sessions' ids");
     assert_eq!(ids(&h.list("alice").await), vec![r3.id.clone()]);
     assert!(h.load(&t1).await.is_none());
     assert!(h.load(&t4).await.is_none());
@@ -710,7 +723,8 @@ pub async fn per_user_index_lists_and_revokes(f: &dyn SessionStoreFactory) {
         h.store
             .revoke_all_for_user("alice", None)
             .await
-            .expect("revoke all"),
+            .expect("revoke all")
+            .len(),
         1
     );
     assert!(h.list("alice").await.is_empty());
@@ -719,11 +733,42 @@ pub async fn per_user_index_lists_and_revokes(f: &dyn SessionStoreFactory) {
         h.store
             .revoke_all_for_user("alice", None)
             .await
-            .expect("revoke all"),
+            .expect("revoke all")
+            .len(),
         0
     );
     assert!(h.load(&bob).await.is_some(), "bob is untouched");
     assert_eq!(ids(&h.list("bob").await), vec![bob_record.id]);
+}
+
+/// "Log out my other devices" from a request that loaded its session just before a
+/// concurrent rotation names the old id: within the grace, that keeps the rotated session (the
+/// current device) and revokes only the others; after the grace, the old id keeps nothing.
+pub async fn revoke_all_keeps_the_session_an_alias_names(f: &dyn SessionStoreFactory) {
+    let h = Harness::new(f).await;
+    let (old, _) = h.create_for("alice").await;
+    let (other, _) = h.create_for("alice").await;
+    let (fresh, _) = rotate(&h.store, &old).await.expect("rotates");
+    let revoked = h
+        .store
+        .revoke_all_for_user("alice", Some(&old.id()))
+        .await
+        .expect("revoke all but current");
+    assert_eq!(revoked, vec![other.id()], "only the other device");
+    assert!(h.load(&fresh).await.is_some(), "the rotated session stays");
+    assert!(h.load(&other).await.is_none());
+
+    let (other, _) = h.create_for("alice").await;
+    h.advance(GRACE);
+    let mut revoked = h
+        .store
+        .revoke_all_for_user("alice", Some(&old.id()))
+        .await
+        .expect("revoke all");
+    revoked.sort();
+    let mut expected = vec![fresh.id(), other.id()];
+    expected.sort();
+    assert_eq!(revoked, expected, "a dead alias keeps nothing");
 }
 
 /// Sessions created at the same instant list by id.
@@ -765,7 +810,8 @@ pub async fn the_index_prunes_expired_sessions(f: &dyn SessionStoreFactory) {
         h.store
             .revoke_all_for_user("alice", None)
             .await
-            .expect("revoke all"),
+            .expect("revoke all")
+            .len(),
         1,
         "only the live one counts"
     );
@@ -854,7 +900,7 @@ pub async fn bad_input_is_rejected_and_unknown_tokens_are_not_found(f: &dyn Sess
 
     let unknown = SessionToken::generate(UserTag::for_user("alice")).expect("token");
     assert!(h.load(&unknown).await.is_none());
-    assert!(!h.update(&unknown, &set("k", b"v")).await);
+    assert_eq!(h.update(&unknown, &set("k", b"v")).await, Updated::Gone);
     assert!(!revoke(&h.store, &unknown).await);
     assert!(rotate(&h.store, &unknown).await.is_none());
     let stray = SessionToken::generate(UserTag::for_user("nobody")).expect("token");
@@ -868,7 +914,8 @@ pub async fn bad_input_is_rejected_and_unknown_tokens_are_not_found(f: &dyn Sess
         h.store
             .revoke_all_for_user("nobody", None)
             .await
-            .expect("revoke all"),
+            .expect("revoke all")
+            .len(),
         0
     );
     assert_eq!(
@@ -907,6 +954,7 @@ macro_rules! session_conformance {
                 a_zero_touch_after_refreshes_on_every_read,
                 replicas_share_sessions,
                 per_user_index_lists_and_revokes,
+                revoke_all_keeps_the_session_an_alias_names,
                 list_breaks_creation_ties_by_id,
                 the_index_prunes_expired_sessions,
                 bad_input_is_rejected_and_unknown_tokens_are_not_found,

@@ -85,7 +85,10 @@
 //!    concurrent requests changing other fields lose nothing. Login, rotation and logout go to
 //!    the store at once.
 //! 4. The response gets `Set-Cookie` only when the token or its expiry changed: login,
-//!    rotation, logout (a clearing cookie), and, with a persistent cookie only, a refresh.
+//!    rotation, logout (a clearing cookie), and, with a persistent cookie only, a request
+//!    that moved the expiry (a refreshing read or a write), once the store confirms the token
+//!    is still the session's current one (a concurrent rotation may have replaced it: the
+//!    browser is never handed the old token back).
 //!
 //! ## Store down
 //!

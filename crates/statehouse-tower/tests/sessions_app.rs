@@ -406,3 +406,51 @@ async fn user_agent_with_control_characters_is_cleaned() {
         .await;
     assert_eq!(list.json()[0]["user_agent"], "Mozilla/5.0(X11)");
 }
+
+/// Regression: with a persistent cookie whose Max-Age is the idle timeout, a user whose every
+/// request writes to the session (each write slides the store's expiry, so no read was ever due
+/// for a refresh) never got the cookie again: the browser dropped it at Max-Age after login
+/// while the session was live. A write that slides the expiry now re-sends the cookie, so the
+/// browser's copy never expires before the server's session of an active user.
+#[tokio::test]
+async fn persistent_cookie_follows_expiry_slid_by_writes() {
+    for backend in [Backend::Embedded, Backend::Redis] {
+        let max_age = Duration::from_secs(30 * 60);
+        let cookie = CookieConfig::builder()
+            .max_age(Some(max_age))
+            .build()
+            .expect("config");
+        let h = Harness::new(backend, Via::Oneshot, cookie).await;
+        let mut d = h.device();
+        d.login("olga").await;
+        let token = d.cookie.clone().expect("cookie");
+        // When the browser's copy of the cookie expires: Max-Age after it was last set.
+        let mut browser_expiry = max_age;
+        let mut elapsed = Duration::ZERO;
+        for step in 0..24 {
+            h.clock.advance(Duration::from_secs(5 * 60));
+            elapsed += Duration::from_secs(5 * 60);
+            assert!(
+                elapsed < browser_expiry,
+                "{backend:?}: the browser dropped the cookie of an active user at step {step}"
+            );
+            let res = d
+                .send(
+                    Method::PUT,
+                    "/theme",
+                    Some(json!({ "theme": format!("t{step}") })),
+                )
+                .await;
+            assert_eq!(res.status, StatusCode::OK, "{backend:?} step {step}");
+            let set = res.set_cookies();
+            if let Some(set) = set.first() {
+                assert!(
+                    set.starts_with(&format!("{token}; Path=/; Max-Age=1800;")),
+                    "{set}"
+                );
+                browser_expiry = elapsed + max_age;
+            }
+        }
+        assert_eq!(d.cookie.as_deref(), Some(token.as_str()), "same token");
+    }
+}

@@ -151,13 +151,15 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), statehouse::Error> {
-//! use statehouse::{EmbeddedSessionStore, NewSession, SessionChanges, SessionConfig, Sessions};
+//! use statehouse::{
+//!     EmbeddedSessionStore, NewSession, SessionChanges, SessionConfig, Sessions, Updated,
+//! };
 //!
 //! let sessions = Sessions::new(EmbeddedSessionStore::new(SessionConfig::default()));
 //! let (token, _) = sessions.create(&NewSession::for_user("alice")).await?;
 //! let mut changes = SessionChanges::default();
 //! changes.set.insert("theme".into(), sessions.encode("dark")?);
-//! assert!(sessions.update(&token, &changes).await?);
+//! assert_eq!(sessions.update(&token, &changes).await?, Updated::Written);
 //! let record = sessions.load(&token).await?.expect("live").record;
 //! let theme: String = sessions.decode(&record.data["theme"])?;
 //! assert_eq!(theme, "dark");
@@ -232,7 +234,8 @@ pub use stats::LimiterStats;
 #[doc(no_inline)]
 pub use statehouse_core::session::{
     LoadedSession, NewSession, SessionChanges, SessionConfig, SessionConfigBuilder, SessionEvent,
-    SessionHooks, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, UserTag,
+    SessionHooks, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, Updated,
+    UserTag,
 };
 
 #[doc(no_inline)]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use statehouse_core::session::{
     LoadedSession, NewSession, SessionChanges, SessionEvent, SessionHooks, SessionId, SessionInfo,
-    SessionRecord, SessionStore, SessionToken, UserTag,
+    SessionRecord, SessionStore, SessionToken, Updated, UserTag,
 };
 use statehouse_core::{Clock, Error, Result, SystemClock};
 
@@ -379,16 +379,19 @@ impl<C: SessionCodec> Sessions<C> {
         Ok(loaded)
     }
 
-    /// Applies field-level `changes`; `false` when the session is gone. Invalid input is
-    /// rejected before the store is called; empty changes do not call it.
+    /// Applies field-level `changes`; [`Updated::Gone`] when the session is gone, and
+    /// [`Updated::WrittenViaRotationAlias`] when `token` is an old one in its rotation grace (a
+    /// client holding it must not be handed it again). Invalid input is rejected before the
+    /// store is called; empty changes do not call it and report [`Updated::Written`] (nothing
+    /// could be lost).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidInput`]; the store's error.
-    pub async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<bool> {
+    pub async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<Updated> {
         changes.validate()?;
         if changes.is_empty() {
-            return Ok(true);
+            return Ok(Updated::Written);
         }
         self.call(token.user_tag(), || self.inner.store.update(token, changes))
             .await
@@ -546,24 +549,20 @@ impl<C: SessionCodec> Sessions<C> {
         user_id: &str,
         keep: Option<&SessionId>,
     ) -> Result<u64> {
-        let listed = if self.inner.hooks.is_some() {
-            self.list_for_user(user_id).await?
-        } else {
-            Vec::new()
-        };
-        let count = self
+        let revoked = self
             .call(UserTag::for_user(user_id), || {
                 self.inner.store.revoke_all_for_user(user_id, keep)
             })
             .await?;
+        let count = revoked.len() as u64;
         tracing::info!(
             revoked = count,
             kept = keep.map(log_id),
             "statehouse: sessions of one user revoked"
         );
-        for info in listed.into_iter().filter(|i| Some(&i.id) != keep) {
+        for id in revoked {
             self.emit(SessionEvent::Revoked {
-                id: info.id,
+                id,
                 user_id: Some(user_id.to_owned()),
             });
         }

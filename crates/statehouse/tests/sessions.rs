@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use statehouse::{
     EmbeddedSessionStore, JsonCodec, ManualClock, NewSession, RedisSessionStore, RedisTopology,
     SessionChanges, SessionCodec, SessionConfig, SessionEvent, SessionHooks, SessionStoreDown,
-    Sessions, TimeSource,
+    Sessions, TimeSource, Updated,
 };
 use statehouse_testkit::RedisServer;
 
@@ -135,7 +135,10 @@ async fn typed_data_and_invalid_input() {
         "cart".into(),
         sessions.encode(&vec![3_u32, 4]).expect("encode"),
     );
-    assert!(sessions.update(&token, &changes).await.expect("update"));
+    assert_eq!(
+        sessions.update(&token, &changes).await.expect("update"),
+        Updated::Written
+    );
     let record = sessions
         .load(&token)
         .await

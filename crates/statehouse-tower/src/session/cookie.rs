@@ -316,8 +316,9 @@ impl CookieConfigBuilder {
         self
     }
 
-    /// `Max-Age`: `Some` makes a persistent cookie, re-sent whenever the store refreshes the
-    /// session; `None` (the default) a session cookie. Either way the server enforces the idle
+    /// `Max-Age`: `Some` makes a persistent cookie, re-sent whenever a request moves the
+    /// session's expiry (a refreshing read, a write) and its token is still current; `None`
+    /// (the default) a session cookie. Either way the server enforces the idle
     /// and absolute timeouts; the cookie's lifetime is only a hint to the browser.
     pub fn max_age(mut self, max_age: Option<Duration>) -> Self {
         self.config.max_age = max_age;

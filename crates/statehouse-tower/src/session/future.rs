@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use http::header::{CACHE_CONTROL, SET_COOKIE};
 use http::{HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
-use statehouse::SessionCodec;
+use statehouse::{SessionCodec, Updated};
 
 use super::handle::{CookieChange, Finish, Session};
 use super::layer::LayerConfig;
@@ -23,7 +23,9 @@ pin_project! {
     /// Without session changes to write (reads, logins, logouts: their store calls happened
     /// in the handler), the cookie is set as soon as the inner response is ready, without an
     /// allocation. With changes, one boxed future writes them (one store call, within the
-    /// deadline) before the response goes out.
+    /// deadline) before the response goes out; so does, with a persistent cookie, the check
+    /// that a token whose session a read refreshed is still current before its cookie is
+    /// re-sent (one load, at most once per refresh interval of a session).
     pub struct ResponseFuture<F, B, E, C> {
         #[pin]
         state: State<F, B, E>,
@@ -75,21 +77,32 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     let finish = match session.try_finish() {
-                        Some(finish) if finish.save.is_none() => {
+                        Some(finish) if finish.save.is_none() && finish.resend.is_none() => {
                             return Poll::Ready(Ok(complete(response, finish, this.config, None)));
                         }
                         other => other,
                     };
                     let config = this.config.clone();
                     let future = Box::pin(async move {
-                        let finish = match finish {
+                        let mut finish = match finish {
                             Some(finish) => finish,
                             None => session.finish().await,
                         };
-                        let written = match &finish.save {
-                            Some((token, changes)) => session.write(token, changes).await.err(),
-                            None => None,
+                        // Whether the store confirms the token the cookie would carry again.
+                        let (written, current) = match &finish.save {
+                            Some((token, changes)) => match session.write(token, changes).await {
+                                Ok(updated) => (None, updated == Updated::Written),
+                                Err(e) => (Some(e), false),
+                            },
+                            None => (None, false),
                         };
+                        if let Some(token) = finish.resend.take() {
+                            let current = current
+                                || (finish.save.is_none() && session.still_current(&token).await);
+                            if current {
+                                finish.cookie = CookieChange::Set(token);
+                            }
+                        }
                         Ok(complete(response, finish, &config, written))
                     });
                     this.state.set(State::Finishing { future });

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use statehouse::{
     JsonCodec, NewSession, SessionChanges, SessionCodec, SessionId, SessionInfo, SessionRecord,
-    SessionStoreDown, SessionToken, Sessions,
+    SessionStoreDown, SessionToken, Sessions, Updated,
 };
 
 use crate::Error;
@@ -29,8 +29,11 @@ use crate::Error;
 /// [`logout`](Self::logout), …) go to the store immediately: they issue or revoke tokens.
 ///
 /// **Cookies.** `Set-Cookie` is sent only when the token or its expiry changes: on login,
-/// rotation, and, only with a persistent cookie (`Max-Age`), when a read refreshed the session;
-/// logout sends a clearing cookie.
+/// rotation, and, only with a persistent cookie (`Max-Age`), when the request moved the
+/// session's expiry (a read that refreshed it, or a write) and the store confirms, at the end of
+/// the request, that the token is still the session's current one (a concurrent request may
+/// have rotated it: the client must not be handed the old token back). Logout sends a clearing
+/// cookie.
 ///
 /// With the `axum` feature, `Session` is an extractor. Without it, take it from the request:
 /// `req.extensions().get::<Session>().cloned()`.
@@ -68,7 +71,8 @@ impl<C> fmt::Debug for Session<C> {
 
 struct Shared<C> {
     sessions: Sessions<C>,
-    /// Whether the cookie is persistent: then a refresh of the session re-sends it.
+    /// Whether the cookie is persistent: then a request that moves the session's expiry
+    /// re-sends it.
     persistent_cookie: bool,
     user_agent: Option<String>,
     /// The client's IP address as the layer's [`ClientIp`](super::ClientIp) source found it.
@@ -85,6 +89,8 @@ pub(crate) struct State {
     loaded: Loaded,
     pending: SessionChanges,
     cookie: CookieChange,
+    /// The load wrote a refresh (the expiry moved) through the token the request came with.
+    refreshed: bool,
 }
 
 #[derive(Debug)]
@@ -111,6 +117,11 @@ pub(crate) struct Finish {
     pub(crate) cookie: CookieChange,
     /// Field-level changes to write, and the token to write them under.
     pub(crate) save: Option<(SessionToken, SessionChanges)>,
+    /// With a persistent cookie and `cookie` [`Keep`](CookieChange::Keep): the request moved
+    /// the expiry of the session under this token (its load refreshed it, or `save` will), so
+    /// its cookie is re-sent, once the store confirms the token is still the session's current
+    /// one (the write's answer, or a load).
+    pub(crate) resend: Option<SessionToken>,
     /// The store was down under `Reject503`: answer 503 whatever the handler did.
     pub(crate) reject: bool,
 }
@@ -141,6 +152,7 @@ impl<C: SessionCodec> Session<C> {
                     loaded: Loaded::NotYet,
                     pending: SessionChanges::default(),
                     cookie: CookieChange::Keep,
+                    refreshed: false,
                 }),
             }),
         }
@@ -154,14 +166,9 @@ impl<C: SessionCodec> Session<C> {
                 None => Loaded::Absent,
                 Some(token) => match self.shared.sessions.load(token).await {
                     Ok(Some(loaded)) => {
-                        if loaded.touched
-                            && self.shared.persistent_cookie
-                            && !loaded.via_rotation_alias
-                            && state.cookie == CookieChange::Keep
-                        {
-                            // The expiry moved: re-send the cookie so its Max-Age follows.
-                            state.cookie = CookieChange::Set(token.clone());
-                        }
+                        // Through an old token in its rotation grace, the expiry that moved is
+                        // the newer token's: nothing to re-send.
+                        state.refreshed = loaded.touched && !loaded.via_rotation_alias;
                         Loaded::Live(Box::new(loaded.record))
                     }
                     Ok(None) => Loaded::Absent,
@@ -369,7 +376,11 @@ impl<C: SessionCodec> Session<C> {
         }
         let token = state.token.clone().ok_or(Error::NoSession)?;
         let changes = std::mem::take(&mut state.pending);
-        if self.shared.sessions.update(&token, &changes).await? {
+        let updated = self.shared.sessions.update(&token, &changes).await?;
+        if updated.written() {
+            // The expiry moved: with a persistent cookie, the end of the request re-sends it
+            // (after checking the token is still current).
+            state.refreshed |= updated == Updated::Written;
             if let Loaded::Live(record) = &mut state.loaded {
                 apply(record, changes);
             }
@@ -642,12 +653,15 @@ impl<C: SessionCodec> Session<C> {
     /// clone of the handle is busy (a task the handler spawned), then see [`finish`](Self::finish).
     pub(crate) fn try_finish(&self) -> Option<Finish> {
         let mut state = self.shared.state.try_lock().ok()?;
-        Some(take_finish(&mut state))
+        Some(take_finish(&mut state, self.shared.persistent_cookie))
     }
 
     /// [`try_finish`](Self::try_finish), waiting for the handle.
     pub(crate) async fn finish(&self) -> Finish {
-        take_finish(&mut *self.shared.state.lock().await)
+        take_finish(
+            &mut *self.shared.state.lock().await,
+            self.shared.persistent_cookie,
+        )
     }
 
     /// Writes the changes collected by [`finish`](Self::finish).
@@ -655,26 +669,54 @@ impl<C: SessionCodec> Session<C> {
         &self,
         token: &SessionToken,
         changes: &SessionChanges,
-    ) -> Result<(), Error> {
-        if !self.shared.sessions.update(token, changes).await? {
+    ) -> Result<Updated, Error> {
+        let updated = self.shared.sessions.update(token, changes).await?;
+        if updated == Updated::Gone {
             // Revoked or expired meanwhile (a logout in another tab): the changes are dropped,
             // never resurrecting the session.
             tracing::debug!("statehouse: session gone before this request's changes were written");
         }
-        Ok(())
+        Ok(updated)
+    }
+
+    /// Whether `token` is still the current token of a live session (not gone, not an old
+    /// token in its rotation grace): asked before a refreshing read's cookie is re-sent. A
+    /// store error answers no: the cookie the client holds stays as it is.
+    pub(crate) async fn still_current(&self, token: &SessionToken) -> bool {
+        match self.shared.sessions.load(token).await {
+            Ok(Some(loaded)) => !loaded.via_rotation_alias,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "statehouse: session cookie not re-sent: store error");
+                false
+            }
+        }
     }
 }
 
-fn take_finish(state: &mut State) -> Finish {
+fn take_finish(state: &mut State, persistent_cookie: bool) -> Finish {
     let reject = matches!(state.loaded, Loaded::StoreDown);
     let changes = std::mem::take(&mut state.pending);
     let save = match (&state.token, &state.loaded) {
         (Some(token), Loaded::Live(_)) if !changes.is_empty() => Some((token.clone(), changes)),
         _ => None,
     };
+    let cookie = std::mem::replace(&mut state.cookie, CookieChange::Keep);
+    let refreshed = std::mem::take(&mut state.refreshed);
+    let resend = match (&state.token, &state.loaded) {
+        (Some(token), Loaded::Live(_))
+            if persistent_cookie
+                && cookie == CookieChange::Keep
+                && (refreshed || save.is_some()) =>
+        {
+            Some(token.clone())
+        }
+        _ => None,
+    };
     Finish {
-        cookie: std::mem::replace(&mut state.cookie, CookieChange::Keep),
+        cookie,
         save,
+        resend,
         reject,
     }
 }

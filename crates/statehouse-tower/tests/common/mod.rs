@@ -73,7 +73,7 @@ impl SessionStore for Counting {
         &self,
         token: &SessionToken,
         changes: &SessionChanges,
-    ) -> statehouse::Result<bool> {
+    ) -> statehouse::Result<statehouse::Updated> {
         self.bump();
         self.inner.update(token, changes).await
     }
@@ -100,7 +100,7 @@ impl SessionStore for Counting {
         &self,
         user_id: &str,
         keep: Option<&SessionId>,
-    ) -> statehouse::Result<u64> {
+    ) -> statehouse::Result<Vec<SessionId>> {
         self.bump();
         self.inner.revoke_all_for_user(user_id, keep).await
     }
