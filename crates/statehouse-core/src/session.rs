@@ -188,6 +188,9 @@ impl fmt::Display for SessionId {
 /// let c = SessionConfig::builder().idle_timeout(Duration::from_secs(300)).build().unwrap();
 /// assert_eq!(c.touch_after(), Duration::from_secs(75));
 /// assert!(SessionConfig::builder().idle_timeout(Duration::ZERO).build().is_err());
+/// assert_eq!(c.max_sessions_per_user(), 100);
+/// assert!(SessionConfig::builder().max_sessions_per_user(0).build().is_err());
+/// assert!(SessionConfig::builder().max_sessions_per_user(10_001).build().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -195,7 +198,14 @@ pub struct SessionConfig {
     absolute_us: u64,
     touch_after_us: u64,
     rotation_grace_us: u64,
+    max_per_user: u32,
 }
+
+/// The default [`SessionConfig::max_sessions_per_user`].
+pub const DEFAULT_MAX_SESSIONS_PER_USER: u32 = 100;
+/// The largest [`SessionConfig::max_sessions_per_user`]: listing or revoking a user's sessions
+/// visits each of them in one atomic step, which must stay short.
+pub const MAX_SESSIONS_PER_USER: u32 = 10_000;
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -204,13 +214,14 @@ impl Default for SessionConfig {
             absolute_us: 12 * 3600 * 1_000_000,
             touch_after_us: 30 * 60 * 1_000_000 / 4,
             rotation_grace_us: 5 * 1_000_000,
+            max_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
         }
     }
 }
 
 impl SessionConfig {
     /// A builder starting from the defaults: 30 min idle, 12 h absolute, refresh after a quarter
-    /// of the idle timeout, 5 s rotation grace.
+    /// of the idle timeout, 5 s rotation grace, at most 100 sessions per user.
     pub fn builder() -> SessionConfigBuilder {
         SessionConfigBuilder::default()
     }
@@ -255,6 +266,15 @@ impl SessionConfig {
     pub fn rotation_grace_micros(&self) -> u64 {
         self.rotation_grace_us
     }
+
+    /// The most live sessions one user may have. Creating one more revokes the user's least
+    /// recently active session (the one whose expiry comes first): a user who logs in from
+    /// ever more clients, or a script logging in in a loop, cannot grow the per-user index
+    /// without bound (listing and revoking a user's sessions visit each of them in one atomic
+    /// step, which on Redis holds the server).
+    pub fn max_sessions_per_user(&self) -> u32 {
+        self.max_per_user
+    }
 }
 
 /// Builds a [`SessionConfig`].
@@ -264,6 +284,7 @@ pub struct SessionConfigBuilder {
     absolute: Option<Duration>,
     touch_share: Option<(u32, u32)>,
     rotation_grace: Option<Duration>,
+    max_per_user: Option<u32>,
 }
 
 impl SessionConfigBuilder {
@@ -289,6 +310,13 @@ impl SessionConfigBuilder {
     /// How long an old token keeps working after a rotation (default 5 s; at most 5 minutes).
     pub fn rotation_grace(mut self, d: Duration) -> Self {
         self.rotation_grace = Some(d);
+        self
+    }
+
+    /// The most live sessions one user may have (default 100; 1 to 10 000): see
+    /// [`SessionConfig::max_sessions_per_user`].
+    pub fn max_sessions_per_user(mut self, n: u32) -> Self {
+        self.max_per_user = Some(n);
         self
     }
 
@@ -323,11 +351,19 @@ impl SessionConfigBuilder {
                 format!("{num}/{den} must be a fraction below 1"),
             ));
         }
+        let max_per_user = self.max_per_user.unwrap_or(d.max_per_user);
+        if !(1..=MAX_SESSIONS_PER_USER).contains(&max_per_user) {
+            return Err(bad(
+                "max_sessions_per_user",
+                format!("{max_per_user} must be between 1 and {MAX_SESSIONS_PER_USER}"),
+            ));
+        }
         Ok(SessionConfig {
             idle_us: idle,
             absolute_us: absolute,
             touch_after_us: idle / u64::from(den) * u64::from(num),
             rotation_grace_us: grace,
+            max_per_user,
         })
     }
 }
@@ -422,6 +458,18 @@ pub struct LoadedSession {
     /// True when the token was an old one, still valid in its rotation grace window: the record
     /// is the rotated session's.
     pub via_rotation_alias: bool,
+}
+
+/// A session [created](SessionStore::create_session), and the sessions of the same user it
+/// displaced (over [`SessionConfig::max_sessions_per_user`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    /// The new session's token: the only copy, for the cookie.
+    pub token: SessionToken,
+    /// The new session.
+    pub record: SessionRecord,
+    /// The ids of the user's sessions revoked to make room, least recently active first.
+    pub evicted: Vec<SessionId>,
 }
 
 /// What an [`update`](SessionStore::update) found and did.
@@ -564,8 +612,17 @@ impl SessionChanges {
 /// revoked or has expired.
 #[async_trait]
 pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
-    /// Creates a session with a fresh token; never overwrites an existing one.
-    async fn create(&self, new: &NewSession) -> Result<(SessionToken, SessionRecord)>;
+    /// Creates a session with a fresh token; never overwrites an existing one. A user already at
+    /// [`SessionConfig::max_sessions_per_user`] loses the least recently active sessions (the
+    /// first to expire) in the same atomic step; [`Created::evicted`] names them.
+    async fn create_session(&self, new: &NewSession) -> Result<Created>;
+
+    /// [`create_session`](Self::create_session), for a caller that does not need the evicted
+    /// sessions' ids.
+    async fn create(&self, new: &NewSession) -> Result<(SessionToken, SessionRecord)> {
+        let created = self.create_session(new).await?;
+        Ok((created.token, created.record))
+    }
 
     /// Loads a session and counts the read as activity, in one round trip: `None` when the
     /// token is unknown, revoked, expired, or an old token past its rotation grace.

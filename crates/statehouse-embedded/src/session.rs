@@ -29,16 +29,20 @@
 //!   token for `UserTag::for_user(user_id)` and draws again if its id is already taken (never
 //!   overwrites); `created_at = last_seen = now`; the user agent is cut to its longest prefix of
 //!   at most [`MAX_USER_AGENT_LEN`] bytes that ends on a character boundary. The returned
-//!   record's `id` is `token.id()`; the token itself is never stored.
+//!   record's `id` is `token.id()`; the token itself is never stored. If the user already has
+//!   [`SessionConfig::max_sessions_per_user`] live sessions (after the dead entries of the tag
+//!   are removed), the ones first to expire (ties by id) are removed until one more fits, and
+//!   their ids returned as [`Created::evicted`].
 //! - **load**: resolve. If `touch_due(last_seen, now)`, set `last_seen = now` and report
 //!   `touched = true`; otherwise nothing is written and `touched = false`. Through an alias the
 //!   target is loaded and touched the same way, with `via_rotation_alias = true`.
 //! - **update**: validates the changes first ([`SessionChanges::validate`]); resolve (a live alias
 //!   updates its target); if nothing resolves, return `false` and write **nothing** (an update
-//!   never brings back a revoked or expired session). Otherwise remove the fields in
+//!   never brings back a revoked or expired session; [`Updated::Gone`]). Otherwise remove the fields in
 //!   `changes.remove`, then set those in `changes.set` (so a field named in both ends up set),
 //!   replace the roles if `changes.roles` is `Some`, and set `last_seen = now` (even when the
-//!   changes are empty: an update is activity). Returns `true`.
+//!   changes are empty: an update is activity). Returns [`Updated::Written`], or
+//!   [`Updated::WrittenViaRotationAlias`] when the token was a live alias.
 //! - **rotate**: resolve (rotating through a live alias rotates its target); `None` if nothing
 //!   resolves. Draws a new token with the same user tag (again never taking an existing id), moves
 //!   the record to the new id keeping `created_at` (the absolute lifetime does not restart) and
@@ -54,9 +58,10 @@
 //!   aliases), and consider only sessions whose `user_id` equals the argument (two user ids may
 //!   in theory share a tag). `list_for_user` returns [`SessionInfo`]s sorted by `created_at`,
 //!   ties by id. `revoke_by_id` removes the live session with that id (an alias id is not a
-//!   session id: `false`). `revoke_all_for_user` removes every live session except `keep`, plus
-//!   the aliases pointing to them, and returns how many sessions it removed (dead ones pruned on
-//!   the way are not counted). None of them reads as activity.
+//!   session id: `false`). `revoke_all_for_user` removes every live session except `keep` (a
+//!   `keep` that is a live alias keeps its target), plus the aliases pointing to them, and
+//!   returns the ids of the sessions it removed (dead ones pruned on the way are not counted).
+//!   None of them reads as activity.
 //!
 //! # Memory
 //!
@@ -74,7 +79,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use statehouse_core::session::{
-    LoadedSession, NewSession, SessionChanges, SessionConfig, SessionId, SessionInfo,
+    Created, LoadedSession, NewSession, SessionChanges, SessionConfig, SessionId, SessionInfo,
     SessionRecord, SessionStore, SessionToken, Updated, UserTag, is_alive, touch_due,
 };
 use statehouse_core::{Clock, Error, Result, SystemClock, Timestamp};
@@ -289,6 +294,39 @@ impl SessionShard {
             self.users.remove(&tag);
         }
         dead.len()
+    }
+
+    /// Revokes `user_id`'s least recently active sessions (the first to expire; ties by id, as
+    /// the Redis index orders them) until one more fits under the per-user cap. Returns their
+    /// ids in that order. Run after [`prune_user`](Self::prune_user), so every session counted
+    /// is live.
+    fn make_room_for_user(
+        &mut self,
+        tag: UserTag,
+        user_id: &str,
+        config: &SessionConfig,
+    ) -> Vec<SessionId> {
+        let cap = config.max_sessions_per_user() as usize;
+        let Some(entries) = self.users.get(&tag) else {
+            return Vec::new();
+        };
+        let mut live: Vec<(Timestamp, &SessionId)> = entries
+            .iter()
+            .filter_map(|(id, e)| match e {
+                Entry::Session(r) if r.user_id == user_id => Some((r.expires_at(config), id)),
+                _ => None,
+            })
+            .collect();
+        if live.len() < cap {
+            return Vec::new();
+        }
+        live.sort_unstable();
+        let excess = live.len() + 1 - cap;
+        let evicted: Vec<SessionId> = live[..excess].iter().map(|(_, id)| (*id).clone()).collect();
+        for id in &evicted {
+            self.remove(tag, id);
+        }
+        evicted
     }
 
     /// Removes every dead entry of the shard; returns how many.
@@ -525,7 +563,7 @@ impl EmbeddedSessionStore {
         &self,
         new: &NewSession,
         generate: &mut dyn FnMut(UserTag) -> Result<SessionToken>,
-    ) -> Result<(SessionToken, SessionRecord)> {
+    ) -> Result<Created> {
         new.validate()?;
         let tag = UserTag::for_user(&new.user_id);
         let config = &self.inner.config;
@@ -543,9 +581,14 @@ impl EmbeddedSessionStore {
             user_agent: new.user_agent.as_deref().map(truncate_user_agent),
         };
         shard.prune_user(tag, now, config);
+        let evicted = shard.make_room_for_user(tag, &new.user_id, config);
         shard.make_room(now, config, None);
         shard.insert(tag, record.id.clone(), Entry::Session(record.clone()));
-        Ok((token, record))
+        Ok(Created {
+            token,
+            record,
+            evicted,
+        })
     }
 
     fn load_sync(&self, token: &SessionToken) -> Option<LoadedSession> {
@@ -739,7 +782,7 @@ impl fmt::Debug for EmbeddedSessionStore {
 /// Every method completes at once: the work is done under one shard lock, with no `.await`.
 #[async_trait]
 impl SessionStore for EmbeddedSessionStore {
-    async fn create(&self, new: &NewSession) -> Result<(SessionToken, SessionRecord)> {
+    async fn create_session(&self, new: &NewSession) -> Result<Created> {
         self.create_with(new, &mut SessionToken::generate)
     }
 
@@ -884,9 +927,9 @@ mod tests {
         let mut draws = vec![second.clone(), first.clone(), first.clone()];
         let mut generate = |_: UserTag| Ok(draws.pop().unwrap());
         let alice = NewSession::for_user("alice");
-        let (t1, _) = store.create_with(&alice, &mut generate).unwrap();
+        let t1 = store.create_with(&alice, &mut generate).unwrap().token;
         assert_eq!(t1, first);
-        let (t2, _) = store.create_with(&alice, &mut generate).unwrap();
+        let t2 = store.create_with(&alice, &mut generate).unwrap().token;
         assert_eq!(t2, second, "the repeat of the first token was skipped");
         assert_eq!(store.len(), 2);
     }
@@ -896,12 +939,14 @@ mod tests {
         let clock = ManualClock::starting_now();
         let store = store(&clock);
         let alice = NewSession::for_user("alice");
-        let (a, _) = store
+        let a = store
             .create_with(&alice, &mut SessionToken::generate)
-            .unwrap();
-        let (b, _) = store
+            .unwrap()
+            .token;
+        let b = store
             .create_with(&alice, &mut SessionToken::generate)
-            .unwrap();
+            .unwrap()
+            .token;
         let c = SessionToken::generate(a.user_tag()).unwrap();
         let mut draws = vec![c.clone(), b.clone()];
         let (new, record) = store
@@ -917,9 +962,10 @@ mod tests {
     fn a_failing_generator_leaves_the_session_in_place() {
         let clock = ManualClock::starting_now();
         let store = store(&clock);
-        let (a, _) = store
+        let a = store
             .create_with(&NewSession::for_user("alice"), &mut SessionToken::generate)
-            .unwrap();
+            .unwrap()
+            .token;
         let failed = store.rotate_with(&a, &mut |_| Err(Error::InvalidInput("no entropy".into())));
         assert!(failed.is_err());
         assert!(store.load_sync(&a).is_some_and(|l| !l.via_rotation_alias));
@@ -937,9 +983,10 @@ mod tests {
             .config(config)
             .build()
             .unwrap();
-        let (a, _) = store
+        let a = store
             .create_with(&NewSession::for_user("alice"), &mut SessionToken::generate)
-            .unwrap();
+            .unwrap()
+            .token;
         let (b, _) = store
             .rotate_with(&a, &mut SessionToken::generate)
             .unwrap()

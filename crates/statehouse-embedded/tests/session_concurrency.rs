@@ -5,7 +5,7 @@ use std::sync::Barrier;
 
 use futures::executor::block_on;
 use statehouse_core::ManualClock;
-use statehouse_core::session::{NewSession, SessionChanges, SessionStore, Updated};
+use statehouse_core::session::{NewSession, SessionChanges, SessionConfig, SessionStore, Updated};
 use statehouse_embedded::EmbeddedSessionStore;
 
 const THREADS: usize = 8;
@@ -60,7 +60,14 @@ fn eight_threads_updating_different_fields_lose_nothing() {
 
 #[test]
 fn concurrent_creates_for_one_user_are_all_listed() {
-    let store = EmbeddedSessionStore::builder().build().unwrap();
+    let config = SessionConfig::builder()
+        .max_sessions_per_user(THREADS as u32 * 50)
+        .build()
+        .unwrap();
+    let store = EmbeddedSessionStore::builder()
+        .config(config)
+        .build()
+        .unwrap();
     std::thread::scope(|s| {
         for _ in 0..THREADS {
             s.spawn(|| {

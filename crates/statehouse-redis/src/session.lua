@@ -395,23 +395,69 @@ local function refresh_expiry(idx, key, id, c)
   expire_index(idx)
 end
 
+-- Walks the index `idx` in score order (the first to expire first; ties by id): prunes members
+-- whose key is gone (or is an alias), deletes dead sessions, and calls `live(id, key, f)` for
+-- each live session of `user`. Returns the expired ones as a flat list id, user.
+local function walk(idx, user, live)
+  local expired = {}
+  local ids = call('ZRANGE', idx, 0, -1)
+  for _, id in ipairs(ids) do
+    local key = base .. id
+    local v = call('GET', key)
+    if not v or byte(v, 1) == K_ALIAS then
+      call('ZREM', idx, id)
+    else
+      local f = decode(v, key)
+      if now >= expires_at(f.c, f.s) then
+        call('DEL', key)
+        call('ZREM', idx, id)
+        expired[#expired + 1] = id
+        expired[#expired + 1] = f.u
+      elseif f.u == user then
+        live(id, key, f)
+      end
+    end
+  end
+  return expired
+end
+
 -- create: KEYS[1] = session key, KEYS[2] = index; ARGV[9] = id, ARGV[10] = the record's fields
--- (everything after the header; the times are set here). Never overwrites: an existing key is
--- a collision.
+-- (everything after the header; the times are set here), ARGV[11] = user id, ARGV[12] = the
+-- most live sessions a user may have. Never overwrites: an existing key is a collision. A user
+-- at that bound loses the sessions first to expire (the least recently active: index scores
+-- are expiries; ties by id), in this same step. Reply { now, 1, { evicted ids, first to expire
+-- first }, { expired id, user ... } }.
 local function create()
   local key, idx, id = KEYS[1], KEYS[2], ARGV[9]
   if call('EXISTS', key) == 1 then
     return { fmt(now), COLLISION }
   end
+  -- The record first: on a Redis at its maxmemory this first write is refused, before the
+  -- script has changed anything (a script that has written once may go on writing).
   local t = pad(now)
   call('SET', key, string.char(K_SESSION) .. t .. t .. ARGV[10])
   local exp = expires_at(now, now)
   expire_key_at(key, exp)
   -- Members whose score has passed are dead (scores are expiries and never move back).
   call('ZREMRANGEBYSCORE', idx, '-inf', fmt(now))
+  local evicted, expired = {}, {}
+  local cap = arg_uint(12, 'the most sessions per user')
+  if call('ZCARD', idx) >= cap then
+    -- Only at the bound: count the user's live sessions, first to expire first (a tag is the
+    -- user's, barring a 64-bit hash collision).
+    local live = {}
+    expired = walk(idx, ARGV[11], function(id)
+      live[#live + 1] = id
+    end)
+    for i = 1, #live + 1 - cap do
+      call('DEL', base .. live[i])
+      call('ZREM', idx, live[i])
+      evicted[i] = live[i]
+    end
+  end
   call('ZADD', idx, fmt(exp), id)
   expire_index(idx)
-  return { fmt(now), DONE }
+  return { fmt(now), DONE, evicted, expired }
 end
 
 -- update: KEYS[1], KEYS[2] as load; ARGV[9] = presented id, ARGV[10] = '1' to replace the
@@ -496,38 +542,12 @@ local function revoke()
   return { fmt(now), DONE, sess.id, sess.f.u }
 end
 
--- Walks the index KEYS[1]: prunes members whose key is gone (or is an alias), deletes dead
--- sessions, and calls `live(id, key, f)` for each live session of ARGV[9]'s user.
--- Returns the expired ones as a flat list id, user.
-local function walk(live)
-  local idx, user = KEYS[1], ARGV[9]
-  local expired = {}
-  local ids = call('ZRANGE', idx, 0, -1)
-  for _, id in ipairs(ids) do
-    local key = base .. id
-    local v = call('GET', key)
-    if not v or byte(v, 1) == K_ALIAS then
-      call('ZREM', idx, id)
-    else
-      local f = decode(v, key)
-      if now >= expires_at(f.c, f.s) then
-        call('DEL', key)
-        call('ZREM', idx, id)
-        expired[#expired + 1] = id
-        expired[#expired + 1] = f.u
-      elseif f.u == user then
-        live(id, key, f)
-      end
-    end
-  end
-  return expired
-end
 
 -- list: KEYS[1] = index; ARGV[9] = user id. Reply { now, { per session: id, created_at,
 -- last_seen, has_ip, ip, has_ua, ua ... }, { expired id, user ... } }.
 local function list()
   local out = {}
-  local expired = walk(function(id, _, f)
+  local expired = walk(KEYS[1], ARGV[9], function(id, _, f)
     out[#out + 1] = id
     out[#out + 1] = fmt(f.c)
     out[#out + 1] = fmt(f.s)
@@ -552,7 +572,7 @@ local function revoke_all()
     end
   end
   local revoked = {}
-  local expired = walk(function(id, key)
+  local expired = walk(KEYS[1], ARGV[9], function(id, key)
     if id ~= keep then
       call('DEL', key)
       call('ZREM', idx, id)

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use redis::{ScriptInvocation, Value};
 use statehouse_core::key::validate_prefix;
 use statehouse_core::session::{
-    LoadedSession, NewSession, SessionChanges, SessionConfig, SessionEvent, SessionHooks,
+    Created, LoadedSession, NewSession, SessionChanges, SessionConfig, SessionEvent, SessionHooks,
     SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, USER_TAG_LEN, Updated,
     UserTag, expires_at,
 };
@@ -23,8 +23,8 @@ use crate::link::{Link, TlsSettings};
 use crate::session_batch::{LoadBatcher, LoadRequest};
 use crate::session_record::{decode, encode_fields, is_alias};
 use crate::session_script::{
-    Reply, Status, bytes, invocation, parse_expired, parse_lists, parse_reply, session_id, string,
-    uint,
+    Reply, Status, array, bytes, invocation, parse_expired, parse_lists, parse_reply, session_id,
+    string, uint,
 };
 use crate::store::RedisStore;
 use crate::store::failure_domain_of_slot;
@@ -544,7 +544,7 @@ impl SessionStore for RedisSessionStore {
         failure_domain_of_slot(hash_slot(user.to_hex().as_bytes()))
     }
 
-    async fn create(&self, new: &NewSession) -> Result<(SessionToken, SessionRecord)> {
+    async fn create_session(&self, new: &NewSession) -> Result<Created> {
         new.validate()?;
         let tag = UserTag::for_user(&new.user_id);
         let user_agent = new
@@ -566,10 +566,21 @@ impl SessionStore for RedisSessionStore {
             inv.key(format!("{base}{id}"))
                 .key(format!("{base}idx"))
                 .arg(id.as_str())
-                .arg(fields.as_slice());
+                .arg(fields.as_slice())
+                .arg(new.user_id.as_str())
+                .arg(self.inner.config.max_sessions_per_user());
             let reply = parse_reply(self.run(&inv, deadline).await?)?;
             match reply.status {
                 Status::Done => {
+                    let [evicted, expired]: [Value; 2] = reply
+                        .rest
+                        .try_into()
+                        .map_err(|_| unexpected_reply("create answered no evicted list"))?;
+                    let evicted = array(evicted, "evicted ids")?
+                        .into_iter()
+                        .map(|id| session_id(id, "evicted id"))
+                        .collect::<Result<Vec<_>>>()?;
+                    self.emit_expired(array(expired, "expired sessions")?)?;
                     let now = Timestamp::from_micros(reply.now);
                     let record = SessionRecord {
                         id: id.clone(),
@@ -581,11 +592,21 @@ impl SessionStore for RedisSessionStore {
                         ip: new.ip.clone(),
                         user_agent,
                     };
+                    for id in &evicted {
+                        self.emit(SessionEvent::Revoked {
+                            id: id.clone(),
+                            user_id: Some(new.user_id.clone()),
+                        });
+                    }
                     self.emit(SessionEvent::Created {
                         id,
                         user_id: new.user_id.clone(),
                     });
-                    return Ok((token, record));
+                    return Ok(Created {
+                        token,
+                        record,
+                        evicted,
+                    });
                 }
                 Status::Collision => {
                     tracing::warn!("statehouse-redis: a fresh session id was taken; drawing again");

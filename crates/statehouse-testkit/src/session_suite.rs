@@ -771,6 +771,72 @@ pub async fn revoke_all_keeps_the_session_an_alias_names(f: &dyn SessionStoreFac
     assert_eq!(revoked, expected, "a dead alias keeps nothing");
 }
 
+/// A user at `max_sessions_per_user` (3 here) who logs in once more loses the least recently
+/// active session (the first to expire) in the same step, reported in `evicted`; another user
+/// (and an old token's alias) does not count towards the bound, and a session revoked or
+/// expired makes room without any eviction.
+pub async fn creating_past_the_per_user_bound_evicts_the_least_recently_active(
+    f: &dyn SessionStoreFactory,
+) {
+    let config = SessionConfig::builder()
+        .idle_timeout(IDLE)
+        .absolute_lifetime(ABSOLUTE)
+        .touch_after_share(1, 4)
+        .rotation_grace(GRACE)
+        .max_sessions_per_user(3)
+        .build()
+        .expect("valid session config");
+    let h = Harness::with_config(f, config).await;
+    let (a, _) = h.create_for("alice").await;
+    h.advance(Duration::from_secs(1));
+    let (b, _) = h.create_for("alice").await;
+    h.advance(Duration::from_secs(1));
+    let (c, _) = h.create_for("alice").await;
+    for _ in 0..3 {
+        h.create_for("bob").await;
+    }
+    // `a` is refreshed (read after the touch threshold), so `b` is now the first to expire;
+    // `c` is rotated, leaving an alias that is not a session.
+    h.advance(TOUCH_AFTER);
+    assert!(h.load(&a).await.expect("live").touched);
+    let (c2, _) = rotate(&h.store, &c).await.expect("rotates");
+
+    let created = h
+        .store
+        .create_session(&NewSession::for_user("alice"))
+        .await
+        .expect("create");
+    assert_eq!(created.evicted, vec![b.id()], "the least recently active");
+    assert!(h.load(&b).await.is_none(), "evicted");
+    let mut left = ids(&h.list("alice").await);
+    left.sort();
+    let mut expected = vec![a.id(), c2.id(), created.token.id()];
+    expected.sort();
+    assert_eq!(left, expected);
+    assert_eq!(h.list("bob").await.len(), 3, "bob is untouched");
+
+    // A revoked session makes room: nothing evicted.
+    assert!(revoke(&h.store, &a).await);
+    let created = h
+        .store
+        .create_session(&NewSession::for_user("alice"))
+        .await
+        .expect("create");
+    assert!(created.evicted.is_empty(), "{:?}", created.evicted);
+    assert_eq!(h.list("alice").await.len(), 3);
+    // So does an expired one: `c2` and the third were last active before the newest.
+    h.advance(IDLE - Duration::from_secs(1));
+    assert!(h.load(&created.token).await.is_some());
+    h.advance(Duration::from_secs(2));
+    let newest = h
+        .store
+        .create_session(&NewSession::for_user("alice"))
+        .await
+        .expect("create");
+    assert!(newest.evicted.is_empty(), "{:?}", newest.evicted);
+    assert_eq!(h.list("alice").await.len(), 2);
+}
+
 /// Sessions created at the same instant list by id.
 pub async fn list_breaks_creation_ties_by_id(f: &dyn SessionStoreFactory) {
     let h = Harness::new(f).await;
@@ -955,6 +1021,7 @@ macro_rules! session_conformance {
                 replicas_share_sessions,
                 per_user_index_lists_and_revokes,
                 revoke_all_keeps_the_session_an_alias_names,
+                creating_past_the_per_user_bound_evicts_the_least_recently_active,
                 list_breaks_creation_ties_by_id,
                 the_index_prunes_expired_sessions,
                 bad_input_is_rejected_and_unknown_tokens_are_not_found,

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use statehouse_core::session::{
-    LoadedSession, NewSession, SessionChanges, SessionEvent, SessionHooks, SessionId, SessionInfo,
-    SessionRecord, SessionStore, SessionToken, Updated, UserTag,
+    Created, LoadedSession, NewSession, SessionChanges, SessionEvent, SessionHooks, SessionId,
+    SessionInfo, SessionRecord, SessionStore, SessionToken, Updated, UserTag,
 };
 use statehouse_core::{Clock, Error, Result, SystemClock};
 
@@ -328,7 +328,9 @@ fn log_id(id: &SessionId) -> &str {
 }
 
 impl<C: SessionCodec> Sessions<C> {
-    /// Creates a session. Invalid input is rejected before the store is called.
+    /// Creates a session. Invalid input is rejected before the store is called. A user at
+    /// [`SessionConfig::max_sessions_per_user`](statehouse_core::session::SessionConfig::max_sessions_per_user) loses the least recently active session(s) in
+    /// the same step, each reported as [`SessionEvent::Revoked`].
     ///
     /// # Errors
     ///
@@ -336,7 +338,23 @@ impl<C: SessionCodec> Sessions<C> {
     pub async fn create(&self, new: &NewSession) -> Result<(SessionToken, SessionRecord)> {
         new.validate()?;
         let user = UserTag::for_user(&new.user_id);
-        let (token, record) = self.call(user, || self.inner.store.create(new)).await?;
+        let Created {
+            token,
+            record,
+            evicted,
+        } = self
+            .call(user, || self.inner.store.create_session(new))
+            .await?;
+        for id in evicted {
+            tracing::info!(
+                session = log_id(&id),
+                "statehouse: session revoked: its user reached the most sessions per user"
+            );
+            self.emit(SessionEvent::Revoked {
+                id,
+                user_id: Some(record.user_id.clone()),
+            });
+        }
         tracing::info!(session = log_id(&record.id), "statehouse: session created");
         self.emit(SessionEvent::Created {
             id: record.id.clone(),

@@ -114,6 +114,55 @@ async fn events_follow_confirmed_changes() {
     assert!(hooks.take().is_empty());
 }
 
+/// A login past `max_sessions_per_user` reports the session it displaced, then the new one.
+#[tokio::test]
+async fn eviction_past_the_per_user_bound_is_reported_as_revoked() {
+    let clock = ManualClock::starting_now();
+    let hooks = Arc::new(Recorder::default());
+    let store = EmbeddedSessionStore::builder()
+        .clock(clock.clone())
+        .config(
+            SessionConfig::builder()
+                .max_sessions_per_user(2)
+                .build()
+                .expect("config"),
+        )
+        .build()
+        .expect("store");
+    let sessions = Sessions::builder(store)
+        .hooks(hooks.clone())
+        .build()
+        .expect("sessions");
+    let (first, _) = sessions
+        .create(&NewSession::for_user("erin"))
+        .await
+        .expect("create");
+    clock.advance(std::time::Duration::from_secs(1));
+    sessions
+        .create(&NewSession::for_user("erin"))
+        .await
+        .expect("create");
+    hooks.take();
+    let (_, third) = sessions
+        .create(&NewSession::for_user("erin"))
+        .await
+        .expect("create");
+    assert_eq!(
+        hooks.take(),
+        [
+            SessionEvent::Revoked {
+                id: first.id(),
+                user_id: Some("erin".into())
+            },
+            SessionEvent::Created {
+                id: third.id,
+                user_id: "erin".into()
+            }
+        ]
+    );
+    assert!(sessions.load(&first).await.expect("load").is_none());
+}
+
 #[tokio::test]
 async fn typed_data_and_invalid_input() {
     let clock = ManualClock::starting_now();

@@ -19,9 +19,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use statehouse::{
-    EmbeddedSessionStore, LoadedSession, ManualClock, NewSession, RedisSessionStore, RedisTopology,
-    SessionChanges, SessionConfig, SessionId, SessionInfo, SessionRecord, SessionStore,
-    SessionToken, Sessions, SessionsBuilder, TimeSource,
+    Created, EmbeddedSessionStore, LoadedSession, ManualClock, NewSession, RedisSessionStore,
+    RedisTopology, SessionChanges, SessionConfig, SessionId, SessionInfo, SessionRecord,
+    SessionStore, SessionToken, Sessions, SessionsBuilder, TimeSource,
 };
 use statehouse_testkit::{shared_standalone, unique_prefix};
 use statehouse_tower::CookieConfig;
@@ -60,9 +60,9 @@ impl Counting {
 
 #[async_trait]
 impl SessionStore for Counting {
-    async fn create(&self, new: &NewSession) -> statehouse::Result<(SessionToken, SessionRecord)> {
+    async fn create_session(&self, new: &NewSession) -> statehouse::Result<Created> {
         self.bump();
-        self.inner.create(new).await
+        self.inner.create_session(new).await
     }
     async fn load(&self, token: &SessionToken) -> statehouse::Result<Option<LoadedSession>> {
         self.bump();
