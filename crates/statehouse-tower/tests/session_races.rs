@@ -79,6 +79,11 @@ async fn rotate(session: Session) -> Result<&'static str, Error> {
     Ok("rotated")
 }
 
+async fn logout(session: Session) -> Result<&'static str, Error> {
+    session.logout().await?;
+    Ok("out")
+}
+
 async fn me(session: Session) -> Result<String, Error> {
     session.user_id().await?.ok_or(Error::NoSession)
 }
@@ -105,6 +110,7 @@ async fn app(backend: Backend) -> App {
         .route("/slow-others", post(slow_others))
         .route("/rotate", post(rotate))
         .route("/me", get(me))
+        .route("/logout", post(logout))
         .with_state(gate.clone())
         .layer(SessionLayer::new(sessions.clone()).cookie(cookie));
     App {
@@ -151,6 +157,31 @@ fn set_tokens(response: &Response<Body>) -> Vec<String> {
         .collect()
 }
 
+type Pending = tokio::task::JoinHandle<Result<Response<Body>, std::convert::Infallible>>;
+
+/// Starts `method path` and returns once its handler has loaded the session and parked.
+async fn start_slow(a: &App, method: &str, path: &str, token: &SessionToken) -> Pending {
+    let slow = tokio::spawn(a.router.clone().oneshot(request(method, path, token)));
+    a.gate.loaded.notified().await;
+    slow
+}
+
+/// Lets a parked request finish.
+async fn finish_slow(a: &App, slow: Pending) -> Response<Body> {
+    a.gate.go.add_permits(1);
+    slow.await.expect("task").expect("slow request")
+}
+
+/// Rotates the session through another request; returns the new token's cookie value.
+async fn rotate_elsewhere(a: &App, token: &SessionToken) -> String {
+    let rotated = a.send("POST", "/rotate", token).await;
+    assert_eq!(rotated.status(), StatusCode::OK);
+    let new = set_tokens(&rotated);
+    assert_eq!(new.len(), 1, "the rotation sets the new token");
+    assert_ne!(new[0], token.encode());
+    new[0].clone()
+}
+
 /// Runs `slow` up to its park, rotates the session through another request, then lets `slow`
 /// finish. Returns the slow response and the rotated token.
 async fn slow_across_a_rotation(
@@ -159,16 +190,9 @@ async fn slow_across_a_rotation(
     path: &str,
     token: &SessionToken,
 ) -> (Response<Body>, String) {
-    let slow = tokio::spawn(a.router.clone().oneshot(request(method, path, token)));
-    a.gate.loaded.notified().await;
-    let rotated = a.send("POST", "/rotate", token).await;
-    assert_eq!(rotated.status(), StatusCode::OK);
-    let new = set_tokens(&rotated);
-    assert_eq!(new.len(), 1, "the rotation sets the new token");
-    assert_ne!(new[0], token.encode());
-    a.gate.go.add_permits(1);
-    let slow = slow.await.expect("task").expect("slow request");
-    (slow, new[0].clone())
+    let slow = start_slow(a, method, path, token).await;
+    let new = rotate_elsewhere(a, token).await;
+    (finish_slow(a, slow).await, new)
 }
 
 async fn login(a: &App, user: &str) -> SessionToken {
@@ -251,6 +275,43 @@ async fn other_devices_keeps_the_rotated_current_session(backend: Backend) {
     );
 }
 
+/// A slow request whose session is logged out elsewhere before its write: the write is
+/// dropped (never resurrecting the session) and the response says so (401), instead of a 200
+/// for a change that was not saved.
+async fn write_after_a_logout_elsewhere_is_refused(backend: Backend) {
+    let a = app(backend).await;
+    let token = login(&a, "erin").await;
+    let slow = start_slow(&a, "POST", "/slow-write", &token).await;
+    let out = a.send("POST", "/logout", &token).await;
+    assert_eq!(out.status(), StatusCode::OK);
+    let slow = finish_slow(&a, slow).await;
+    assert_eq!(slow.status(), StatusCode::UNAUTHORIZED, "{backend:?}");
+    assert!(a.sessions.load(&token).await.expect("load").is_none());
+}
+
+/// A slow request on a token rotated elsewhere, whose write comes after the old token's grace:
+/// the write is dropped and answered 401, and no cookie is cleared (the browser holds the new
+/// token, which stays logged in).
+async fn write_after_the_grace_is_refused_without_clearing_the_cookie(backend: Backend) {
+    let a = app(backend).await;
+    let token = login(&a, "frank").await;
+    let slow = start_slow(&a, "POST", "/slow-write", &token).await;
+    let new = rotate_elsewhere(&a, &token).await;
+    a.clock.advance(Duration::from_secs(6)); // past the 5 s grace
+    let slow = finish_slow(&a, slow).await;
+    assert_eq!(slow.status(), StatusCode::UNAUTHORIZED, "{backend:?}");
+    assert!(set_tokens(&slow).is_empty(), "no cookie change");
+    let new = SessionToken::parse(&new).expect("a token");
+    let record = a
+        .sessions
+        .load(&new)
+        .await
+        .expect("load")
+        .expect("live")
+        .record;
+    assert!(!record.data.contains_key("cart"), "{backend:?}");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -269,4 +330,6 @@ on_both_backends!(
     refreshing_read_does_not_resend_a_rotated_token,
     write_does_not_resend_a_rotated_token,
     other_devices_keeps_the_rotated_current_session,
+    write_after_a_logout_elsewhere_is_refused,
+    write_after_the_grace_is_refused_without_clearing_the_cookie,
 );

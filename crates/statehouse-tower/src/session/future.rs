@@ -91,6 +91,10 @@ where
                         // Whether the store confirms the token the cookie would carry again.
                         let (written, current) = match &finish.save {
                             Some((token, changes)) => match session.write(token, changes).await {
+                                // Revoked or expired meanwhile (a logout in another tab, an
+                                // old token past its grace): nothing was written, so the
+                                // response must not say it was.
+                                Ok(Updated::Gone) => (Some(Error::NoSession), false),
                                 Ok(updated) => (None, updated == Updated::Written),
                                 Err(e) => (Some(e), false),
                             },

@@ -24,8 +24,9 @@ use crate::Error;
 /// trip however many fields change, and no lost updates, since a concurrent request changing
 /// other fields is untouched. [`save`](Self::save) writes them at once, for a handler that must
 /// know they were stored before it answers. If the write at the end fails, the response is
-/// replaced by the error's (503 when the store is down), so a change never looks saved when it
-/// was not. Life-cycle operations ([`login`](Self::login), [`rotate`](Self::rotate),
+/// replaced by the error's (503 when the store is down; 401 when the session ended meanwhile,
+/// by a logout elsewhere or an old token's rotation grace running out: the changes are dropped,
+/// never bringing the session back), so a change never looks saved when it was not. Life-cycle operations ([`login`](Self::login), [`rotate`](Self::rotate),
 /// [`logout`](Self::logout), …) go to the store immediately: they issue or revoke tokens.
 ///
 /// **Cookies.** `Set-Cookie` is sent only when the token or its expiry changes: on login,
