@@ -353,12 +353,16 @@ impl CircuitBreaker {
     }
 
     /// Whether an open breaker may probe: `open_for` has passed since it opened, or the clock
-    /// now reads earlier than the opening (a wall clock stepped back, by NTP say: waiting for
-    /// the old reading to come round again could keep the store unused for hours).
+    /// now reads more than `open_for` earlier than the opening (a wall clock stepped back, by
+    /// NTP say: waiting for the old reading to come round again could keep the store unused
+    /// for hours). A smaller step back (two threads' readings a little apart, a slewing
+    /// clock) just waits, at most twice `open_for`: probing at once would send a call to a
+    /// store that failed a moment ago.
     fn due(&self, clock: &dyn Clock) -> bool {
         let opened_at = self.opened_at_us.load(Ordering::Acquire);
         let now = clock.now().as_micros();
-        now >= opened_at.saturating_add(self.open_for_us) || now < opened_at
+        now >= opened_at.saturating_add(self.open_for_us)
+            || now < opened_at.saturating_sub(self.open_for_us)
     }
 
     /// Times the breaker went from closed to open.
@@ -556,6 +560,22 @@ mod tests {
         // A failed probe reopens from the new reading: `open_for` on the clock as it is now.
         probe.failed(clock.now(), &unavailable());
         clock.advance(Duration::from_millis(999));
+        assert!(matches!(b.admit(&clock), Admission::Skip));
+        clock.advance(Duration::from_millis(1));
+        assert!(matches!(b.admit(&clock), Admission::Call(_)));
+    }
+
+    #[test]
+    fn a_small_step_back_does_not_probe_early() {
+        let (b, clock) = breaker(1);
+        clock.advance(Duration::from_secs(3600));
+        fail(&b, &clock);
+        // A reading a little earlier than the opening (another thread's, a slewing clock):
+        // still open, until `open_for` after the opening.
+        clock.set(Timestamp::from_micros(clock.now().as_micros() - 500_000));
+        assert_eq!(b.state(&clock), BreakerState::Open);
+        assert!(matches!(b.admit(&clock), Admission::Skip));
+        clock.advance(Duration::from_millis(1_499));
         assert!(matches!(b.admit(&clock), Admission::Skip));
         clock.advance(Duration::from_millis(1));
         assert!(matches!(b.admit(&clock), Admission::Call(_)));
