@@ -472,6 +472,28 @@ pub struct Created {
     pub evicted: Vec<SessionId>,
 }
 
+/// A session [rotated](SessionStore::rotate_session) to a new token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotated {
+    /// The new token: the only copy, for the cookie.
+    pub token: SessionToken,
+    /// The session under its new id.
+    pub record: SessionRecord,
+    /// The session's id before the rotation. Not always the presented token's id: rotating
+    /// through an old token still in its grace rotates the session that token was rotated to.
+    pub from: SessionId,
+}
+
+/// A session [revoked](SessionStore::revoke_session).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The revoked session's id. Not always the presented token's id: revoking through an old
+    /// token still in its grace revokes the session that token was rotated to.
+    pub id: SessionId,
+    /// Its user.
+    pub user_id: String,
+}
+
 /// What an [`update`](SessionStore::update) found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Updated {
@@ -651,11 +673,26 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<Updated>;
 
     /// Moves the session to a new token, atomically; the old token keeps working for the
-    /// rotation grace. `None` when the session is gone.
-    async fn rotate(&self, token: &SessionToken) -> Result<Option<(SessionToken, SessionRecord)>>;
+    /// rotation grace. `None` when the session is gone. Through an old token in its grace, the
+    /// session it was rotated to is rotated ([`Rotated::from`] names it).
+    async fn rotate_session(&self, token: &SessionToken) -> Result<Option<Rotated>>;
 
-    /// Revokes the session (logout); `false` when it was already gone.
-    async fn revoke(&self, token: &SessionToken) -> Result<bool>;
+    /// [`rotate_session`](Self::rotate_session) without the session's previous id.
+    async fn rotate(&self, token: &SessionToken) -> Result<Option<(SessionToken, SessionRecord)>> {
+        Ok(self
+            .rotate_session(token)
+            .await?
+            .map(|rotated| (rotated.token, rotated.record)))
+    }
+
+    /// Revokes the session (logout); `None` when it was already gone. Through an old token in
+    /// its grace, the session it was rotated to is revoked ([`Revoked::id`] names it).
+    async fn revoke_session(&self, token: &SessionToken) -> Result<Option<Revoked>>;
+
+    /// [`revoke_session`](Self::revoke_session): whether a live session was revoked.
+    async fn revoke(&self, token: &SessionToken) -> Result<bool> {
+        Ok(self.revoke_session(token).await?.is_some())
+    }
 
     /// The live sessions of `user_id`, oldest first. Prunes index entries of sessions that
     /// are gone.

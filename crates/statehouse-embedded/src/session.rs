@@ -79,8 +79,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use statehouse_core::session::{
-    Created, LoadedSession, NewSession, SessionChanges, SessionConfig, SessionId, SessionInfo,
-    SessionRecord, SessionStore, SessionToken, Updated, UserTag, is_alive, touch_due,
+    Created, LoadedSession, NewSession, Revoked, Rotated, SessionChanges, SessionConfig, SessionId,
+    SessionInfo, SessionRecord, SessionStore, SessionToken, Updated, UserTag, is_alive, touch_due,
 };
 use statehouse_core::{Clock, Error, Result, SystemClock, Timestamp};
 
@@ -643,7 +643,7 @@ impl EmbeddedSessionStore {
         &self,
         token: &SessionToken,
         generate: &mut dyn FnMut(UserTag) -> Result<SessionToken>,
-    ) -> Result<Option<(SessionToken, SessionRecord)>> {
+    ) -> Result<Option<Rotated>> {
         let tag = token.user_tag();
         let config = &self.inner.config;
         let mut shard = self.shard_of(tag);
@@ -665,29 +665,37 @@ impl EmbeddedSessionStore {
         if now < alias_expires_at && shard.make_room(now, config, Some((tag, &record.id))) {
             shard.insert(
                 tag,
-                old_id,
+                old_id.clone(),
                 Entry::Alias {
                     target: record.id.clone(),
                     expires_at: alias_expires_at,
                 },
             );
         }
-        Ok(Some((new_token, record)))
+        Ok(Some(Rotated {
+            token: new_token,
+            record,
+            from: old_id,
+        }))
     }
 
-    fn revoke_sync(&self, token: &SessionToken) -> bool {
+    fn revoke_sync(&self, token: &SessionToken) -> Option<Revoked> {
         let tag = token.user_tag();
         let id = token.id();
         let mut shard = self.shard_of(tag);
         let now = self.inner.clock.now();
-        let Some((target, via_alias)) = shard.resolve(tag, &id, now, &self.inner.config) else {
-            return false;
-        };
-        shard.remove(tag, &target);
+        let (target, via_alias) = shard.resolve(tag, &id, now, &self.inner.config)?;
+        let removed = shard.remove(tag, &target);
         if via_alias {
             shard.remove(tag, &id);
         }
-        true
+        match removed {
+            Some(Entry::Session(record)) => Some(Revoked {
+                id: target,
+                user_id: record.user_id,
+            }),
+            _ => None,
+        }
     }
 
     fn list_sync(&self, user_id: &str) -> Result<Vec<SessionInfo>> {
@@ -794,11 +802,11 @@ impl SessionStore for EmbeddedSessionStore {
         self.update_sync(token, changes)
     }
 
-    async fn rotate(&self, token: &SessionToken) -> Result<Option<(SessionToken, SessionRecord)>> {
+    async fn rotate_session(&self, token: &SessionToken) -> Result<Option<Rotated>> {
         self.rotate_with(token, &mut SessionToken::generate)
     }
 
-    async fn revoke(&self, token: &SessionToken) -> Result<bool> {
+    async fn revoke_session(&self, token: &SessionToken) -> Result<Option<Revoked>> {
         Ok(self.revoke_sync(token))
     }
 
@@ -949,7 +957,9 @@ mod tests {
             .token;
         let c = SessionToken::generate(a.user_tag()).unwrap();
         let mut draws = vec![c.clone(), b.clone()];
-        let (new, record) = store
+        let Rotated {
+            token: new, record, ..
+        } = store
             .rotate_with(&a, &mut |_| Ok(draws.pop().unwrap()))
             .unwrap()
             .unwrap();
@@ -987,10 +997,11 @@ mod tests {
             .create_with(&NewSession::for_user("alice"), &mut SessionToken::generate)
             .unwrap()
             .token;
-        let (b, _) = store
+        let b = store
             .rotate_with(&a, &mut SessionToken::generate)
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .token;
         assert!(store.load_sync(&a).is_none());
         assert!(store.load_sync(&b).is_some());
         assert_eq!(store.len(), 1);

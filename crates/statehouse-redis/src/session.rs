@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use redis::{ScriptInvocation, Value};
 use statehouse_core::key::validate_prefix;
 use statehouse_core::session::{
-    Created, LoadedSession, NewSession, SessionChanges, SessionConfig, SessionEvent, SessionHooks,
-    SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, USER_TAG_LEN, Updated,
-    UserTag, expires_at,
+    Created, LoadedSession, NewSession, Revoked, Rotated, SessionChanges, SessionConfig,
+    SessionEvent, SessionHooks, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken,
+    USER_TAG_LEN, Updated, UserTag, expires_at,
 };
 use statehouse_core::{Clock, Error, Result, Timestamp};
 use tokio::time::Instant;
@@ -432,30 +432,26 @@ impl RedisSessionStore {
 
     /// The answer of a revoking script (`revoke`, `revoke_id`): whether a session was revoked,
     /// with its event; an expired session found on the way is reported as expired, not revoked.
-    fn revocation_outcome(&self, reply: Reply, op: &str) -> Result<bool> {
+    /// The session a revocation removed (`{ id, user }` after `Done`), reported to the hooks.
+    fn revocation_outcome(&self, reply: Reply, op: &str) -> Result<Option<Revoked>> {
         match reply.status {
             Status::Done => {
-                self.emit_revoked(reply.rest)?;
-                Ok(true)
+                let Ok([(id, user_id)]) = <[_; 1]>::try_from(parse_expired(reply.rest)?) else {
+                    return Err(unexpected_reply(format!("{op} answered no session")));
+                };
+                self.emit(SessionEvent::Revoked {
+                    id: id.clone(),
+                    user_id: Some(user_id.clone()),
+                });
+                Ok(Some(Revoked { id, user_id }))
             }
-            Status::Gone => Ok(false),
+            Status::Gone => Ok(None),
             Status::Expired => {
                 self.emit_expired(reply.rest)?;
-                Ok(false)
+                Ok(None)
             }
             Status::Collision => Err(unexpected_reply(format!("{op} answered a collision"))),
         }
-    }
-
-    /// Reports `{ id, user }` after a `Done` revocation.
-    fn emit_revoked(&self, rest: Vec<Value>) -> Result<()> {
-        for (id, user_id) in parse_expired(rest)? {
-            self.emit(SessionEvent::Revoked {
-                id,
-                user_id: Some(user_id),
-            });
-        }
-        Ok(())
     }
 }
 
@@ -672,7 +668,7 @@ impl SessionStore for RedisSessionStore {
         }
     }
 
-    async fn rotate(&self, token: &SessionToken) -> Result<Option<(SessionToken, SessionRecord)>> {
+    async fn rotate_session(&self, token: &SessionToken) -> Result<Option<Rotated>> {
         let id = token.id();
         let tag = token.user_tag();
         let deadline = self.deadline();
@@ -699,11 +695,15 @@ impl SessionStore for RedisSessionStore {
                     let from = session_id(from, "old id")?;
                     let record = decode(new_id.clone(), &bytes(stored, "session record")?)?;
                     self.emit(SessionEvent::Rotated {
-                        from,
+                        from: from.clone(),
                         to: new_id,
                         user_id: record.user_id.clone(),
                     });
-                    return Ok(Some((new_token, record)));
+                    return Ok(Some(Rotated {
+                        token: new_token,
+                        record,
+                        from,
+                    }));
                 }
                 Status::Collision => {
                     tracing::warn!("statehouse-redis: a fresh session id was taken; drawing again");
@@ -713,7 +713,7 @@ impl SessionStore for RedisSessionStore {
         Err(too_many_collisions())
     }
 
-    async fn revoke(&self, token: &SessionToken) -> Result<bool> {
+    async fn revoke_session(&self, token: &SessionToken) -> Result<Option<Revoked>> {
         let id = token.id();
         let (mut inv, base) = self.start("revoke", token.user_tag());
         inv.key(format!("{base}{id}"))
@@ -767,7 +767,7 @@ impl SessionStore for RedisSessionStore {
             .arg(id.as_str())
             .arg(user_id);
         let reply = parse_reply(self.run(&inv, self.deadline()).await?)?;
-        self.revocation_outcome(reply, "revoke_by_id")
+        Ok(self.revocation_outcome(reply, "revoke_by_id")?.is_some())
     }
 
     async fn revoke_all_for_user(

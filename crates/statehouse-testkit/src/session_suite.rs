@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use statehouse_core::session::{
-    LoadedSession, MAX_NAME_LEN, MAX_ROLES, MAX_VALUE_LEN, NewSession, SessionChanges,
-    SessionConfig, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, Updated,
-    UserTag,
+    LoadedSession, MAX_NAME_LEN, MAX_ROLES, MAX_VALUE_LEN, NewSession, Revoked, Rotated,
+    SessionChanges, SessionConfig, SessionId, SessionInfo, SessionRecord, SessionStore,
+    SessionToken, Updated, UserTag,
 };
 use statehouse_core::{Clock, ManualClock, Timestamp};
 
@@ -579,9 +579,17 @@ pub async fn rotation_edge_cases(f: &dyn SessionStoreFactory) {
     h.advance(Duration::from_secs(1));
     let (t2, _) = rotate(&h.store, &t1).await.expect("rotates");
     h.advance(Duration::from_secs(1));
-    let (t3, r3) = rotate(&h.store, &t1)
+    let Rotated {
+        token: t3,
+        record: r3,
+        from,
+    } = h
+        .store
+        .rotate_session(&t1)
         .await
+        .expect("rotate")
         .expect("rotating the alias rotates its target");
+    assert_eq!(from, t2.id(), "the session's id before, not the alias's");
     assert_eq!(r3.created_at, created.created_at);
     assert_eq!(r3.id, t3.id());
     assert!(!h.load(&t3).await.expect("loads").via_rotation_alias);
@@ -594,7 +602,20 @@ pub async fn rotation_edge_cases(f: &dyn SessionStoreFactory) {
     assert!(h.load(&t1).await.is_none(), "an alias to an alias is dead");
     assert_eq!(ids(&h.list("alice").await), vec![t3.id()]);
 
-    assert!(revoke(&h.store, &t2).await, "revoking through the alias");
+    let revoked = h
+        .store
+        .revoke_session(&t2)
+        .await
+        .expect("revoke")
+        .expect("revoking through the alias");
+    assert_eq!(
+        revoked,
+        Revoked {
+            id: t3.id(),
+            user_id: "alice".into()
+        },
+        "the session revoked, not the alias"
+    );
     assert!(h.load(&t3).await.is_none(), "revoked the session itself");
     assert!(h.load(&t2).await.is_none());
     assert!(!revoke(&h.store, &t3).await);

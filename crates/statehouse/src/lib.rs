@@ -233,9 +233,9 @@ pub use stats::LimiterStats;
 
 #[doc(no_inline)]
 pub use statehouse_core::session::{
-    Created, LoadedSession, NewSession, SessionChanges, SessionConfig, SessionConfigBuilder,
-    SessionEvent, SessionHooks, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken,
-    Updated, UserTag,
+    Created, LoadedSession, NewSession, Revoked, Rotated, SessionChanges, SessionConfig,
+    SessionConfigBuilder, SessionEvent, SessionHooks, SessionId, SessionInfo, SessionRecord,
+    SessionStore, SessionToken, Updated, UserTag,
 };
 
 #[doc(no_inline)]

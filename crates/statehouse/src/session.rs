@@ -8,8 +8,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use statehouse_core::session::{
-    Created, LoadedSession, NewSession, SessionChanges, SessionEvent, SessionHooks, SessionId,
-    SessionInfo, SessionRecord, SessionStore, SessionToken, Updated, UserTag,
+    Created, LoadedSession, NewSession, Revoked, Rotated, SessionChanges, SessionEvent,
+    SessionHooks, SessionId, SessionInfo, SessionRecord, SessionStore, SessionToken, Updated,
+    UserTag,
 };
 use statehouse_core::{Clock, Error, Result, SystemClock};
 
@@ -443,22 +444,29 @@ impl<C: SessionCodec> Sessions<C> {
         token: &SessionToken,
     ) -> Result<Option<(SessionToken, SessionRecord)>> {
         let rotated = self
-            .call(token.user_tag(), || self.inner.store.rotate(token))
+            .call(token.user_tag(), || self.inner.store.rotate_session(token))
             .await?;
-        if let Some((_, record)) = &rotated {
-            let from = token.id();
-            tracing::info!(
-                from = log_id(&from),
-                to = log_id(&record.id),
-                "statehouse: session rotated"
-            );
-            self.emit(SessionEvent::Rotated {
-                from,
-                to: record.id.clone(),
-                user_id: record.user_id.clone(),
-            });
-        }
-        Ok(rotated)
+        Ok(rotated.map(
+            |Rotated {
+                 token,
+                 record,
+                 from,
+             }| {
+                // `from` is the session's id before the rotation: through an old token in its
+                // grace, not the presented token's.
+                tracing::info!(
+                    from = log_id(&from),
+                    to = log_id(&record.id),
+                    "statehouse: session rotated"
+                );
+                self.emit(SessionEvent::Rotated {
+                    from,
+                    to: record.id.clone(),
+                    user_id: record.user_id.clone(),
+                });
+                (token, record)
+            },
+        ))
     }
 
     /// Revokes the session (logout); `false` when it was already gone.
@@ -467,27 +475,20 @@ impl<C: SessionCodec> Sessions<C> {
     ///
     /// The store's error.
     pub async fn revoke(&self, token: &SessionToken) -> Result<bool> {
-        self.revoke_known(token, None).await
-    }
-
-    /// [`revoke`](Self::revoke) when the caller knows the user, for the event.
-    ///
-    /// # Errors
-    ///
-    /// The store's error.
-    pub async fn revoke_known(&self, token: &SessionToken, user_id: Option<&str>) -> Result<bool> {
         let revoked = self
-            .call(token.user_tag(), || self.inner.store.revoke(token))
+            .call(token.user_tag(), || self.inner.store.revoke_session(token))
             .await?;
-        if revoked {
-            let id = token.id();
-            tracing::info!(session = log_id(&id), "statehouse: session revoked");
-            self.emit(SessionEvent::Revoked {
-                id,
-                user_id: user_id.map(str::to_owned),
-            });
-        }
-        Ok(revoked)
+        let Some(Revoked { id, user_id }) = revoked else {
+            return Ok(false);
+        };
+        // `id` is the revoked session's: through an old token in its grace, not the presented
+        // token's.
+        tracing::info!(session = log_id(&id), "statehouse: session revoked");
+        self.emit(SessionEvent::Revoked {
+            id,
+            user_id: Some(user_id),
+        });
+        Ok(true)
     }
 
     /// The live sessions of `user_id`, oldest first.

@@ -103,7 +103,7 @@ async fn events_follow_confirmed_changes() {
         hooks.take(),
         [SessionEvent::Revoked {
             id: a2.id(),
-            user_id: None
+            user_id: Some("alice".into())
         }]
     );
     // Nothing confirmed, nothing reported: a second revoke, a rotate of a gone session, a load
@@ -112,6 +112,35 @@ async fn events_follow_confirmed_changes() {
     assert!(sessions.rotate(&a2).await.expect("rotate").is_none());
     assert!(sessions.load(&a2).await.expect("load").is_none());
     assert!(hooks.take().is_empty());
+
+    // Through an old token in its grace, the events name the session acted on, not the alias.
+    let (d1, _) = sessions
+        .create(&NewSession::for_user("dora"))
+        .await
+        .expect("create");
+    let (d2, _) = sessions.rotate(&d1).await.expect("rotate").expect("live");
+    hooks.take();
+    let (d3, _) = sessions
+        .rotate(&d1)
+        .await
+        .expect("rotate")
+        .expect("via the alias");
+    assert_eq!(
+        hooks.take(),
+        [SessionEvent::Rotated {
+            from: d2.id(),
+            to: d3.id(),
+            user_id: "dora".into()
+        }]
+    );
+    assert!(sessions.revoke(&d2).await.expect("revoke"));
+    assert_eq!(
+        hooks.take(),
+        [SessionEvent::Revoked {
+            id: d3.id(),
+            user_id: Some("dora".into())
+        }]
+    );
 }
 
 /// A login past `max_sessions_per_user` reports the session it displaced, then the new one.

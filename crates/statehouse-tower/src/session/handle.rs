@@ -430,8 +430,7 @@ impl<C: SessionCodec> Session<C> {
                     return Ok(());
                 }
             } else {
-                let previous_user = record.user_id.clone();
-                sessions.revoke_known(token, Some(&previous_user)).await?;
+                sessions.revoke(token).await?;
             }
         }
         let new = NewSession {
@@ -528,20 +527,12 @@ impl<C: SessionCodec> Session<C> {
         let Some(token) = state.token.take() else {
             return Ok(false);
         };
-        let user = match &state.loaded {
-            Loaded::Live(record) => Some(record.user_id.clone()),
-            _ => None,
-        };
         // The browser forgets the token even when the store cannot revoke it now (OWASP:
         // invalidate on both sides); the server side then ends at the idle timeout.
         state.loaded = Loaded::Absent;
         state.pending = SessionChanges::default();
         state.cookie = CookieChange::Clear;
-        Ok(self
-            .shared
-            .sessions
-            .revoke_known(&token, user.as_deref())
-            .await?)
+        Ok(self.shared.sessions.revoke(&token).await?)
     }
 
     /// Logs the user out everywhere: revokes every session of the user, this one included, and

@@ -20,8 +20,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use statehouse::{
     Created, EmbeddedSessionStore, LoadedSession, ManualClock, NewSession, RedisSessionStore,
-    RedisTopology, SessionChanges, SessionConfig, SessionId, SessionInfo, SessionRecord,
-    SessionStore, SessionToken, Sessions, SessionsBuilder, TimeSource,
+    RedisTopology, SessionChanges, SessionConfig, SessionId, SessionInfo, SessionStore,
+    SessionToken, Sessions, SessionsBuilder, TimeSource,
 };
 use statehouse_testkit::{shared_standalone, unique_prefix};
 use statehouse_tower::CookieConfig;
@@ -77,16 +77,19 @@ impl SessionStore for Counting {
         self.bump();
         self.inner.update(token, changes).await
     }
-    async fn rotate(
+    async fn rotate_session(
         &self,
         token: &SessionToken,
-    ) -> statehouse::Result<Option<(SessionToken, SessionRecord)>> {
+    ) -> statehouse::Result<Option<statehouse::Rotated>> {
         self.bump();
-        self.inner.rotate(token).await
+        self.inner.rotate_session(token).await
     }
-    async fn revoke(&self, token: &SessionToken) -> statehouse::Result<bool> {
+    async fn revoke_session(
+        &self,
+        token: &SessionToken,
+    ) -> statehouse::Result<Option<statehouse::Revoked>> {
         self.bump();
-        self.inner.revoke(token).await
+        self.inner.revoke_session(token).await
     }
     async fn list_for_user(&self, user_id: &str) -> statehouse::Result<Vec<SessionInfo>> {
         self.bump();
