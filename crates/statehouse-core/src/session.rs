@@ -267,8 +267,9 @@ impl SessionConfig {
         self.rotation_grace_us
     }
 
-    /// The most live sessions one user may have. Creating one more revokes the user's least
-    /// recently active session (the one whose expiry comes first): a user who logs in from
+    /// The most live sessions one user may have. Creating one more revokes the user's session
+    /// whose expiry comes first (ties by id): normally the least recently active one, near the
+    /// absolute lifetime the oldest. So a user who logs in from
     /// ever more clients, or a script logging in in a loop, cannot grow the per-user index
     /// without bound (listing and revoking a user's sessions visit each of them in one atomic
     /// step, which on Redis holds the server).
@@ -468,7 +469,7 @@ pub struct Created {
     pub token: SessionToken,
     /// The new session.
     pub record: SessionRecord,
-    /// The ids of the user's sessions revoked to make room, least recently active first.
+    /// The ids of the user's sessions revoked to make room, first to expire first.
     pub evicted: Vec<SessionId>,
 }
 
@@ -496,6 +497,7 @@ pub struct Revoked {
 
 /// What an [`update`](SessionStore::update) found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Updated {
     /// The session is gone (revoked, expired or unknown): nothing was written, and nothing
     /// brought it back.
@@ -635,8 +637,8 @@ impl SessionChanges {
 #[async_trait]
 pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     /// Creates a session with a fresh token; never overwrites an existing one. A user already at
-    /// [`SessionConfig::max_sessions_per_user`] loses the least recently active sessions (the
-    /// first to expire) in the same atomic step; [`Created::evicted`] names them.
+    /// [`SessionConfig::max_sessions_per_user`] loses the sessions that expire first (ties by
+    /// id) in the same atomic step; [`Created::evicted`] names them.
     async fn create_session(&self, new: &NewSession) -> Result<Created>;
 
     /// [`create_session`](Self::create_session), for a caller that does not need the evicted
@@ -702,7 +704,7 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     async fn revoke_by_id(&self, user_id: &str, id: &SessionId) -> Result<bool>;
 
     /// Revokes every session of `user_id` except `keep` ("log out everywhere else"); returns
-    /// the ids of the sessions it revoked. A `keep` that is the id of an old token still in its rotation
+    /// the ids of the sessions it revoked, first to expire first (ties by id). A `keep` that is the id of an old token still in its rotation
     /// grace keeps the session that token was rotated to (a request that loaded its session
     /// just before a concurrent rotation keeps the current device).
     async fn revoke_all_for_user(

@@ -37,8 +37,8 @@
 //!   `touched = true`; otherwise nothing is written and `touched = false`. Through an alias the
 //!   target is loaded and touched the same way, with `via_rotation_alias = true`.
 //! - **update**: validates the changes first ([`SessionChanges::validate`]); resolve (a live alias
-//!   updates its target); if nothing resolves, return `false` and write **nothing** (an update
-//!   never brings back a revoked or expired session; [`Updated::Gone`]). Otherwise remove the fields in
+//!   updates its target); if nothing resolves, return [`Updated::Gone`] and write **nothing**
+//!   (an update never brings back a revoked or expired session). Otherwise remove the fields in
 //!   `changes.remove`, then set those in `changes.set` (so a field named in both ends up set),
 //!   replace the roles if `changes.roles` is `Some`, and set `last_seen = now` (even when the
 //!   changes are empty: an update is activity). Returns [`Updated::Written`], or
@@ -758,16 +758,22 @@ impl EmbeddedSessionStore {
         });
         let keep = keep.as_ref();
         shard.prune_user(tag, now, &self.inner.config);
-        let doomed: Vec<SessionId> = shard
+        let config = &self.inner.config;
+        // First to expire first, ties by id: the order of the Redis index.
+        let mut doomed: Vec<(Timestamp, SessionId)> = shard
             .users
             .get(&tag)
             .into_iter()
             .flat_map(|entries| entries.iter())
-            .filter(|&(id, e)| {
-                matches!(e, Entry::Session(r) if r.user_id == user_id) && Some(id) != keep
+            .filter_map(|(id, e)| match e {
+                Entry::Session(r) if r.user_id == user_id && Some(id) != keep => {
+                    Some((r.expires_at(config), id.clone()))
+                }
+                _ => None,
             })
-            .map(|(id, _)| id.clone())
             .collect();
+        doomed.sort_unstable();
+        let doomed: Vec<SessionId> = doomed.into_iter().map(|(_, id)| id).collect();
         for id in &doomed {
             shard.remove(tag, id);
         }

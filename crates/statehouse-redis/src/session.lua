@@ -395,28 +395,49 @@ local function refresh_expiry(idx, key, id, c)
   expire_index(idx)
 end
 
--- Walks the index `idx` in score order (the first to expire first; ties by id): prunes members
--- whose key is gone (or is an alias), deletes dead sessions, and calls `live(id, key, f)` for
--- each live session of `user`. Returns the expired ones as a flat list id, user.
-local function walk(idx, user, live)
-  local expired = {}
-  local ids = call('ZRANGE', idx, 0, -1)
-  for _, id in ipairs(ids) do
+-- Reads the index `idx` in score order (the first to expire first; ties by id) and writes
+-- nothing: returns the members to drop (key gone, or an alias), the ids of dead sessions, the
+-- dead ones as a flat list id, user (for the Expired events), and the live sessions of `user`
+-- as { id, key, record }. A corrupt record fails the call here, before any write.
+local function survey(idx, user)
+  local stale, dead, expired, live = {}, {}, {}, {}
+  for _, id in ipairs(call('ZRANGE', idx, 0, -1)) do
     local key = base .. id
     local v = call('GET', key)
     if not v or byte(v, 1) == K_ALIAS then
-      call('ZREM', idx, id)
+      stale[#stale + 1] = id
     else
       local f = decode(v, key)
       if now >= expires_at(f.c, f.s) then
-        call('DEL', key)
-        call('ZREM', idx, id)
+        dead[#dead + 1] = id
         expired[#expired + 1] = id
         expired[#expired + 1] = f.u
       elseif f.u == user then
-        live(id, key, f)
+        live[#live + 1] = { id, key, f }
       end
     end
+  end
+  return stale, dead, expired, live
+end
+
+-- Applies a survey's pruning: drops the stale members and deletes the dead sessions.
+local function prune(idx, stale, dead)
+  for _, id in ipairs(stale) do
+    call('ZREM', idx, id)
+  end
+  for _, id in ipairs(dead) do
+    call('DEL', base .. id)
+    call('ZREM', idx, id)
+  end
+end
+
+-- Walks the index `idx`: prunes it, then calls `each(id, key, f)` for each live session of
+-- `user`, first to expire first. Returns the expired ones as a flat list id, user.
+local function walk(idx, user, each)
+  local stale, dead, expired, live = survey(idx, user)
+  prune(idx, stale, dead)
+  for _, s in ipairs(live) do
+    each(s[1], s[2], s[3])
   end
   return expired
 end
@@ -424,36 +445,36 @@ end
 -- create: KEYS[1] = session key, KEYS[2] = index; ARGV[9] = id, ARGV[10] = the record's fields
 -- (everything after the header; the times are set here), ARGV[11] = user id, ARGV[12] = the
 -- most live sessions a user may have. Never overwrites: an existing key is a collision. A user
--- at that bound loses the sessions first to expire (the least recently active: index scores
--- are expiries; ties by id), in this same step. Reply { now, 1, { evicted ids, first to expire
--- first }, { expired id, user ... } }.
+-- at that bound loses the sessions first to expire (index scores are expiries; ties by id):
+-- normally the least recently active, near the absolute lifetime the oldest. In this same step.
+-- Reply { now, 1, { evicted ids, first to expire first }, { expired id, user ... } }.
 local function create()
   local key, idx, id = KEYS[1], KEYS[2], ARGV[9]
   if call('EXISTS', key) == 1 then
     return { fmt(now), COLLISION }
   end
-  -- The record first: on a Redis at its maxmemory this first write is refused, before the
-  -- script has changed anything (a script that has written once may go on writing).
+  local cap = arg_uint(12, 'the most sessions per user')
+  local stale, dead, expired, live = {}, {}, {}, {}
+  if call('ZCARD', idx) >= cap then
+    -- Only at the bound: the user's live sessions, first to expire first (a tag is the user's,
+    -- barring a 64-bit hash collision). Read before any write, so corrupt data fails the
+    -- create with nothing changed.
+    stale, dead, expired, live = survey(idx, ARGV[11])
+  end
+  -- The record is the first write: on a Redis at its maxmemory it is refused before the script
+  -- has changed anything (a script that has written once may go on writing).
   local t = pad(now)
   call('SET', key, string.char(K_SESSION) .. t .. t .. ARGV[10])
   local exp = expires_at(now, now)
   expire_key_at(key, exp)
   -- Members whose score has passed are dead (scores are expiries and never move back).
   call('ZREMRANGEBYSCORE', idx, '-inf', fmt(now))
-  local evicted, expired = {}, {}
-  local cap = arg_uint(12, 'the most sessions per user')
-  if call('ZCARD', idx) >= cap then
-    -- Only at the bound: count the user's live sessions, first to expire first (a tag is the
-    -- user's, barring a 64-bit hash collision).
-    local live = {}
-    expired = walk(idx, ARGV[11], function(id)
-      live[#live + 1] = id
-    end)
-    for i = 1, #live + 1 - cap do
-      call('DEL', base .. live[i])
-      call('ZREM', idx, live[i])
-      evicted[i] = live[i]
-    end
+  prune(idx, stale, dead)
+  local evicted = {}
+  for i = 1, #live + 1 - cap do
+    call('DEL', live[i][2])
+    call('ZREM', idx, live[i][1])
+    evicted[i] = live[i][1]
   end
   call('ZADD', idx, fmt(exp), id)
   expire_index(idx)

@@ -430,9 +430,9 @@ impl RedisSessionStore {
         Ok(())
     }
 
-    /// The answer of a revoking script (`revoke`, `revoke_id`): whether a session was revoked,
-    /// with its event; an expired session found on the way is reported as expired, not revoked.
-    /// The session a revocation removed (`{ id, user }` after `Done`), reported to the hooks.
+    /// The answer of a revoking script (`revoke`, `revoke_id`): the session it revoked (`{ id,
+    /// user }` after `Done`), reported to the hooks; an expired session found on the way is
+    /// reported as expired, not revoked.
     fn revocation_outcome(&self, reply: Reply, op: &str) -> Result<Option<Revoked>> {
         match reply.status {
             Status::Done => {

@@ -308,6 +308,62 @@ async fn corrupt_session_data_is_a_backend_error() {
     raw(&["DEL", &index, &key]);
 }
 
+/// A create at the per-user bound reads the user's sessions before it writes anything, so
+/// corrupt data among them fails it with nothing written: no orphaned record, no eviction.
+#[tokio::test]
+async fn create_at_the_bound_over_corrupt_data_writes_nothing() {
+    let clock = ManualClock::starting_now();
+    let config = SessionConfig::builder()
+        .max_sessions_per_user(2)
+        .build()
+        .expect("config");
+    let store = RedisSessionStore::builder(standalone())
+        .prefix(&store_prefix("bound-corrupt"))
+        .time_source(TimeSource::Caller(Arc::new(clock.clone())))
+        .config(config)
+        .connect()
+        .await
+        .expect("connect");
+    let port = shared_standalone().port();
+    let raw = |args: &[&str]| raw_command(port, args).expect("raw command");
+    let (a, _) = store.create(&new_session("erin")).await.expect("create");
+    clock.advance(Duration::from_secs(1));
+    let (b, _) = store.create(&new_session("erin")).await.expect("create");
+    let b_key = store.session_key(&b);
+    raw(&["SETRANGE", &b_key, "17", "yesterday"]);
+    let user_keys = || {
+        let base = b_key.trim_end_matches(b.id().as_str());
+        let mut keys: Vec<String> =
+            raw(&["SCAN", "0", "MATCH", &format!("{base}*"), "COUNT", "1000"])
+                .lines()
+                .skip(1)
+                .map(str::to_owned)
+                .collect();
+        keys.sort();
+        keys
+    };
+    let before = user_keys();
+    assert_eq!(before.len(), 3, "two sessions and the index: {before:?}");
+
+    let err = store
+        .create(&new_session("erin"))
+        .await
+        .expect_err("corrupt data at the bound");
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    assert_eq!(user_keys(), before, "nothing written");
+    assert_eq!(raw(&["ZCARD", &store.index_key("erin")]), "2");
+    assert!(
+        store.load(&a).await.expect("load").is_some(),
+        "nothing evicted"
+    );
+    raw(&[
+        "DEL",
+        &b_key,
+        &store.index_key("erin"),
+        &store.session_key(&a),
+    ]);
+}
+
 #[tokio::test]
 async fn invalid_input_is_refused_before_any_io() {
     // A server that is then killed: any I/O would fail as unavailable, not as invalid input.

@@ -781,12 +781,12 @@ pub async fn revoke_all_keeps_the_session_an_alias_names(f: &dyn SessionStoreFac
 
     let (other, _) = h.create_for("alice").await;
     h.advance(GRACE);
-    let mut revoked = h
+    let revoked = h
         .store
         .revoke_all_for_user("alice", Some(&old.id()))
         .await
         .expect("revoke all");
-    revoked.sort();
+    // Both last active at the same instant: the same expiry, so in id order.
     let mut expected = vec![fresh.id(), other.id()];
     expected.sort();
     assert_eq!(revoked, expected, "a dead alias keeps nothing");
@@ -856,6 +856,35 @@ pub async fn creating_past_the_per_user_bound_evicts_the_least_recently_active(
         .expect("create");
     assert!(newest.evicted.is_empty(), "{:?}", newest.evicted);
     assert_eq!(h.list("alice").await.len(), 2);
+
+    // A replica configured with a lower bound (Redis) evicts as many as it takes at once, first
+    // to expire first, ties (sessions last active at the same instant) by id.
+    let (c1, _) = h.create_for("carl").await;
+    let (c2, _) = h.create_for("carl").await;
+    h.advance(Duration::from_secs(1));
+    let (c3, _) = h.create_for("carl").await;
+    let lower = SessionConfig::builder()
+        .idle_timeout(IDLE)
+        .absolute_lifetime(ABSOLUTE)
+        .touch_after_share(1, 4)
+        .rotation_grace(GRACE)
+        .max_sessions_per_user(1)
+        .build()
+        .expect("valid session config");
+    let strict = f.another_replica(&h.store, &h.clock, lower).await;
+    if Arc::ptr_eq(&strict, &h.store) {
+        // One store, one bound (the embedded store): the bound never drops under its sessions.
+        return;
+    }
+    let created = strict
+        .create_session(&NewSession::for_user("carl"))
+        .await
+        .expect("create");
+    let mut expected = vec![c1.id(), c2.id()];
+    expected.sort();
+    expected.push(c3.id());
+    assert_eq!(created.evicted, expected, "three at once, in order");
+    assert_eq!(ids(&h.list("carl").await), vec![created.token.id()]);
 }
 
 /// Sessions created at the same instant list by id.

@@ -87,8 +87,10 @@
 //! 4. The response gets `Set-Cookie` only when the token or its expiry changed: login,
 //!    rotation, logout (a clearing cookie), and, with a persistent cookie only, a request
 //!    that moved the expiry (a refreshing read or a write), once the store confirms the token
-//!    is still the session's current one (a concurrent rotation may have replaced it: the
-//!    browser is never handed the old token back).
+//!    is still the session's current one, at the end of the request (a concurrent rotation
+//!    may have replaced it; handing the old token back would log the browser out once its
+//!    grace ends). Only responses reordered on their way to the browser after that check can
+//!    still do so.
 //!
 //! ## Store down
 //!

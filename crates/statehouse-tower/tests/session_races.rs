@@ -74,6 +74,17 @@ async fn slow_others(State(gate): State<Gate>, session: Session) -> Result<Strin
     Ok(session.logout_other_devices().await?.to_string())
 }
 
+/// Rotates the session (a privilege change), parks, then writes a field.
+async fn slow_rotate_write(
+    State(gate): State<Gate>,
+    session: Session,
+) -> Result<&'static str, Error> {
+    session.rotate().await?;
+    gate.park().await;
+    session.insert("cart", &3_u32).await?;
+    Ok("rotated and written")
+}
+
 async fn rotate(session: Session) -> Result<&'static str, Error> {
     session.rotate().await?;
     Ok("rotated")
@@ -109,6 +120,7 @@ async fn app(backend: Backend) -> App {
         .route("/slow-write", post(slow_write))
         .route("/slow-others", post(slow_others))
         .route("/rotate", post(rotate))
+        .route("/slow-rotate-write", post(slow_rotate_write))
         .route("/me", get(me))
         .route("/logout", post(logout))
         .with_state(gate.clone())
@@ -312,6 +324,34 @@ async fn write_after_the_grace_is_refused_without_clearing_the_cookie(backend: B
     assert!(!record.data.contains_key("cart"), "{backend:?}");
 }
 
+/// A request that rotated its session (issuing a new token) and then finds it revoked at its
+/// write (log out everywhere, from another device): 401, and the cookie is cleared, not set to
+/// the new token, which is dead.
+async fn rotated_then_revoked_clears_the_cookie(backend: Backend) {
+    let a = app(backend).await;
+    let token = login(&a, "gina").await;
+    let slow = start_slow(&a, "POST", "/slow-rotate-write", &token).await;
+    let revoked = a
+        .sessions
+        .revoke_all_for_user("gina", None)
+        .await
+        .expect("revoke all");
+    assert_eq!(revoked, 1);
+    let slow = finish_slow(&a, slow).await;
+    assert_eq!(slow.status(), StatusCode::UNAUTHORIZED, "{backend:?}");
+    let set: Vec<&str> = slow
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().expect("ASCII"))
+        .collect();
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert!(
+        set[0].starts_with(&format!("{COOKIE_NAME}=; Path=/; Max-Age=0;")),
+        "{backend:?}: {set:?}"
+    );
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -332,4 +372,5 @@ on_both_backends!(
     other_devices_keeps_the_rotated_current_session,
     write_after_a_logout_elsewhere_is_refused,
     write_after_the_grace_is_refused_without_clearing_the_cookie,
+    rotated_then_revoked_clears_the_cookie,
 );

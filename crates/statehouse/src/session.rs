@@ -401,17 +401,14 @@ impl<C: SessionCodec> Sessions<C> {
     /// Applies field-level `changes`; [`Updated::Gone`] when the session is gone, and
     /// [`Updated::WrittenViaRotationAlias`] when `token` is an old one in its rotation grace (a
     /// client holding it must not be handed it again). Invalid input is rejected before the
-    /// store is called; empty changes do not call it and report [`Updated::Written`] (nothing
-    /// could be lost).
+    /// store is called. Empty changes still go to the store: an update is activity (it moves
+    /// `last_seen`), and the answer must say whether the session is there.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidInput`]; the store's error.
     pub async fn update(&self, token: &SessionToken, changes: &SessionChanges) -> Result<Updated> {
         changes.validate()?;
-        if changes.is_empty() {
-            return Ok(Updated::Written);
-        }
         self.call(token.user_tag(), || self.inner.store.update(token, changes))
             .await
     }

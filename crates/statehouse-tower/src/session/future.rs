@@ -24,8 +24,9 @@ pin_project! {
     /// in the handler), the cookie is set as soon as the inner response is ready, without an
     /// allocation. With changes, one boxed future writes them (one store call, within the
     /// deadline) before the response goes out; so does, with a persistent cookie, the check
-    /// that a token whose session a read refreshed is still current before its cookie is
-    /// re-sent (one load, at most once per refresh interval of a session).
+    /// that a token whose session a read refreshed (or an explicit `save` wrote) is still
+    /// current before its cookie is re-sent (one load: with the default refresh throttle, at
+    /// most once per refresh interval of a session for reads).
     pub struct ResponseFuture<F, B, E, C> {
         #[pin]
         state: State<F, B, E>,
@@ -93,8 +94,16 @@ where
                             Some((token, changes)) => match session.write(token, changes).await {
                                 // Revoked or expired meanwhile (a logout in another tab, an
                                 // old token past its grace): nothing was written, so the
-                                // response must not say it was.
-                                Ok(Updated::Gone) => (Some(Error::NoSession), false),
+                                // response must not say it was. A token this request issued
+                                // (a login, a rotation) is dead: the cookie is cleared rather
+                                // than set to it. Otherwise the cookie is left alone: the
+                                // browser may hold a newer token.
+                                Ok(Updated::Gone) => {
+                                    if matches!(finish.cookie, CookieChange::Set(_)) {
+                                        finish.cookie = CookieChange::Clear;
+                                    }
+                                    (Some(Error::NoSession), false)
+                                }
                                 Ok(updated) => (None, updated == Updated::Written),
                                 Err(e) => (Some(e), false),
                             },
@@ -135,7 +144,12 @@ fn complete<B: Default, C: SessionCodec>(
         // `SessionStoreDown::Reject503`, even if the handler swallowed the error.
         status_only(StatusCode::SERVICE_UNAVAILABLE)
     } else if let Some(error) = written {
-        tracing::warn!(error = %error, "statehouse: session changes could not be written");
+        if matches!(error, Error::NoSession) {
+            // A race with a logout elsewhere or a rotation, not a fault.
+            tracing::debug!("statehouse: session changes dropped: the session ended meanwhile");
+        } else {
+            tracing::warn!(error = %error, "statehouse: session changes could not be written");
+        }
         status_only(error.status())
     } else {
         response
