@@ -96,8 +96,10 @@ local function pad(n)
 end
 
 -- Decodes a session record: { c, s, u, r, i, a, d = { name = value }, x = { unknown fields } }.
--- Fails (an error reply) on anything that is not a whole, well-formed session record.
-local function decode(v, key)
+-- Fails (an error reply) on anything that is not a whole, well-formed session record. With
+-- `light`, only the times and the user are kept (the record is checked just the same): a walk
+-- over a user's sessions that needs no more does not copy every data field of every session.
+local function decode(v, key, light)
   local n = #v
   if n < HEADER or byte(v, 1) ~= K_SESSION then
     corrupt(key, 'not a session record')
@@ -118,7 +120,9 @@ local function decode(v, key)
       if pos + len - 1 > n then
         corrupt(key, 'a data field name is cut short')
       end
-      name = sub(v, pos, pos + len - 1)
+      if not light then
+        name = sub(v, pos, pos + len - 1)
+      end
       pos = pos + len
     end
     if pos + 3 > n then
@@ -130,10 +134,12 @@ local function decode(v, key)
     if pos + len - 1 > n then
       corrupt(key, 'a field value is cut short')
     end
-    local value = sub(v, pos, pos + len - 1)
+    local value = (not light or k == K_USER) and sub(v, pos, pos + len - 1)
     pos = pos + len
     if k == K_USER then
       f.u = value
+    elseif light then
+      -- Only the user is kept.
     elseif k == K_ROLES then
       f.r = value
     elseif k == K_IP then
@@ -398,8 +404,9 @@ end
 -- Reads the index `idx` in score order (the first to expire first; ties by id) and writes
 -- nothing: returns the members to drop (key gone, or an alias), the ids of dead sessions, the
 -- dead ones as a flat list id, user (for the Expired events), and the live sessions of `user`
--- as { id, key, record }. A corrupt record fails the call here, before any write.
-local function survey(idx, user)
+-- as { id, key, record } (with `light`, records holding only times and user). A corrupt record
+-- fails the call here, before any write.
+local function survey(idx, user, light)
   local stale, dead, expired, live = {}, {}, {}, {}
   for _, id in ipairs(call('ZRANGE', idx, 0, -1)) do
     local key = base .. id
@@ -407,7 +414,7 @@ local function survey(idx, user)
     if not v or byte(v, 1) == K_ALIAS then
       stale[#stale + 1] = id
     else
-      local f = decode(v, key)
+      local f = decode(v, key, light)
       if now >= expires_at(f.c, f.s) then
         dead[#dead + 1] = id
         expired[#expired + 1] = id
@@ -432,9 +439,10 @@ local function prune(idx, stale, dead)
 end
 
 -- Walks the index `idx`: prunes it, then calls `each(id, key, f)` for each live session of
--- `user`, first to expire first. Returns the expired ones as a flat list id, user.
-local function walk(idx, user, each)
-  local stale, dead, expired, live = survey(idx, user)
+-- `user`, first to expire first (`light`: see `survey`). Returns the expired ones as a flat list
+-- id, user.
+local function walk(idx, user, each, light)
+  local stale, dead, expired, live = survey(idx, user, light)
   prune(idx, stale, dead)
   for _, s in ipairs(live) do
     each(s[1], s[2], s[3])
@@ -459,7 +467,7 @@ local function create()
     -- Only at the bound: the user's live sessions, first to expire first (a tag is the user's,
     -- barring a 64-bit hash collision). Read before any write, so corrupt data fails the
     -- create with nothing changed.
-    stale, dead, expired, live = survey(idx, ARGV[11])
+    stale, dead, expired, live = survey(idx, ARGV[11], true)
   end
   -- The record is the first write: on a Redis at its maxmemory it is refused before the script
   -- has changed anything (a script that has written once may go on writing).
@@ -599,7 +607,7 @@ local function revoke_all()
       call('ZREM', idx, id)
       revoked[#revoked + 1] = id
     end
-  end)
+  end, true)
   return { fmt(now), revoked, expired }
 end
 
