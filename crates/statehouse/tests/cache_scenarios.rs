@@ -257,6 +257,60 @@ async fn a_fill_voided_by_a_delete_is_refused(backend: CacheBackend) {
     assert!(b.get("k").await.expect("get").is_miss());
 }
 
+/// A tag (or the namespace) invalidated on another replica while a loader runs: the loader may
+/// have read the source of truth before the change, so its value is served to its caller but
+/// never cached (it was stamped with the tag's new version, and so served as fresh everywhere).
+async fn a_fill_overtaken_by_a_tag_invalidation_is_not_cached(backend: CacheBackend) {
+    for namespace in [false, true] {
+        let (_clock, fleet, caches) = replicas(backend, ttl_policy(60), 2).await;
+        let started = Arc::new(AtomicBool::new(false));
+        let gate = Gate::new();
+        let (a, b) = (caches[0].clone(), caches[1].clone());
+        let load = {
+            let started = started.clone();
+            let gate = gate.clone();
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.get_or_load_with("k", move || async move {
+                    started.store(true, Ordering::SeqCst);
+                    gate.wait().await;
+                    Ok::<_, io::Error>(Loaded::found("old".to_string()).tag("group:1"))
+                })
+                .await
+            })
+        };
+        poll("the loader to start", || {
+            let s = started.clone();
+            async move { s.load(Ordering::SeqCst) }
+        })
+        .await;
+        let received = a.stats().invalidations_received;
+        if namespace {
+            b.invalidate_namespace().await.expect("bump namespace");
+        } else {
+            b.invalidate_tag("group:1").await.expect("bump tag");
+        }
+        poll("the invalidation to reach the loading replica", || {
+            let a = a.clone();
+            async move { a.stats().invalidations_received > received }
+        })
+        .await;
+        gate.open();
+        let fetched = load.await.expect("task").expect("load");
+        assert_eq!(fetched.source, Source::Loaded);
+        assert_eq!(fetched.value.as_deref().map(String::as_str), Some("old"));
+        let raw = fleet.stores[0]
+            .get(&a.store_key("k"))
+            .await
+            .expect("raw get");
+        assert!(raw.is_none(), "namespace {namespace}: the fill was stored");
+        assert!(
+            b.get("k").await.expect("get").is_miss(),
+            "namespace {namespace}"
+        );
+    }
+}
+
 /// A store wrapper whose next `get` (once armed) reads the store, then waits for the test
 /// before answering: a store reply overtaken by an invalidation.
 #[derive(Debug)]
@@ -984,6 +1038,7 @@ macro_rules! every_scenario {
             stampede_loads_once,
             writes_invalidate_other_replicas,
             a_fill_voided_by_a_delete_is_refused,
+            a_fill_overtaken_by_a_tag_invalidation_is_not_cached,
             a_read_overtaken_by_an_invalidation_is_not_kept,
             a_dead_holders_lease_expires,
             a_cancelled_load_releases_its_lease,

@@ -1787,6 +1787,10 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
     {
         let inner = &*self.inner;
         let started = inner.clock.now();
+        // Taken before the loader reads the source of truth: a tag invalidated after this may
+        // have changed what the loader read, and the versions `encode` then reads would be the
+        // new ones (see the check after `encode`).
+        let tag_ticket = inner.near.ticket();
         CacheCounters::bump(&inner.counters.loads);
         let loaded = match loader().await {
             Ok(loaded) => loaded,
@@ -1823,6 +1827,18 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
                 });
             }
         };
+        if inner.near.tag_changed_since(tag_ticket) {
+            // A tag or namespace invalidation (from any replica) arrived while we loaded: what
+            // we loaded may predate it, yet `encode` may have stamped it with the new versions,
+            // and it would be served as fresh everywhere. Serve it to this caller, never cache
+            // it. (Any tag of this cache counts: which ones the value carries is known only now.)
+            tracing::debug!(namespace = %inner.namespace, "statehouse: cache fill skipped (a tag was invalidated during the load)");
+            guard.release().await;
+            return Ok(Fetched {
+                value,
+                source: Source::Loaded,
+            });
+        }
         let ticket = inner.near.ticket();
         let Some(token) = guard.token().cloned() else {
             return Ok(Fetched {

@@ -380,6 +380,12 @@ impl<V: Send + Sync + 'static> NearCache<V> {
             .remove(tag);
     }
 
+    /// Whether a tag or namespace invalidation arrived (or the channel was lost, which may have
+    /// hidden one) since `ticket` was taken.
+    pub(crate) fn tag_changed_since(&self, ticket: u64) -> bool {
+        self.tag_changed.load(Ordering::SeqCst) > ticket
+    }
+
     /// The locally known version of `tag`, if the channel is live and it is known.
     pub(crate) fn known_tag(&self, tag: &str) -> Option<u64> {
         if !self.is_live() {
