@@ -311,6 +311,55 @@ async fn a_fill_overtaken_by_a_tag_invalidation_is_not_cached(backend: CacheBack
     }
 }
 
+/// A caller that writes (deletes the key) and then reads through `get_or_load` while a load
+/// that began before its write is still running on the same replica: it must not be handed
+/// that load's value (read your writes); it loads again, and the old load is not cached.
+async fn a_caller_after_its_own_write_does_not_join_an_older_load(backend: CacheBackend) {
+    let (_clock, _fleet, caches) = replicas(backend, ttl_policy(60), 1).await;
+    let a = caches[0].clone();
+    let started = Arc::new(AtomicBool::new(false));
+    let gate = Gate::new();
+    let old = {
+        let started = started.clone();
+        let gate = gate.clone();
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.get_or_load_with("k", move || async move {
+                started.store(true, Ordering::SeqCst);
+                gate.wait().await;
+                Ok::<_, io::Error>(Loaded::found("old".to_string()))
+            })
+            .await
+        })
+    };
+    poll("the first loader to start", || {
+        let s = started.clone();
+        async move { s.load(Ordering::SeqCst) }
+    })
+    .await;
+    a.delete("k").await.expect("delete");
+    // Joining the older load would wait behind its gate, which opens only after this.
+    let fetched = tokio::time::timeout(
+        EVENT_WAIT,
+        a.get_or_load_with("k", || async {
+            Ok::<_, io::Error>(Loaded::found("new".to_string()))
+        }),
+    )
+    .await
+    .expect("joined the load that began before the delete")
+    .expect("load");
+    assert_eq!(fetched.value.as_deref().map(String::as_str), Some("new"));
+    assert_eq!(fetched.source, Source::Loaded);
+    gate.open();
+    let first = old.await.expect("task").expect("load");
+    assert_eq!(first.value.as_deref().map(String::as_str), Some("old"));
+    assert_eq!(
+        value_of(&a, "k").await.as_deref(),
+        Some("new"),
+        "the newer load is kept"
+    );
+}
+
 /// A store wrapper whose next `get` (once armed) reads the store, then waits for the test
 /// before answering: a store reply overtaken by an invalidation.
 #[derive(Debug)]
@@ -1039,6 +1088,7 @@ macro_rules! every_scenario {
             writes_invalidate_other_replicas,
             a_fill_voided_by_a_delete_is_refused,
             a_fill_overtaken_by_a_tag_invalidation_is_not_cached,
+            a_caller_after_its_own_write_does_not_join_an_older_load,
             a_read_overtaken_by_an_invalidation_is_not_kept,
             a_dead_holders_lease_expires,
             a_cancelled_load_releases_its_lease,

@@ -86,6 +86,24 @@ impl<V: Send + Sync + 'static> Flights<V> {
         })
     }
 
+    /// Detaches the running flight of `key`, if any, after a write or an invalidation of it:
+    /// callers already waiting keep it (they asked before the change), but later callers start
+    /// a flight of their own instead of being handed what was loaded before the change.
+    pub(crate) fn detach(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    /// [`detach`](Self::detach) for the running flights whose key starts with `prefix` (every
+    /// flight for an empty prefix: a tag, namespace or channel change may concern any key).
+    pub(crate) fn detach_prefix(&self, prefix: &str) {
+        let mut map = self.lock();
+        if prefix.is_empty() {
+            map.clear();
+        } else {
+            map.retain(|key, _| !key.starts_with(prefix));
+        }
+    }
+
     fn remove(&self, key: &str, rx: &Slot<V>) {
         let mut map = self.lock();
         if map.get(key).is_some_and(|r| r.rx.same_channel(rx)) {

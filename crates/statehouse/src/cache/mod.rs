@@ -578,11 +578,13 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
             max_bytes: 0,
             max_ttl: Duration::from_secs(1),
         });
+        let flights = Arc::new(Flights::new());
         let near = Arc::new(NearCache::new(
             &self.namespace,
             near_config.max_bytes,
             near_config.max_ttl,
             counters.clone(),
+            flights.clone(),
         ));
         let domains = self.store.failure_domains();
         let sink: Arc<dyn InvalidationSink> = near.clone();
@@ -605,7 +607,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> CacheBuilder<V, C> {
                 l1: near_config.max_bytes > 0,
                 near,
                 _subscription: subscription,
-                flights: Arc::new(Flights::new()),
+                flights,
                 counters,
             }),
         })

@@ -28,6 +28,7 @@ use hashbrown::HashTable;
 use statehouse_core::Timestamp;
 use statehouse_core::cache::{Invalidation, InvalidationSink};
 
+use super::flight::Flights;
 use super::stats::CacheCounters;
 
 /// Estimated bookkeeping bytes of one entry beyond its key, payload and tags (the slot, the
@@ -183,6 +184,9 @@ pub(crate) struct NearCache<V> {
     /// Hashed with foldhash like the entries: it is looked up on every read of a namespace.
     tags: RwLock<HashMap<String, u64, foldhash::fast::RandomState>>,
     counters: Arc<CacheCounters>,
+    /// The cache's single flights: every invalidation detaches the flights it concerns, so a
+    /// caller after a change never joins a load that began before it.
+    flights: Arc<Flights<V>>,
 }
 
 impl<V> std::fmt::Debug for NearCache<V> {
@@ -209,6 +213,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
         max_bytes: usize,
         max_ttl: Duration,
         counters: Arc<CacheCounters>,
+        flights: Arc<Flights<V>>,
     ) -> Self {
         let parallelism = std::thread::available_parallelism().map_or(4, |n| n.get());
         let shards = (parallelism * 4).next_power_of_two().clamp(4, 64);
@@ -227,6 +232,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
             tag_changed: AtomicU64::new(0),
             tags: RwLock::new(HashMap::default()),
             counters,
+            flights,
         }
     }
 
@@ -349,6 +355,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
         let s = self.next_sequence();
         self.key_slot(hash).fetch_max(s, Ordering::SeqCst);
         lock(self.shard(hash)).remove(hash, key);
+        self.flights.detach(key);
     }
 
     /// Drops every entry and every known tag version, and refuses late fills.
@@ -360,6 +367,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
         for shard in self.shards.iter() {
             lock(shard).clear();
         }
+        self.flights.detach_prefix("");
         CacheCounters::bump(&self.counters.l1_flushes);
     }
 
@@ -369,6 +377,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
         for shard in self.shards.iter() {
             lock(shard).retain(|slot| !slot.key.starts_with(user_prefix));
         }
+        self.flights.detach_prefix(user_prefix);
     }
 
     fn forget_tag(&self, tag: &str) {
@@ -378,6 +387,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(tag);
+        self.flights.detach_prefix("");
     }
 
     /// Whether a tag or namespace invalidation arrived (or the channel was lost, which may have
@@ -480,7 +490,13 @@ mod tests {
     }
 
     fn near(max_bytes: usize) -> NearCache<u32> {
-        let n = NearCache::new("ns", max_bytes, Duration::from_secs(60), Arc::default());
+        let n = NearCache::new(
+            "ns",
+            max_bytes,
+            Duration::from_secs(60),
+            Arc::default(),
+            Arc::new(Flights::new()),
+        );
         n.on_channel_up();
         n
     }
@@ -520,7 +536,13 @@ mod tests {
     #[test]
     fn the_byte_bound_holds_and_evictions_are_counted() {
         let counters = Arc::new(CacheCounters::default());
-        let n = NearCache::new("ns", 64 * 1024, Duration::from_secs(60), counters.clone());
+        let n = NearCache::new(
+            "ns",
+            64 * 1024,
+            Duration::from_secs(60),
+            counters.clone(),
+            Arc::new(Flights::new()),
+        );
         n.on_channel_up();
         for i in 0..10_000u32 {
             let k = format!("key{i}");
