@@ -216,24 +216,34 @@ async fn writes_invalidate_other_replicas(backend: CacheBackend) {
     }
 }
 
-/// The stale-set race: a load that began before a delete must not fill the cache after it.
-async fn a_fill_voided_by_a_delete_is_refused(backend: CacheBackend) {
-    let (_clock, fleet, caches) = replicas(backend, ttl_policy(60), 2).await;
+/// Starts `get_or_load("k")` on `cache` with a loader that reads "old" (tagged `tag`, if any)
+/// and then waits behind the returned gate; returns once the loader has started.
+async fn start_gated_load(
+    cache: &Cache<String>,
+    tag: Option<&'static str>,
+) -> (
+    tokio::task::JoinHandle<Result<statehouse::Fetched<String>, CacheError<io::Error>>>,
+    Gate,
+) {
     let started = Arc::new(AtomicBool::new(false));
     let gate = Gate::new();
-    let (a, b) = (caches[0].clone(), caches[1].clone());
     let load = {
         let started = started.clone();
         let gate = gate.clone();
-        let a = a.clone();
+        let cache = cache.clone();
         tokio::spawn(async move {
-            a.get_or_load_with("k", move || async move {
-                // Reads the source of truth: the old value.
-                started.store(true, Ordering::SeqCst);
-                gate.wait().await;
-                Ok::<_, io::Error>(Loaded::found("old".to_string()))
-            })
-            .await
+            cache
+                .get_or_load_with("k", move || async move {
+                    // Reads the source of truth: the old value.
+                    started.store(true, Ordering::SeqCst);
+                    gate.wait().await;
+                    let loaded = Loaded::found("old".to_string());
+                    Ok::<_, io::Error>(match tag {
+                        Some(tag) => loaded.tag(tag),
+                        None => loaded,
+                    })
+                })
+                .await
         })
     };
     poll("the loader to start", || {
@@ -241,6 +251,14 @@ async fn a_fill_voided_by_a_delete_is_refused(backend: CacheBackend) {
         async move { s.load(Ordering::SeqCst) }
     })
     .await;
+    (load, gate)
+}
+
+/// The stale-set race: a load that began before a delete must not fill the cache after it.
+async fn a_fill_voided_by_a_delete_is_refused(backend: CacheBackend) {
+    let (_clock, fleet, caches) = replicas(backend, ttl_policy(60), 2).await;
+    let (a, b) = (caches[0].clone(), caches[1].clone());
+    let (load, gate) = start_gated_load(&a, None).await;
     // Another replica changes the source of truth and deletes the key.
     b.delete("k").await.expect("delete");
     gate.open();
@@ -263,27 +281,8 @@ async fn a_fill_voided_by_a_delete_is_refused(backend: CacheBackend) {
 async fn a_fill_overtaken_by_a_tag_invalidation_is_not_cached(backend: CacheBackend) {
     for namespace in [false, true] {
         let (_clock, fleet, caches) = replicas(backend, ttl_policy(60), 2).await;
-        let started = Arc::new(AtomicBool::new(false));
-        let gate = Gate::new();
         let (a, b) = (caches[0].clone(), caches[1].clone());
-        let load = {
-            let started = started.clone();
-            let gate = gate.clone();
-            let a = a.clone();
-            tokio::spawn(async move {
-                a.get_or_load_with("k", move || async move {
-                    started.store(true, Ordering::SeqCst);
-                    gate.wait().await;
-                    Ok::<_, io::Error>(Loaded::found("old".to_string()).tag("group:1"))
-                })
-                .await
-            })
-        };
-        poll("the loader to start", || {
-            let s = started.clone();
-            async move { s.load(Ordering::SeqCst) }
-        })
-        .await;
+        let (load, gate) = start_gated_load(&a, Some("group:1")).await;
         let received = a.stats().invalidations_received;
         if namespace {
             b.invalidate_namespace().await.expect("bump namespace");
@@ -317,26 +316,7 @@ async fn a_fill_overtaken_by_a_tag_invalidation_is_not_cached(backend: CacheBack
 async fn a_caller_after_its_own_write_does_not_join_an_older_load(backend: CacheBackend) {
     let (_clock, _fleet, caches) = replicas(backend, ttl_policy(60), 1).await;
     let a = caches[0].clone();
-    let started = Arc::new(AtomicBool::new(false));
-    let gate = Gate::new();
-    let old = {
-        let started = started.clone();
-        let gate = gate.clone();
-        let a = a.clone();
-        tokio::spawn(async move {
-            a.get_or_load_with("k", move || async move {
-                started.store(true, Ordering::SeqCst);
-                gate.wait().await;
-                Ok::<_, io::Error>(Loaded::found("old".to_string()))
-            })
-            .await
-        })
-    };
-    poll("the first loader to start", || {
-        let s = started.clone();
-        async move { s.load(Ordering::SeqCst) }
-    })
-    .await;
+    let (old, gate) = start_gated_load(&a, None).await;
     a.delete("k").await.expect("delete");
     // Joining the older load would wait behind its gate, which opens only after this.
     let fetched = tokio::time::timeout(
