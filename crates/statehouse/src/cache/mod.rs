@@ -1482,7 +1482,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         // Every tag known locally (the channel live): no store call and no copy of the names.
         let mut current = true;
         for (tag, version) in envelope.tags() {
-            match self.inner.near.known_tag(tag) {
+            match self.inner.near.known_tag(tag, self.inner.clock.now()) {
                 Some(known) => current &= known == version,
                 None => return self.tags_current_from_store(envelope).await,
             }
@@ -1502,8 +1502,9 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
         let inner = &*self.inner;
         let mut versions = Vec::with_capacity(tags.len());
         let mut unknown = Vec::new();
+        let now = inner.clock.now();
         for (i, t) in tags.iter().enumerate() {
-            match inner.near.known_tag(t) {
+            match inner.near.known_tag(t, now) {
                 Some(v) => versions.push(v),
                 None => {
                     versions.push(0);
@@ -1532,7 +1533,7 @@ impl<V: Send + Sync + 'static, C: CacheCodec<V>> Cache<V, C> {
                 source: None,
             });
         }
-        inner.near.learn_tags(ticket, &names, &fetched);
+        inner.near.learn_tags(ticket, &names, &fetched, now);
         for (&i, v) in unknown.iter().zip(fetched) {
             versions[i] = v;
         }

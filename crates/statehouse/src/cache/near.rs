@@ -182,7 +182,8 @@ pub(crate) struct NearCache<V> {
     /// Tag versions learned from the store, trusted while the channel is live and forgotten on
     /// each tag's invalidation. A `RwLock`: read on every tagged hit, written on a store read.
     /// Hashed with foldhash like the entries: it is looked up on every read of a namespace.
-    tags: RwLock<HashMap<String, u64, foldhash::fast::RandomState>>,
+    /// Each with when it was learned: trusted for [`TAG_TRUST`] only.
+    tags: RwLock<HashMap<String, (u64, Timestamp), foldhash::fast::RandomState>>,
     counters: Arc<CacheCounters>,
     /// The cache's single flights: every invalidation detaches the flights it concerns, so a
     /// caller after a change never joins a load that began before it.
@@ -269,7 +270,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
             shard.remove(hash, key);
             return None;
         }
-        if !slot.entry.tags.is_empty() && !self.tags_current(&slot.entry.tags) {
+        if !slot.entry.tags.is_empty() && !self.tags_current(&slot.entry.tags, now) {
             return None;
         }
         slot.referenced = true;
@@ -282,10 +283,13 @@ impl<V: Send + Sync + 'static> NearCache<V> {
         })
     }
 
-    fn tags_current(&self, tags: &[(String, u64)]) -> bool {
+    fn tags_current(&self, tags: &[(String, u64)], now: Timestamp) -> bool {
         let known = self.tags.read().unwrap_or_else(|p| p.into_inner());
-        tags.iter()
-            .all(|(t, v)| known.get(t.as_str()).is_some_and(|k| k == v))
+        tags.iter().all(|(t, v)| {
+            known
+                .get(t.as_str())
+                .is_some_and(|&(k, learned)| k == *v && trusted(learned, now))
+        })
     }
 
     /// Inserts `entry` unless an invalidation of `key` (or a broad one) arrived after `ticket`.
@@ -396,8 +400,9 @@ impl<V: Send + Sync + 'static> NearCache<V> {
         self.tag_changed.load(Ordering::SeqCst) > ticket
     }
 
-    /// The locally known version of `tag`, if the channel is live and it is known.
-    pub(crate) fn known_tag(&self, tag: &str) -> Option<u64> {
+    /// The locally known version of `tag`, if the channel is live, it is known, and it was
+    /// learned less than [`TAG_TRUST`] ago.
+    pub(crate) fn known_tag(&self, tag: &str, now: Timestamp) -> Option<u64> {
         if !self.is_live() {
             return None;
         }
@@ -405,11 +410,18 @@ impl<V: Send + Sync + 'static> NearCache<V> {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(tag)
-            .copied()
+            .filter(|&&(_, learned)| trusted(learned, now))
+            .map(|&(v, _)| v)
     }
 
     /// Records tag versions read from the store after `ticket`, unless a tag changed since.
-    pub(crate) fn learn_tags(&self, ticket: u64, tags: &[String], versions: &[u64]) {
+    pub(crate) fn learn_tags(
+        &self,
+        ticket: u64,
+        tags: &[String],
+        versions: &[u64],
+        now: Timestamp,
+    ) {
         if !self.is_live() {
             return;
         }
@@ -421,7 +433,7 @@ impl<V: Send + Sync + 'static> NearCache<V> {
             known.clear();
         }
         for (t, v) in tags.iter().zip(versions) {
-            known.insert(t.clone(), *v);
+            known.insert(t.clone(), (*v, now));
         }
     }
 
@@ -429,6 +441,19 @@ impl<V: Send + Sync + 'static> NearCache<V> {
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).table.len()).sum()
     }
+}
+
+/// How long a tag version learned from the store is trusted without asking again. The channel
+/// reports every bump, so this is not about staleness: reading the store now and then renews
+/// the tag's expiry there (a tag key that expired, or that an LRU evicted as idle because every
+/// replica knew its version, comes back with a new random version, and replicas still trusting
+/// the old one would void each other's fills until a flush).
+pub(crate) const TAG_TRUST: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether a tag version learned at `learned` is still trusted at `now` (a clock stepped back
+/// keeps it).
+fn trusted(learned: Timestamp, now: Timestamp) -> bool {
+    now < learned.saturating_add(TAG_TRUST)
 }
 
 impl<V: Send + Sync + 'static> InvalidationSink for NearCache<V> {
@@ -574,7 +599,7 @@ mod tests {
         let n = near(1 << 20);
         let h = n.hash("k");
         let t = n.ticket();
-        n.learn_tags(t, &["team".into()], &[7]);
+        n.learn_tags(t, &["team".into()], &[7], NOW);
         let mut e = entry(1, 10_000);
         e.tags = Box::new([("team".into(), 7)]);
         n.insert(t, "k", h, e, 1, NOW);
@@ -582,7 +607,34 @@ mod tests {
         n.on_invalidation(&Invalidation::Tag("team".into()));
         assert!(n.get("k", h, NOW).is_none());
         // A version read before the bump is not learned after it.
-        n.learn_tags(t, &["team".into()], &[7]);
-        assert_eq!(n.known_tag("team"), None);
+        n.learn_tags(t, &["team".into()], &[7], NOW);
+        assert_eq!(n.known_tag("team", NOW), None);
+    }
+
+    #[test]
+    fn a_learned_tag_version_is_trusted_for_an_hour_only() {
+        // A near-cache lifetime longer than the trust, to see the entry outlive it.
+        let n = NearCache::new(
+            "ns",
+            1 << 20,
+            Duration::from_secs(7200),
+            Arc::default(),
+            Arc::new(Flights::new()),
+        );
+        n.on_channel_up();
+        let h = n.hash("k");
+        n.learn_tags(n.ticket(), &["team".into()], &[7], NOW);
+        let mut e = entry(1, 10_000_000_000);
+        e.tags = Box::new([("team".into(), 7)]);
+        n.insert(n.ticket(), "k", h, e, 1, NOW);
+        let almost = NOW.saturating_add(TAG_TRUST - Duration::from_micros(1));
+        assert_eq!(n.known_tag("team", almost), Some(7));
+        assert!(n.get("k", h, almost).is_some());
+        // Past the trust: asked of the store again (which renews the tag there).
+        let past = NOW.saturating_add(TAG_TRUST);
+        assert_eq!(n.known_tag("team", past), None);
+        assert!(n.get("k", h, past).is_none());
+        n.learn_tags(n.ticket(), &["team".into()], &[7], past);
+        assert_eq!(n.known_tag("team", past), Some(7));
     }
 }
