@@ -261,18 +261,30 @@ async fn a_fill_voided_by_a_delete_is_refused(backend: CacheBackend) {
     let (load, gate) = start_gated_load(&a, None).await;
     // Another replica changes the source of truth and deletes the key.
     b.delete("k").await.expect("delete");
+    finish_uncached(&fleet, &a, &b, load, gate, "a delete").await;
+}
+
+/// Opens the gate of a load begun with [`start_gated_load`] on `a`, then checks that its caller
+/// got what it loaded ("old") but that nothing was stored: `a` and `b` both miss.
+async fn finish_uncached(
+    fleet: &CacheFleet,
+    a: &Cache<String>,
+    b: &Cache<String>,
+    load: tokio::task::JoinHandle<Result<statehouse::Fetched<String>, CacheError<io::Error>>>,
+    gate: Gate,
+    after: &str,
+) {
     gate.open();
     let fetched = load.await.expect("task").expect("load");
-    // The loader's caller gets what it loaded, but it was not cached.
-    assert_eq!(fetched.source, Source::Loaded);
+    assert_eq!(fetched.source, Source::Loaded, "after {after}");
     assert_eq!(fetched.value.as_deref().map(String::as_str), Some("old"));
     let raw = fleet.stores[0]
         .get(&a.store_key("k"))
         .await
         .expect("raw get");
-    assert!(raw.is_none(), "the late fill was stored");
-    assert!(a.get("k").await.expect("get").is_miss());
-    assert!(b.get("k").await.expect("get").is_miss());
+    assert!(raw.is_none(), "after {after}: the late fill was stored");
+    assert!(a.get("k").await.expect("get").is_miss(), "after {after}");
+    assert!(b.get("k").await.expect("get").is_miss(), "after {after}");
 }
 
 /// A tag (or the namespace) invalidated on another replica while a loader runs: the loader may
@@ -294,19 +306,12 @@ async fn a_fill_overtaken_by_a_tag_invalidation_is_not_cached(backend: CacheBack
             async move { a.stats().invalidations_received > received }
         })
         .await;
-        gate.open();
-        let fetched = load.await.expect("task").expect("load");
-        assert_eq!(fetched.source, Source::Loaded);
-        assert_eq!(fetched.value.as_deref().map(String::as_str), Some("old"));
-        let raw = fleet.stores[0]
-            .get(&a.store_key("k"))
-            .await
-            .expect("raw get");
-        assert!(raw.is_none(), "namespace {namespace}: the fill was stored");
-        assert!(
-            b.get("k").await.expect("get").is_miss(),
-            "namespace {namespace}"
-        );
+        let after = if namespace {
+            "a namespace invalidation"
+        } else {
+            "a tag invalidation"
+        };
+        finish_uncached(&fleet, &a, &b, load, gate, after).await;
     }
 }
 
