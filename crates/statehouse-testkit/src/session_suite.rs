@@ -46,11 +46,23 @@ pub trait SessionStoreFactory: Send + Sync {
 /// The lifetimes every case uses unless it says otherwise: 60 s idle, 10 min absolute, refresh
 /// after 15 s, 5 s rotation grace.
 pub fn suite_config() -> SessionConfig {
+    suite_config_builder()
+        .build()
+        .expect("valid session config")
+}
+
+fn suite_config_builder() -> statehouse_core::session::SessionConfigBuilder {
     SessionConfig::builder()
         .idle_timeout(IDLE)
         .absolute_lifetime(ABSOLUTE)
         .touch_after_share(1, 4)
         .rotation_grace(GRACE)
+}
+
+/// [`suite_config`] with at most `n` sessions per user.
+fn suite_config_with_cap(n: u32) -> SessionConfig {
+    suite_config_builder()
+        .max_sessions_per_user(n)
         .build()
         .expect("valid session config")
 }
@@ -799,14 +811,7 @@ pub async fn revoke_all_keeps_the_session_an_alias_names(f: &dyn SessionStoreFac
 pub async fn creating_past_the_per_user_bound_evicts_the_least_recently_active(
     f: &dyn SessionStoreFactory,
 ) {
-    let config = SessionConfig::builder()
-        .idle_timeout(IDLE)
-        .absolute_lifetime(ABSOLUTE)
-        .touch_after_share(1, 4)
-        .rotation_grace(GRACE)
-        .max_sessions_per_user(3)
-        .build()
-        .expect("valid session config");
+    let config = suite_config_with_cap(3);
     let h = Harness::with_config(f, config).await;
     let (a, _) = h.create_for("alice").await;
     h.advance(Duration::from_secs(1));
@@ -863,14 +868,7 @@ pub async fn creating_past_the_per_user_bound_evicts_the_least_recently_active(
     let (c2, _) = h.create_for("carl").await;
     h.advance(Duration::from_secs(1));
     let (c3, _) = h.create_for("carl").await;
-    let lower = SessionConfig::builder()
-        .idle_timeout(IDLE)
-        .absolute_lifetime(ABSOLUTE)
-        .touch_after_share(1, 4)
-        .rotation_grace(GRACE)
-        .max_sessions_per_user(1)
-        .build()
-        .expect("valid session config");
+    let lower = suite_config_with_cap(1);
     let strict = f.another_replica(&h.store, &h.clock, lower).await;
     if Arc::ptr_eq(&strict, &h.store) {
         // One store, one bound (the embedded store): the bound never drops under its sessions.
